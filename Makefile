@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo prepare test clean
+
+# torch first and pinned: 2.13.0 is the CPU wheel; anything looser pulls CUDA builds.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+prepare: install
+	$(BIN)/fedfraud prepare
+
+demo: install
+	$(BIN)/fedfraud simulate
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf data runs .flwr

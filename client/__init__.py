@@ -1,0 +1,1 @@
+"""The bank: a Flower ClientApp."""

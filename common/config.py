@@ -1,0 +1,69 @@
+"""One frozen run configuration, built from Flower's run config.
+
+The defaults live in one place only: ``[tool.flwr.app.config]`` in pyproject.toml,
+each with the reason it was chosen. This module turns that mapping (kebab-case keys,
+as Flower hands it to both apps) into typed attributes.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Config:
+    num_server_rounds: int
+    min_banks: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    pos_weight: float
+    seed: int
+    num_banks: int
+    alpha: float
+    val_fraction: float
+    test_fraction: float
+    label_column: str
+    data_dir: str
+    runs_dir: str
+    report_model: str
+    report_timeout_s: float
+    report_max_retries: int
+    report_share_bank_details: bool
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> Config:
+        """Build from Flower's run config; unknown or missing keys are errors."""
+        values = {key.replace("-", "_"): value for key, value in run_config.items()}
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        missing = sorted(names - set(values))
+        if unknown or missing:
+            raise ValueError(f"run config: unknown keys {unknown}, missing keys {missing}")
+        typed = {f.name: _coerce(f.name, f.type, values[f.name]) for f in fields(cls)}
+        return cls(**typed)
+
+    def as_run_config(self) -> dict[str, Any]:
+        """The kebab-case mapping Flower uses (inverse of ``from_run_config``)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _coerce(name: str, type_name: Any, value: Any) -> Any:
+    # TOML gives `5` for a float key written without a dot; accept ints as floats,
+    # refuse anything else that does not match.
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[str(type_name)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"run config: {name.replace('_', '-')} must be {kind.__name__}")
+    return value
+
+
+def read_app_config(app_dir: Path) -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table of the app in ``app_dir``."""
+    with open(app_dir / "pyproject.toml", "rb") as file:
+        return dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])

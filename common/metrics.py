@@ -1,0 +1,143 @@
+"""Honest metrics for rare fraud: ranking quality, counts at a threshold, pooled curves.
+
+Scores are logits. Banks never send per-row scores: they send confusion counts and
+per-class score histograms over fixed logit bins (``SCORE_EDGES``). Summed over banks
+those give pooled ROC/PR curves and let the server choose a threshold on pooled
+validation data. Ratios (precision, recall, F1) are always computed from summed
+counts, never averaged across banks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# Logit bins of width 0.05 over [-16, 16] (probabilities 1e-7 .. 1 - 1e-7); scores
+# outside are counted in the end bins. Threshold candidates are the bin edges.
+SCORE_EDGES = np.linspace(-16.0, 16.0, 641)
+MAX_FPR = 0.01  # "recall at 1 % FPR": what a fraud team can afford to review
+
+
+@dataclass(frozen=True)
+class Confusion:
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "precision": self.precision, "recall": self.recall,
+                "f1": self.f1}
+
+
+def probability_to_logit(probability: float) -> float:
+    probability = min(max(probability, 1e-12), 1 - 1e-12)
+    return math.log(probability / (1 - probability))
+
+
+def logit_to_probability(logit: float) -> float:
+    return 1.0 / (1.0 + math.exp(-logit))
+
+
+def confusion(y: np.ndarray, logits: np.ndarray, threshold: float) -> Confusion:
+    """Counts when flagging rows with probability >= ``threshold``."""
+    flagged = logits >= probability_to_logit(threshold)
+    fraud = y == 1
+    return Confusion(
+        tp=int(np.sum(flagged & fraud)), fp=int(np.sum(flagged & ~fraud)),
+        fn=int(np.sum(~flagged & fraud)), tn=int(np.sum(~flagged & ~fraud)),
+    )
+
+
+def score_histograms(y: np.ndarray, logits: np.ndarray) -> tuple[list[int], list[int]]:
+    """Per-class counts of logits in the ``SCORE_EDGES`` bins: (legit, fraud)."""
+    clipped = np.clip(logits, SCORE_EDGES[0], np.nextafter(SCORE_EDGES[-1], -np.inf))
+    legit, _ = np.histogram(clipped[y == 0], bins=SCORE_EDGES)
+    fraud, _ = np.histogram(clipped[y == 1], bins=SCORE_EDGES)
+    return legit.tolist(), fraud.tolist()
+
+
+@dataclass(frozen=True)
+class PooledCurve:
+    """ROC/PR points of pooled histograms, one per threshold edge (high to low)."""
+
+    thresholds: np.ndarray  # probabilities, descending
+    tp: np.ndarray
+    fp: np.ndarray
+    positives: int
+    negatives: int
+
+    @classmethod
+    def from_histograms(cls, legit: list[int], fraud: list[int]) -> PooledCurve:
+        legit_a, fraud_a = np.asarray(legit, np.int64), np.asarray(fraud, np.int64)
+        # Flagging at edge i flags bins i.. ; cumulate from the top bin down.
+        tp = np.cumsum(fraud_a[::-1])[::-1]
+        fp = np.cumsum(legit_a[::-1])[::-1]
+        edges = SCORE_EDGES[:-1]
+        probs = 1.0 / (1.0 + np.exp(-edges))
+        return cls(probs[::-1], tp[::-1], fp[::-1], int(fraud_a.sum()), int(legit_a.sum()))
+
+    def confusion_at(self, index: int) -> Confusion:
+        tp, fp = int(self.tp[index]), int(self.fp[index])
+        return Confusion(tp, fp, self.positives - tp, self.negatives - fp)
+
+    def auc(self) -> float:
+        if not self.positives or not self.negatives:
+            return float("nan")
+        tpr = np.concatenate([[0.0], self.tp / self.positives])
+        fpr = np.concatenate([[0.0], self.fp / self.negatives])
+        return float(np.trapezoid(tpr, fpr))
+
+    def average_precision(self) -> float:
+        if not self.positives:
+            return float("nan")
+        recall = np.concatenate([[0.0], self.tp / self.positives])
+        flagged = self.tp + self.fp
+        precision = np.divide(self.tp, flagged, out=np.ones(len(flagged)), where=flagged > 0)
+        return float(np.sum(np.diff(recall) * precision))
+
+    def best_f1_index(self) -> int:
+        """Index of the threshold with the highest F1; ties go to the higher threshold."""
+        return int(np.argmax([self.confusion_at(i).f1 for i in range(len(self.thresholds))]))
+
+
+def recall_at_fpr(y: np.ndarray, logits: np.ndarray, max_fpr: float = MAX_FPR) -> float:
+    """Highest recall at any threshold whose false-positive rate is <= ``max_fpr``."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(y, logits)
+    return float(tpr[fpr <= max_fpr].max())
+
+
+def bce_loss(y: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy of logits (numerically stable form)."""
+    return float(np.mean(np.logaddexp(0.0, logits) - y * logits))
+
+
+def summarize(y: np.ndarray, logits: np.ndarray, threshold: float) -> dict[str, float]:
+    """Every headline metric of one labelled score set at one threshold."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    return {
+        "auc": float(roc_auc_score(y, logits)),
+        "ap": float(average_precision_score(y, logits)),
+        "loss": bce_loss(y, logits),
+        "recall_at_1pct_fpr": recall_at_fpr(y, logits),
+        "threshold": threshold,
+        **confusion(y, logits, threshold).as_dict(),
+    }

@@ -1,0 +1,1 @@
+"""The federation's server: a Flower ServerApp, its results and its report."""

@@ -1,0 +1,95 @@
+"""The bank's handlers called in-process with real Flower messages."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import Metadata
+
+from client.app import app
+from common import keys
+from common.config import Config
+from common.data import BankDataError, bank_file, load_transactions, split_bank
+from common.metrics import SCORE_EDGES
+from common.model import FraudNet, ModelSpec
+
+
+def message(kind: str, content: RecordDict) -> Message:
+    metadata = Metadata(
+        run_id=1, message_id="m1", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=600.0, message_type=kind,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def bank_context(config: Config, bank: int = 5) -> Context:
+    return Context(run_id=1, node_id=5, node_config={"partition-id": bank},
+                   state=RecordDict(), run_config=config.as_run_config())
+
+
+def global_arrays() -> ArrayRecord:
+    torch.manual_seed(0)
+    return ArrayRecord(FraudNet(ModelSpec(in_features=30)).state_dict())
+
+
+def train_message() -> Message:
+    return message("train", RecordDict({
+        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1}),
+    }))
+
+
+def test_train_replies_weights_and_sample_count_but_not_the_scaler(prepared) -> None:
+    context = bank_context(prepared)
+
+    reply = app(train_message(), context)
+
+    metrics = reply.content[keys.METRICS]
+    x, y, _ = load_transactions(Path(prepared.data_dir) / bank_file(5), "Class", "bank 5")
+    split = split_bank(x, y, prepared.val_fraction, prepared.seed + 5)
+    assert metrics[keys.NUM_EXAMPLES] == len(split.y_train)  # samples, not batches
+    assert metrics[keys.N_FRAUD] == int(y.sum()) and metrics[keys.BANK_ID] == 5
+    # Only the model's weights travel; they changed; the scaler stays in the state.
+    arrays = reply.content[keys.ARRAYS]
+    assert list(arrays.keys()) == list(global_arrays().keys())
+    assert not np.allclose(arrays["net.0.weight"].numpy(),
+                           global_arrays()["net.0.weight"].numpy())
+    assert list(reply.content.keys()) == [keys.ARRAYS, keys.METRICS]
+    mean, scale = context.state[keys.SCALER].to_numpy_ndarrays()
+    np.testing.assert_allclose(mean, split.x_train.mean(axis=0), rtol=1e-5, atol=1e-5)
+    assert not any(a.shape == mean.shape for a in arrays.to_numpy_ndarrays())
+
+
+def test_scaler_is_fitted_once_and_reused(prepared) -> None:
+    context = bank_context(prepared)
+    app(train_message(), context)
+    marker = ArrayRecord([np.zeros(30), np.ones(30)])  # identity scaler
+    context.state[keys.SCALER] = marker
+
+    app(train_message(), context)
+
+    assert context.state[keys.SCALER] is marker
+
+
+def test_evaluate_replies_counts_and_histograms_only(prepared) -> None:
+    reply = app(message("evaluate", RecordDict({
+        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1}),
+    })), bank_context(prepared, bank=2))
+
+    metrics = reply.content[keys.METRICS]
+    n_val = metrics[keys.NUM_EXAMPLES]
+    assert sum(int(metrics[k]) for k in keys.COUNT_KEYS) == n_val
+    assert sum(metrics[keys.HIST_LEGIT]) + sum(metrics[keys.HIST_FRAUD]) == n_val
+    assert len(metrics[keys.HIST_LEGIT]) == len(SCORE_EDGES) - 1
+    assert metrics[keys.LOSS] > 0
+    assert list(reply.content.keys()) == [keys.METRICS]  # no arrays, no scores
+
+
+def test_missing_shard_error_names_bank_and_file(prepared, tmp_path: Path) -> None:
+    config = Config.from_run_config({**prepared.as_run_config(), "data-dir": str(tmp_path)})
+    with pytest.raises(BankDataError, match=f"bank 5: .*{bank_file(5)}: file not found"):
+        app(train_message(), bank_context(config))

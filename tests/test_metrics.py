@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import MetricRecord, RecordDict
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from common import keys
+from common.metrics import (
+    SCORE_EDGES, Confusion, PooledCurve, bce_loss, confusion, recall_at_fpr,
+    score_histograms, summarize,
+)
+from server.evaluation import aggregate_evaluate_metrics, aggregate_train_metrics
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_confusion_by_hand() -> None:
+    # Prepare: scores 0.9, 0.6, 0.4, 0.2 for labels 1, 0, 1, 0
+    y = np.array([1, 0, 1, 0])
+    logits = np.array([logit(0.9), logit(0.6), logit(0.4), logit(0.2)])
+
+    # Execute
+    counts = confusion(y, logits, threshold=0.5)
+
+    # Assert: flagged 0.9 (fraud) and 0.6 (legit)
+    assert counts == Confusion(tp=1, fp=1, fn=1, tn=1)
+    assert (counts.precision, counts.recall, counts.f1) == (0.5, 0.5, 0.5)
+
+
+def test_ratios_of_nothing_are_zero_not_errors() -> None:
+    counts = Confusion(tp=0, fp=0, fn=3, tn=10)
+    assert (counts.precision, counts.recall, counts.f1) == (0.0, 0.0, 0.0)
+
+
+def test_recall_at_one_percent_fpr_by_hand() -> None:
+    # 200 legit with scores 0..199, 4 frauds at 198.5, 150, 300, 10.
+    y = np.array([0] * 200 + [1] * 4)
+    scores = np.concatenate([np.arange(200.0), [198.5, 150.0, 300.0, 10.0]])
+    # At most 2 false positives (1 % of 200): threshold 198 flags legit 198, 199 and
+    # frauds 198.5 and 300 -> recall 2/4.
+    assert recall_at_fpr(y, scores) == 0.5
+
+
+def test_bce_loss_matches_formula() -> None:
+    y = np.array([1, 0])
+    logits = np.array([0.0, 2.0])
+    expected = (math.log(2) + math.log(1 + math.exp(2))) / 2
+    assert bce_loss(y, logits) == pytest.approx(expected)
+
+
+def test_histograms_count_every_row_in_its_bin() -> None:
+    y = np.array([0, 0, 1, 1, 1])
+    logits = np.array([-100.0, 0.01, 0.01, 0.07, 100.0])
+
+    legit, fraud = score_histograms(y, logits)
+
+    assert sum(legit) == 2 and sum(fraud) == 3
+    assert legit[0] == 1 and fraud[-1] == 1  # out of range -> end bins
+    zero_bin = int(np.searchsorted(SCORE_EDGES, 0.0))  # [0.00, 0.05)
+    assert legit[zero_bin] == 1 and fraud[zero_bin] == 1 and fraud[zero_bin + 1] == 1
+
+
+def test_pooled_curve_equals_exact_metrics_on_pooled_rows() -> None:
+    # Two banks; scores on bin centres so binning loses nothing.
+    rng = np.random.default_rng(0)
+    centres = (SCORE_EDGES[:-1] + SCORE_EDGES[1:]) / 2
+    banks = []
+    for n, rate in ((3000, 0.01), (800, 0.2)):
+        y = (rng.random(n) < rate).astype(int)
+        logits = rng.choice(centres[200:440], n) + 2.0 * y
+        logits = centres[np.searchsorted(SCORE_EDGES, logits) - 1]
+        banks.append((y, logits))
+    histograms = [score_histograms(y, s) for y, s in banks]
+    legit = np.sum([h[0] for h in histograms], axis=0).tolist()
+    fraud = np.sum([h[1] for h in histograms], axis=0).tolist()
+    y_all = np.concatenate([y for y, _ in banks])
+    s_all = np.concatenate([s for _, s in banks])
+
+    curve = PooledCurve.from_histograms(legit, fraud)
+    best = curve.best_f1_index()
+
+    assert curve.auc() == pytest.approx(roc_auc_score(y_all, s_all), abs=1e-9)
+    assert curve.average_precision() == pytest.approx(
+        average_precision_score(y_all, s_all), abs=1e-9)
+    assert curve.confusion_at(best) == confusion(y_all, s_all, curve.thresholds[best])
+    f1s = [confusion(y_all, s_all, t).f1 for t in curve.thresholds]
+    assert curve.confusion_at(best).f1 == pytest.approx(max(f1s))
+
+
+def reply(**metrics: object) -> RecordDict:
+    return RecordDict({keys.METRICS: MetricRecord(metrics)})
+
+
+def test_evaluate_aggregation_sums_counts_instead_of_averaging_ratios() -> None:
+    # Bank 1: 2 frauds, both caught with 8 false alarms (precision 0.2).
+    # Bank 0: 100 frauds, 50 caught, no false alarm (precision 1.0).
+    # Averaged precision would be 0.6; summed counts give 52 / 60.
+    small = reply(**{keys.NUM_EXAMPLES: 100, keys.LOSS: 0.5, keys.BANK_ID: 1,
+                     keys.TP: 2, keys.FP: 8, keys.FN: 0, keys.TN: 90,
+                     keys.HIST_LEGIT: [1, 2], keys.HIST_FRAUD: [0, 2]})
+    large = reply(**{keys.NUM_EXAMPLES: 300, keys.LOSS: 0.1, keys.BANK_ID: 0,
+                     keys.TP: 50, keys.FP: 0, keys.FN: 50, keys.TN: 200,
+                     keys.HIST_LEGIT: [3, 4], keys.HIST_FRAUD: [5, 6]})
+
+    record = aggregate_evaluate_metrics([small, large], keys.NUM_EXAMPLES)
+
+    counts = Confusion(*(int(record[k]) for k in keys.COUNT_KEYS))
+    assert counts == Confusion(tp=52, fp=8, fn=50, tn=290)
+    assert counts.precision == pytest.approx(52 / 60)
+    assert record[keys.LOSS] == pytest.approx((100 * 0.5 + 300 * 0.1) / 400)
+    assert record[keys.HIST_LEGIT] == [4, 6] and record[keys.HIST_FRAUD] == [5, 8]
+    assert record[keys.BANK_IDS] == [0, 1]
+
+
+def test_train_aggregation_keeps_each_banks_sizes() -> None:
+    replies = [
+        reply(**{keys.NUM_EXAMPLES: 30, keys.TRAIN_LOSS: 1.0, keys.BANK_ID: 4,
+                 keys.N_TRAIN: 30, keys.N_VAL: 5, keys.N_FRAUD: 0}),
+        reply(**{keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 3.0, keys.BANK_ID: 2,
+                 keys.N_TRAIN: 10, keys.N_VAL: 2, keys.N_FRAUD: 1}),
+    ]
+    record = aggregate_train_metrics(replies, keys.NUM_EXAMPLES)
+    assert record[keys.BANK_IDS] == [2, 4]
+    assert record[keys.N_TRAIN] == [10, 30] and record[keys.N_FRAUD] == [1, 0]
+    assert record[keys.TRAIN_LOSS] == pytest.approx(1.5)
+
+
+def test_summarize_reports_honest_metrics() -> None:
+    y = np.array([0] * 98 + [1] * 2)
+    logits = np.full(100, -5.0)  # "never fraud": accurate and useless
+    result = summarize(y, logits, threshold=0.5)
+    assert result["recall"] == 0.0 and result["tp"] == 0 and result["fn"] == 2
+    assert result["auc"] == 0.5

@@ -1,0 +1,158 @@
+"""The risk report through the real openai client against a local Responses API."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from server.report import REPORT_FILE, REQUEST_FILE, write_report
+from tests.conftest import app_config
+
+REPORT_TEXT = "## Executive summary\nThe federated model works."
+
+
+def responses_body(text: str) -> dict:
+    return {
+        "id": "resp_1", "object": "response", "created_at": 1_700_000_000,
+        "status": "completed", "model": "gpt-5.2", "error": None,
+        "incomplete_details": None, "instructions": None, "metadata": {},
+        "parallel_tool_calls": True, "temperature": 1.0, "top_p": 1.0,
+        "tool_choice": "auto", "tools": [],
+        "output": [{
+            "type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }],
+        "usage": {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15,
+                  "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens_details": {"reasoning_tokens": 0}},
+    }
+
+
+class FakeResponsesAPI:
+    """A real HTTP server on 127.0.0.1: answers POST /v1/responses with the queued
+    statuses (then 200), after an optional delay; records every request."""
+
+    def __init__(self, statuses: list[int], delay_s: float = 0.0) -> None:
+        self.statuses, self.delay_s = list(statuses), delay_s
+        self.requests: list[dict] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.requests.append({"path": self.path, "body": body,
+                                     "auth": self.headers.get("Authorization")})
+                time.sleep(api.delay_s)
+                status = api.statuses.pop(0) if api.statuses else 200
+                payload = (responses_body(REPORT_TEXT) if status == 200
+                           else {"error": {"message": "nope", "type": "server_error"}})
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.send_header("retry-after-ms", "10")
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeResponsesAPI:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def sample_metrics() -> dict:
+    final = {"round": 2, "auc": 0.88, "ap": 0.74, "loss": 0.06, "recall_at_1pct_fpr": 0.72,
+             "threshold": 0.2, "tp": 150, "fp": 5, "fn": 87, "tn": 11758,
+             "precision": 0.968, "recall": 0.633, "f1": 0.765}
+    return {
+        "run_id": "42", "mode": "simulation",
+        "banks": [{"id": 0, "n_train": 900, "n_val": 160, "n_fraud": 31},
+                  {"id": 1, "n_train": 300, "n_val": 53, "n_fraud": 0}],
+        "test_set": {"rows": 12000, "frauds": 237},
+        "history": [{**final, "round": 1, "auc": 0.8, "ap": 0.5}, final],
+        "final": final,
+    }
+
+
+@pytest.fixture
+def key(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    yield
+
+
+def run_report(tmp_path: Path, url: str | None, monkeypatch, **settings) -> str:
+    if url:
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+    config = app_config(**settings)
+    write_report(tmp_path, sample_metrics(), config)
+    return (tmp_path / REPORT_FILE).read_text()
+
+
+def test_report_from_the_responses_api(tmp_path: Path, monkeypatch, key) -> None:
+    with FakeResponsesAPI([]) as api:
+        report = run_report(tmp_path, api.url, monkeypatch)
+
+    assert REPORT_TEXT in report and "Offline" not in report
+    assert len(api.requests) == 1
+    sent = api.requests[0]
+    assert sent["path"] == "/v1/responses" and sent["auth"] == "Bearer sk-test"
+    assert sent["body"] == json.loads((tmp_path / REQUEST_FILE).read_text())
+    assert sent["body"]["model"] == "gpt-5.2"
+    for section in ("Executive summary", "Metric interpretation", "Risks", "Next steps"):
+        assert section in sent["body"]["instructions"]
+
+
+def test_bank_details_stay_out_unless_allowed(tmp_path: Path, monkeypatch, key) -> None:
+    with FakeResponsesAPI([]) as api:
+        run_report(tmp_path, api.url, monkeypatch)
+        run_report(tmp_path, api.url, monkeypatch, report_share_bank_details=True)
+    default, shared = (json.loads(r["body"]["input"].split("\n", 1)[1]) for r in api.requests)
+    assert "per_bank" not in default and "n_train" not in json.dumps(default)
+    assert shared["per_bank"][0] == {"bank": 0, "n_train": 900, "fraud_rate": 31 / 1060}
+
+
+@pytest.mark.parametrize("status", [429, 500])
+def test_api_errors_give_the_offline_report(tmp_path: Path, monkeypatch, key,
+                                            status: int) -> None:
+    with FakeResponsesAPI([status] * 10) as api:
+        report = run_report(tmp_path, api.url, monkeypatch, report_max_retries=1)
+
+    assert len(api.requests) == 2  # first try + one retry
+    assert "Offline report" in report and "OpenAI request failed" in report
+    assert "AUC 0.880" in report and "Risks" in report
+
+
+def test_timeout_gives_the_offline_report(tmp_path: Path, monkeypatch, key) -> None:
+    with FakeResponsesAPI([], delay_s=3.0) as api:
+        started = time.monotonic()
+        report = run_report(tmp_path, api.url, monkeypatch, report_timeout_s=0.5,
+                            report_max_retries=0)
+    assert time.monotonic() - started < 3.0
+    assert "Offline report" in report and "APITimeoutError" in report
+
+
+def test_no_key_means_offline_without_any_request(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with FakeResponsesAPI([]) as api:
+        report = run_report(tmp_path, api.url, monkeypatch)
+    assert api.requests == []
+    assert "no OPENAI_API_KEY set" in report
+    assert (tmp_path / REQUEST_FILE).exists()  # what would have been sent

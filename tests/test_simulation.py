@@ -1,0 +1,60 @@
+"""A real Flower simulation: SuperLink process, ``flwr run``, ten banks, two rounds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import APP_DIR
+
+BIN = Path(sys.executable).parent
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """PIDs of live processes whose environment contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
+    pyproject = hashlib.sha256((APP_DIR / "pyproject.toml").read_bytes()).hexdigest()
+    flwr_home = tmp_path / "flwr-home"
+    command = [
+        str(BIN / "fedfraud"), "--app-dir", str(APP_DIR), "--flwr-home", str(flwr_home),
+        "--set", "num-server-rounds=2",
+        "--set", f"data-dir='{tmp_path / 'data'}'",
+        "--set", f"runs-dir='{tmp_path / 'runs'}'",
+        "simulate",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fedfraud round 2/2" in done.stdout  # progress, one line per round
+    metrics = json.loads((tmp_path / "runs" / "latest" / "metrics.json").read_text())
+    assert metrics["mode"] == "simulation"
+    assert [bank["id"] for bank in metrics["banks"]] == list(range(10))
+    assert [row["round"] for row in metrics["history"]] == [1, 2]
+    assert all(row["banks_trained"] == list(range(10)) for row in metrics["history"])
+    final = metrics["final"]
+    assert final["tp"] + final["fp"] + final["fn"] + final["tn"] == 12_000
+    assert 0.5 < final["auc"] <= 1.0 and 0.0 < final["threshold"] < 1.0
+    assert len(metrics["timing"]["round_s"]) == 2
+    run_dir = (tmp_path / "runs" / "latest").resolve()
+    assert {"model.pt", "report.md", "report_request.json"} <= {p.name for p in run_dir.iterdir()}
+    assert "Offline report" in (run_dir / "report.md").read_text()
+    # Nothing left running, nothing in the repo rewritten.
+    assert processes_with_env(f"FLWR_HOME={flwr_home}") == []
+    assert hashlib.sha256((APP_DIR / "pyproject.toml").read_bytes()).hexdigest() == pyproject
