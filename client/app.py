@@ -45,6 +45,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     )
     metrics = MetricRecord({
         keys.NUM_EXAMPLES: len(bank.data.y_train),
+        keys.VOTE: 1,
         keys.TRAIN_LOSS: loss,
         keys.BANK_ID: bank.id,
         keys.N_TRAIN: len(bank.data.y_train),
@@ -66,6 +67,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     legit, fraud = score_histograms(y, logits)
     metrics = MetricRecord({
         keys.NUM_EXAMPLES: len(y),
+        keys.VOTE: 1,
         keys.LOSS: bce_loss(y, logits),
         keys.BANK_ID: bank.id,
         keys.TP: counts.tp, keys.FP: counts.fp, keys.FN: counts.fn, keys.TN: counts.tn,

@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 
+BANK_WEIGHTINGS = ("equal", "samples")
+
+
 @dataclass(frozen=True)
 class Config:
     num_server_rounds: int
     min_banks: int
+    bank_weighting: str
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -46,6 +50,10 @@ class Config:
             raise ValueError(f"run config: unknown keys {unknown}, missing keys {missing}")
         typed = {f.name: _coerce(f.name, f.type, values[f.name]) for f in fields(cls)}
         return cls(**typed)
+
+    def __post_init__(self) -> None:
+        if self.bank_weighting not in BANK_WEIGHTINGS:
+            raise ValueError(f"run config: bank-weighting must be one of {BANK_WEIGHTINGS}")
 
     def as_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping Flower uses (inverse of ``from_run_config``)."""

@@ -14,7 +14,8 @@ SERVER_ROUND = "server-round"  # set by FedAvg itself
 THRESHOLD = "threshold"  # probability at which a bank counts a row as flagged
 
 # Metrics a bank replies with (counts and aggregates only, never rows or row scores)
-NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key: samples, not batches
+NUM_EXAMPLES = "num-examples"  # samples, not batches: FedAvg's weights by default
+VOTE = "vote"  # always 1: FedAvg's weights when every bank counts equally
 BANK_ID = "bank-id"
 N_TRAIN = "n-train"
 N_VAL = "n-val"

@@ -39,6 +39,7 @@ def main(grid: Grid, context: Context) -> None:
     evaluation = TestSetEvaluation(x_test, y_test, spec, config.num_server_rounds)
 
     strategy = FedAvg(
+        weighted_by_key=keys.VOTE if config.bank_weighting == "equal" else keys.NUM_EXAMPLES,
         min_train_nodes=config.min_banks,
         min_evaluate_nodes=config.min_banks,
         min_available_nodes=config.min_banks,

@@ -2,6 +2,9 @@
 
     fedfraud prepare            write one shard per bank + the server's test set
     fedfraud simulate           the ten-bank network in Flower's simulation engine
+    fedfraud certs              a CA, the SuperLink's certificate, one key per bank
+    fedfraud deploy             a SuperLink and one SuperNode per bank as real
+                                processes on this machine, gRPC + TLS + bank auth
 
 Settings default to the app's ``[tool.flwr.app.config]``; ``--set key=value`` (TOML
 values, repeatable) overrides any of them for one run.
@@ -16,7 +19,7 @@ import tomllib
 from pathlib import Path
 
 from common.config import Config, read_app_config
-from common.data import MANIFEST, data_settings, prepare_synthetic
+from common.data import MANIFEST, bank_file, data_settings, prepare_synthetic
 
 FLWR_HOME = ".flwr"  # project-local Flower home: config, logs, nothing global
 
@@ -63,6 +66,40 @@ def simulate(app_dir: Path, config: Config, flwr_home: Path) -> int:
     return report_outcome(run_id, status, Path(config.runs_dir))
 
 
+def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
+           fleet_port: int, control_port: int) -> int:
+    from server.certs import CA_CERT, make_certificates
+    from server.launch import (
+        Tls, free_port, register_bank, services, start_bank, start_deployment_superlink,
+        submit_and_wait, wait_for_banks, write_connection,
+    )
+
+    data_dir = ensure_prepared(config)
+    tls = None
+    if certs is not None:
+        if not (certs / CA_CERT).exists():
+            print(f"fedfraud: writing certificates and bank keys to {certs}", flush=True)
+            make_certificates(certs, config.num_banks)
+        tls = Tls(certs)
+    connection = "fedfraud-deployment"
+    with services(flwr_home) as started:
+        fleet_port, control_port = fleet_port or free_port(), control_port or free_port()
+        start_deployment_superlink(started, tls, fleet_port, control_port)
+        write_connection(flwr_home, connection, f"127.0.0.1:{control_port}", tls)
+        print(f"fedfraud: SuperLink up (Fleet gRPC on 127.0.0.1:{fleet_port}, "
+              f"{'TLS + bank authentication' if tls else 'INSECURE'})", flush=True)
+        banks = []
+        for bank in range(config.num_banks):
+            if tls is not None:
+                register_bank(started.env, connection, tls, bank)
+            banks.append(start_bank(started, bank, data_dir / bank_file(bank), fleet_port, tls))
+        wait_for_banks(started.env, connection, config.num_banks, 120.0, banks)
+        print(f"fedfraud: {config.num_banks} banks online; submitting the run", flush=True)
+        run_id, status = submit_and_wait(app_dir, connection, started.env,
+                                         config.as_run_config())
+    return report_outcome(run_id, status, Path(config.runs_dir))
+
+
 def report_outcome(run_id: int, status: str, runs_dir: Path) -> int:
     latest = runs_dir / "latest"
     if status != "finished:completed":
@@ -88,13 +125,37 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare", help="write the banks' shards and the test set")
     commands.add_parser("simulate", help="run the federation in Flower's simulation")
+    certs = commands.add_parser("certs", help="write TLS certificates and bank keys")
+    certs.add_argument("--out", type=Path, default=None,
+                       help="output folder (default: APP_DIR/certs)")
+    deploy_cmd = commands.add_parser("deploy", help="run the federation as real processes")
+    deploy_cmd.add_argument("--certs", type=Path, default=None,
+                            help="TLS material, written here if missing "
+                                 "(default: APP_DIR/certs)")
+    deploy_cmd.add_argument("--insecure", action="store_true",
+                            help="development only: no TLS, no bank authentication")
+    deploy_cmd.add_argument("--fleet-port", type=int, default=0,
+                            help="the banks' gRPC port (default: a free one)")
+    deploy_cmd.add_argument("--control-port", type=int, default=0,
+                            help="the SuperLink's HTTP port for flwr (default: a free one)")
     args = parser.parse_args(argv)
     app_dir = args.app_dir.resolve()
     config = settings(app_dir, args.overrides)
+    flwr_home = (args.flwr_home or app_dir / FLWR_HOME).resolve()
     if args.command == "prepare":
         print(f"fedfraud: banks' data in {ensure_prepared(config)}")
         return 0
-    return simulate(app_dir, config, args.flwr_home or app_dir / FLWR_HOME)
+    if args.command == "certs":
+        from server.certs import make_certificates
+
+        out = make_certificates(args.out or app_dir / "certs", config.num_banks)
+        print(f"fedfraud: certificates in {out}")
+        return 0
+    if args.command == "deploy":
+        certs_dir = None if args.insecure else (args.certs or app_dir / "certs").resolve()
+        return deploy(app_dir, config, flwr_home, certs_dir, args.fleet_port,
+                      args.control_port)
+    return simulate(app_dir, config, flwr_home)
 
 
 if __name__ == "__main__":

@@ -27,22 +27,26 @@ def _reply_metrics(replies: list[RecordDict]) -> list[MetricRecord]:
     return sorted(records, key=lambda record: int(record[keys.BANK_ID]))
 
 
-def _weighted_mean(records: list[MetricRecord], key: str, weight_key: str) -> float:
-    weights = np.array([record[weight_key] for record in records], dtype=float)
+def _mean_per_sample(records: list[MetricRecord], key: str) -> float:
+    weights = np.array([record[keys.NUM_EXAMPLES] for record in records], dtype=float)
     values = np.array([record[key] for record in records], dtype=float)
     return float(np.dot(weights, values) / weights.sum()) if weights.sum() else float("nan")
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted train loss, plus who took part and each bank's sizes (counts only)."""
+    """Per-sample train loss, plus who took part and each bank's sizes (counts only).
+
+    ``weight_key`` (FedAvg's weights for the model) does not apply to metrics: losses
+    are always averaged per sample and counts are summed.
+    """
     records = _reply_metrics(replies)
     per_bank = {
         key: [int(record[key]) for record in records]
         for key in (keys.N_TRAIN, keys.N_VAL, keys.N_FRAUD)
     }
     return MetricRecord({
-        keys.NUM_EXAMPLES: sum(int(record[weight_key]) for record in records),
-        keys.TRAIN_LOSS: _weighted_mean(records, keys.TRAIN_LOSS, weight_key),
+        keys.NUM_EXAMPLES: sum(int(record[keys.NUM_EXAMPLES]) for record in records),
+        keys.TRAIN_LOSS: _mean_per_sample(records, keys.TRAIN_LOSS),
         keys.BANK_IDS: [int(record[keys.BANK_ID]) for record in records],
         **per_bank,
     })
@@ -57,8 +61,8 @@ def aggregate_evaluate_metrics(replies: list[RecordDict], weight_key: str) -> Me
         for key in (keys.HIST_LEGIT, keys.HIST_FRAUD)
     }
     return MetricRecord({
-        keys.NUM_EXAMPLES: sum(int(record[weight_key]) for record in records),
-        keys.LOSS: _weighted_mean(records, keys.LOSS, weight_key),
+        keys.NUM_EXAMPLES: sum(int(record[keys.NUM_EXAMPLES]) for record in records),
+        keys.LOSS: _mean_per_sample(records, keys.LOSS),
         keys.BANK_IDS: [int(record[keys.BANK_ID]) for record in records],
         **sums,
         **histograms,

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, bank_key
+
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, ... of this environment
 STOP_GRACE_S = 10.0
 
@@ -56,25 +58,57 @@ def wait_for_port(port: int, deadline_s: float, process: subprocess.Popen[bytes]
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {deadline_s} s")
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL it if it lingers."""
-    try:
-        pgid = os.getpgid(process.pid)
-    except ProcessLookupError:
-        return
-    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (Flower's SuperExec starts its own session,
+    so killing the parent's process group alone would leave it behind)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_groups(groups: set[int], sig: signal.Signals) -> None:
+    for pgid in groups:
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
-            return
+            pass
+
+
+def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """SIGTERM the process's group and its descendants' groups; SIGKILL what lingers."""
+    tree = [process.pid, *descendants(process.pid)]
+    groups: set[int] = set()
+    for pid in tree:
         try:
-            process.wait(timeout=wait_s)
-            # The leader is gone; make sure its children are too.
-            os.killpg(pgid, signal.SIGKILL)
+            groups.add(os.getpgid(pid))
         except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            pass
+    groups.discard(os.getpgid(0))  # never our own group
+    _signal_groups(groups, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+        time.sleep(0.1)
+    _signal_groups(groups, signal.SIGKILL)
+    process.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @dataclass
@@ -120,15 +154,87 @@ def start_simulation_superlink(started: Services) -> str:
     return f"127.0.0.1:{port}"
 
 
-def write_connection(flwr_home: Path, name: str, address: str, insecure: bool = True,
-                     root_certificates: Path | None = None) -> None:
+@dataclass(frozen=True)
+class Tls:
+    """TLS on every SuperLink API plus bank authentication (``fedfraud certs``)."""
+
+    certs: Path
+
+    def superlink_args(self) -> list[str]:
+        return ["--ssl-ca-certfile", str(self.certs / CA_CERT),
+                "--ssl-certfile", str(self.certs / SERVER_CERT),
+                "--ssl-keyfile", str(self.certs / SERVER_KEY), "--enable-supernode-auth"]
+
+    def supernode_args(self, bank: int) -> list[str]:
+        return ["--root-certificates", str(self.certs / CA_CERT),
+                "--auth-supernode-private-key", str(self.certs / bank_key(bank))]
+
+
+def transport_args(tls: Tls | None, bank: int | None = None) -> list[str]:
+    if tls is None:
+        return ["--insecure"]
+    return tls.superlink_args() if bank is None else tls.supernode_args(bank)
+
+
+def start_deployment_superlink(started: Services, tls: Tls | None, fleet_port: int,
+                               control_port: int) -> subprocess.Popen[bytes]:
+    """A SuperLink whose Fleet API (the banks' link) is gRPC on ``fleet_port``."""
+    process = started.start("superlink", [
+        str(BIN / "flower-superlink"), *transport_args(tls),
+        "--disable-runtime-dependency-installation",
+        "--fleet-api-address", f"127.0.0.1:{fleet_port}",
+        "--host", "127.0.0.1", "--port", str(control_port),
+    ])
+    wait_for_port(control_port, 30.0, process)
+    wait_for_port(fleet_port, 30.0, process)
+    return process
+
+
+def start_bank(started: Services, bank: int, shard: Path, fleet_port: int,
+               tls: Tls | None) -> subprocess.Popen[bytes]:
+    """One bank's SuperNode, told only where its own shard is."""
+    return started.start(f"bank_{bank:02d}", [
+        str(BIN / "flower-supernode"), *transport_args(tls, bank),
+        "--superlink", f"127.0.0.1:{fleet_port}", "--port", str(free_port()),
+        "--node-config", f"bank-id={bank} shard={json.dumps(str(shard))}",
+    ])
+
+
+def flwr_json(env: dict[str, str], *args: str) -> dict[str, Any]:
+    out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return dict(json.loads(out[out.index("{"):]))
+
+
+def register_bank(env: dict[str, str], connection: str, tls: Tls, bank: int) -> None:
+    flwr_json(env, "supernode", "register", str(tls.certs / f"{bank_key(bank)}.pub"),
+              connection)
+
+
+def wait_for_banks(env: dict[str, str], connection: str, count: int,
+                   deadline_s: float, banks: list[subprocess.Popen[bytes]]) -> None:
+    """Until ``count`` SuperNodes are online (so round 1 has every bank)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        dead = [bank.args[-1] for bank in banks if bank.poll() is not None]
+        if dead:
+            raise RuntimeError(f"bank SuperNode exited: {dead}")
+        nodes = flwr_json(env, "supernode", "list", connection).get("nodes", [])
+        if sum(node["status"] == "online" for node in nodes) >= count:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"fewer than {count} banks online after {deadline_s} s")
+
+
+def write_connection(flwr_home: Path, name: str, address: str,
+                     tls: Tls | None = None) -> None:
     """The only Flower CLI config this project uses, in its own FLWR_HOME."""
     lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
              f'address = "{address}"']
-    if insecure:
+    if tls is None:
         lines.append("insecure = true")
-    if root_certificates is not None:
-        lines.append(f'root-certificates = "{root_certificates}"')
+    else:
+        lines.append(f"root-certificates = {json.dumps(str(tls.certs / CA_CERT))}")
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
@@ -176,9 +282,5 @@ def submit_and_wait(
 
 
 def run_status(connection: str, env: dict[str, str], run_id: int) -> str:
-    out = subprocess.run(
-        [str(BIN / "flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    runs = json.loads(out[out.index("{"):])["runs"]
+    runs = flwr_json(env, "ls", connection, "--run-id", str(run_id))["runs"]
     return str(runs[0]["status"])

@@ -107,7 +107,7 @@ def test_evaluate_aggregation_sums_counts_instead_of_averaging_ratios() -> None:
                      keys.TP: 50, keys.FP: 0, keys.FN: 50, keys.TN: 200,
                      keys.HIST_LEGIT: [3, 4], keys.HIST_FRAUD: [5, 6]})
 
-    record = aggregate_evaluate_metrics([small, large], keys.NUM_EXAMPLES)
+    record = aggregate_evaluate_metrics([small, large], keys.VOTE)  # FedAvg weights
 
     counts = Confusion(*(int(record[k]) for k in keys.COUNT_KEYS))
     assert counts == Confusion(tp=52, fp=8, fn=50, tn=290)
@@ -124,7 +124,7 @@ def test_train_aggregation_keeps_each_banks_sizes() -> None:
         reply(**{keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 3.0, keys.BANK_ID: 2,
                  keys.N_TRAIN: 10, keys.N_VAL: 2, keys.N_FRAUD: 1}),
     ]
-    record = aggregate_train_metrics(replies, keys.NUM_EXAMPLES)
+    record = aggregate_train_metrics(replies, keys.VOTE)
     assert record[keys.BANK_IDS] == [2, 4]
     assert record[keys.N_TRAIN] == [10, 30] and record[keys.N_FRAUD] == [1, 0]
     assert record[keys.TRAIN_LOSS] == pytest.approx(1.5)
