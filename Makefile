@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo prepare test clean
+.PHONY: install demo prepare deploy test bench-deploy bench-quality clean
 
 # torch first and pinned: 2.13.0 is the CPU wheel; anything looser pulls CUDA builds.
 $(STAMP): pyproject.toml
@@ -21,6 +21,15 @@ prepare: install
 
 demo: install
 	$(BIN)/fedfraud simulate
+
+deploy: install
+	$(BIN)/fedfraud --set num-server-rounds=3 deploy
+
+bench-deploy: install
+	$(BIN)/python bench/deploy.py --rounds 10 --paths warm,cold
+
+bench-quality: install
+	$(BIN)/python bench/quality.py --seeds 1-10
 
 test: install
 	$(BIN)/python -m pytest -q tests

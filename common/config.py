@@ -26,6 +26,7 @@ class Config:
     batch_size: int
     learning_rate: float
     pos_weight: float
+    decision_threshold: float
     seed: int
     num_banks: int
     alpha: float

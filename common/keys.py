@@ -11,7 +11,7 @@ SCALER = "scaler"  # ArrayRecord in the bank's own context.state: [mean, scale]
 
 # Config sent to banks
 SERVER_ROUND = "server-round"  # set by FedAvg itself
-THRESHOLD = "threshold"  # probability at which a bank counts a row as flagged
+EVALUATE_INCOMING = "evaluate-incoming"  # train replies also evaluate the incoming model
 
 # Metrics a bank replies with (counts and aggregates only, never rows or row scores)
 NUM_EXAMPLES = "num-examples"  # samples, not batches: FedAvg's weights by default
@@ -29,3 +29,5 @@ HIST_FRAUD = "hist-fraud"
 # Aggregated over the banks of one round (server side)
 BANK_IDS = "bank-ids"
 COUNT_KEYS = (TP, FP, FN, TN)
+HIST_KEYS = (HIST_LEGIT, HIST_FRAUD)
+SIZE_KEYS = (N_TRAIN, N_VAL, N_FRAUD)

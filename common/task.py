@@ -15,24 +15,29 @@ def train(
     model: FraudNet, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int,
     learning_rate: float, pos_weight: float, seed: int,
 ) -> float:
-    """Train in place with a fresh Adam; return the mean loss of the last epoch."""
-    generator = torch.Generator().manual_seed(seed)
+    """Train in place with a fresh Adam; return the mean loss of the last epoch.
+
+    Shuffling and dropout follow ``seed`` alone, so a bank's update is the same in
+    any process (simulation actor, ClientApp process or warm worker).
+    """
     features, labels = torch.from_numpy(x), torch.from_numpy(y).float()
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
     model.train()
     epoch_loss = float("nan")
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss = criterion(model(features[batch]), labels[batch])
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        epoch_loss = total / len(order)
+    with torch.random.fork_rng():  # leaves the caller's global RNG untouched
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            order = torch.randperm(len(labels))
+            total = 0.0
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                optimizer.zero_grad()
+                loss = criterion(model(features[batch]), labels[batch])
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(batch)
+            epoch_loss = total / len(order)
     return epoch_loss
 
 

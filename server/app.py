@@ -10,15 +10,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from common import keys
 from common.config import Config
 from common.data import TEST_FILE, fit_scaler, load_transactions, standardize
 from common.model import FraudNet, ModelSpec
-from server.evaluation import (
-    TestSetEvaluation, aggregate_evaluate_metrics, aggregate_train_metrics,
-)
+from server.evaluation import FedAvgEvaluateLast, TestSetEvaluation, aggregate_bank_metrics
 from server.report import write_report
 from server.results import build_metrics, new_run_dir, point_latest, save_model, write_metrics
 
@@ -38,19 +35,20 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(config.seed)
     evaluation = TestSetEvaluation(x_test, y_test, spec, config.num_server_rounds)
 
-    strategy = FedAvg(
+    strategy = FedAvgEvaluateLast(
+        num_rounds=config.num_server_rounds,
         weighted_by_key=keys.VOTE if config.bank_weighting == "equal" else keys.NUM_EXAMPLES,
         min_train_nodes=config.min_banks,
         min_evaluate_nodes=config.min_banks,
         min_available_nodes=config.min_banks,
-        train_metrics_aggr_fn=aggregate_train_metrics,
-        evaluate_metrics_aggr_fn=aggregate_evaluate_metrics,
+        train_metrics_aggr_fn=aggregate_bank_metrics,
+        evaluate_metrics_aggr_fn=aggregate_bank_metrics,
     )
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(FraudNet(spec).state_dict()),
         num_rounds=config.num_server_rounds,
-        evaluate_config=ConfigRecord({keys.THRESHOLD: 0.5}),
+        train_config=ConfigRecord({keys.EVALUATE_INCOMING: True}),
         evaluate_fn=evaluation,
     )
 

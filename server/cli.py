@@ -3,8 +3,9 @@
     fedfraud prepare            write one shard per bank + the server's test set
     fedfraud simulate           the ten-bank network in Flower's simulation engine
     fedfraud certs              a CA, the SuperLink's certificate, one key per bank
-    fedfraud deploy             a SuperLink and one SuperNode per bank as real
-                                processes on this machine, gRPC + TLS + bank auth
+    fedfraud deploy             a SuperLink and one SuperNode (+ warm worker) per bank
+                                as real processes on this machine, gRPC + TLS + auth
+    fedfraud bank-worker        one bank's warm worker (deploy starts these)
 
 Settings default to the app's ``[tool.flwr.app.config]``; ``--set key=value`` (TOML
 values, repeatable) overrides any of them for one run.
@@ -67,11 +68,13 @@ def simulate(app_dir: Path, config: Config, flwr_home: Path) -> int:
 
 
 def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
-           fleet_port: int, control_port: int) -> int:
+           fleet_port: int, control_port: int, warm: bool) -> int:
+    import tempfile
+
     from server.certs import CA_CERT, make_certificates
     from server.launch import (
         Tls, free_port, register_bank, services, start_bank, start_deployment_superlink,
-        submit_and_wait, wait_for_banks, write_connection,
+        start_worker, submit_and_wait, wait_for_banks, write_connection,
     )
 
     data_dir = ensure_prepared(config)
@@ -82,7 +85,9 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
             make_certificates(certs, config.num_banks)
         tls = Tls(certs)
     connection = "fedfraud-deployment"
-    with services(flwr_home) as started:
+    # Unix socket paths must stay short (108 bytes): a fresh folder under /tmp.
+    with services(flwr_home) as started, tempfile.TemporaryDirectory(
+        prefix="fedfraud-") as socket_dir:
         fleet_port, control_port = fleet_port or free_port(), control_port or free_port()
         start_deployment_superlink(started, tls, fleet_port, control_port)
         write_connection(flwr_home, connection, f"127.0.0.1:{control_port}", tls)
@@ -92,7 +97,9 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
         for bank in range(config.num_banks):
             if tls is not None:
                 register_bank(started.env, connection, tls, bank)
-            banks.append(start_bank(started, bank, data_dir / bank_file(bank), fleet_port, tls))
+            shard = data_dir / bank_file(bank)
+            worker = start_worker(started, bank, shard, Path(socket_dir)) if warm else None
+            banks.append(start_bank(started, bank, shard, fleet_port, tls, worker))
         wait_for_banks(started.env, connection, config.num_banks, 120.0, banks)
         print(f"fedfraud: {config.num_banks} banks online; submitting the run", flush=True)
         run_id, status = submit_and_wait(app_dir, connection, started.env,
@@ -134,11 +141,23 @@ def main(argv: list[str] | None = None) -> int:
                                  "(default: APP_DIR/certs)")
     deploy_cmd.add_argument("--insecure", action="store_true",
                             help="development only: no TLS, no bank authentication")
+    deploy_cmd.add_argument("--cold", action="store_true",
+                            help="no warm bank workers: every message loads torch and "
+                                 "the bank's data anew (Flower's default; slow)")
     deploy_cmd.add_argument("--fleet-port", type=int, default=0,
                             help="the banks' gRPC port (default: a free one)")
     deploy_cmd.add_argument("--control-port", type=int, default=0,
                             help="the SuperLink's HTTP port for flwr (default: a free one)")
+    worker = commands.add_parser("bank-worker", help="a bank's warm worker (used by deploy)")
+    worker.add_argument("--bank-id", type=int, required=True)
+    worker.add_argument("--shard", type=Path, required=True)
+    worker.add_argument("--socket", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.command == "bank-worker":
+        from client.worker import serve
+
+        serve(args.bank_id, args.shard.resolve(), args.socket)
+        return 0
     app_dir = args.app_dir.resolve()
     config = settings(app_dir, args.overrides)
     flwr_home = (args.flwr_home or app_dir / FLWR_HOME).resolve()
@@ -154,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "deploy":
         certs_dir = None if args.insecure else (args.certs or app_dir / "certs").resolve()
         return deploy(app_dir, config, flwr_home, certs_dir, args.fleet_port,
-                      args.control_port)
+                      args.control_port, warm=not args.cold)
     return simulate(app_dir, config, flwr_home)
 
 

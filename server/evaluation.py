@@ -8,12 +8,16 @@ score histograms are summed, and only losses are weighted means.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from logging import INFO
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
-from logging import INFO
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 from common import keys
 from common.metrics import bce_loss
@@ -27,46 +31,57 @@ def _reply_metrics(replies: list[RecordDict]) -> list[MetricRecord]:
     return sorted(records, key=lambda record: int(record[keys.BANK_ID]))
 
 
-def _mean_per_sample(records: list[MetricRecord], key: str) -> float:
-    weights = np.array([record[keys.NUM_EXAMPLES] for record in records], dtype=float)
+def _mean_per_row(records: list[MetricRecord], key: str, rows_key: str) -> float:
+    rows = np.array([record[rows_key] for record in records], dtype=float)
     values = np.array([record[key] for record in records], dtype=float)
-    return float(np.dot(weights, values) / weights.sum()) if weights.sum() else float("nan")
+    return float(np.dot(rows, values) / rows.sum()) if rows.sum() else float("nan")
 
 
-def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Per-sample train loss, plus who took part and each bank's sizes (counts only).
+def aggregate_bank_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+    """FedAvg's ``*_metrics_aggr_fn`` for train and evaluate replies alike.
 
-    ``weight_key`` (FedAvg's weights for the model) does not apply to metrics: losses
-    are always averaged per sample and counts are summed.
+    Who took part and each bank's sizes are listed; confusion counts and score
+    histograms are summed; losses are averaged per row. ``weight_key`` (FedAvg's
+    weights for the model) does not apply to metrics.
     """
     records = _reply_metrics(replies)
-    per_bank = {
-        key: [int(record[key]) for record in records]
-        for key in (keys.N_TRAIN, keys.N_VAL, keys.N_FRAUD)
-    }
-    return MetricRecord({
+    present = [key for key in records[0].keys() if all(key in r for r in records)]
+    out: dict[str, Any] = {
         keys.NUM_EXAMPLES: sum(int(record[keys.NUM_EXAMPLES]) for record in records),
-        keys.TRAIN_LOSS: _mean_per_sample(records, keys.TRAIN_LOSS),
         keys.BANK_IDS: [int(record[keys.BANK_ID]) for record in records],
-        **per_bank,
-    })
+    }
+    for key in present:
+        if key in keys.SIZE_KEYS:
+            out[key] = [int(record[key]) for record in records]
+        elif key in keys.COUNT_KEYS:
+            out[key] = sum(int(record[key]) for record in records)
+        elif key in keys.HIST_KEYS:
+            out[key] = np.sum([record[key] for record in records], axis=0).astype(int).tolist()
+    if keys.TRAIN_LOSS in present:
+        out[keys.TRAIN_LOSS] = _mean_per_row(records, keys.TRAIN_LOSS, keys.N_TRAIN)
+    if keys.LOSS in present:
+        out[keys.LOSS] = _mean_per_row(records, keys.LOSS, keys.N_VAL)
+    return MetricRecord(out)
 
 
-def aggregate_evaluate_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Summed confusion counts and score histograms over the banks' validation data."""
-    records = _reply_metrics(replies)
-    sums = {key: sum(int(record[key]) for record in records) for key in keys.COUNT_KEYS}
-    histograms = {
-        key: np.sum([record[key] for record in records], axis=0).astype(int).tolist()
-        for key in (keys.HIST_LEGIT, keys.HIST_FRAUD)
-    }
-    return MetricRecord({
-        keys.NUM_EXAMPLES: sum(int(record[keys.NUM_EXAMPLES]) for record in records),
-        keys.LOSS: _mean_per_sample(records, keys.LOSS),
-        keys.BANK_IDS: [int(record[keys.BANK_ID]) for record in records],
-        **sums,
-        **histograms,
-    })
+class FedAvgEvaluateLast(FedAvg):
+    """Flower's FedAvg, with the federated evaluate step only after the last round.
+
+    Banks evaluate each incoming global model inside their train message (the
+    ``evaluate-incoming`` train config), so round r's model is evaluated in round
+    r + 1's train replies; only the final model needs evaluate messages. That halves
+    the messages, and in deployment each message is a fresh ClientApp process.
+    """
+
+    def __init__(self, num_rounds: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_rounds = num_rounds
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if server_round < self.num_rounds:
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
 
 @dataclass

@@ -36,6 +36,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PYTHONUNBUFFERED": "1",
+        # Ten banks share this machine's cores: one torch thread each, or they thrash.
+        "OMP_NUM_THREADS": "1",
     }
 
 
@@ -190,13 +192,32 @@ def start_deployment_superlink(started: Services, tls: Tls | None, fleet_port: i
     return process
 
 
+def start_worker(started: Services, bank: int, shard: Path,
+                 socket_dir: Path) -> Path:
+    """The bank's warm worker (client/worker.py); returns its socket once it listens."""
+    socket = socket_dir / f"bank_{bank:02d}.sock"
+    process = started.start(f"worker_{bank:02d}", [
+        str(BIN / "fedfraud"), "bank-worker", "--bank-id", str(bank),
+        "--shard", str(shard), "--socket", str(socket),
+    ])
+    deadline = time.monotonic() + 60.0
+    while not socket.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"bank {bank}: worker did not start (see its log)")
+        time.sleep(0.05)
+    return socket
+
+
 def start_bank(started: Services, bank: int, shard: Path, fleet_port: int,
-               tls: Tls | None) -> subprocess.Popen[bytes]:
-    """One bank's SuperNode, told only where its own shard is."""
+               tls: Tls | None, worker: Path | None = None) -> subprocess.Popen[bytes]:
+    """One bank's SuperNode, told only where its own shard (and worker) is."""
+    node_config = f"bank-id={bank} shard={json.dumps(str(shard))}"
+    if worker is not None:
+        node_config += f" worker={json.dumps(str(worker))}"
     return started.start(f"bank_{bank:02d}", [
         str(BIN / "flower-supernode"), *transport_args(tls, bank),
         "--superlink", f"127.0.0.1:{fleet_port}", "--port", str(free_port()),
-        "--node-config", f"bank-id={bank} shard={json.dumps(str(shard))}",
+        "--node-config", node_config,
     ])
 
 

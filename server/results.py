@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
 
 from common import keys
@@ -17,9 +17,6 @@ from common.config import Config
 from common.metrics import PooledCurve, summarize
 from common.model import ModelSpec
 from server.evaluation import TestSetEvaluation
-
-DEFAULT_THRESHOLD = 0.5  # only used when no bank evaluated in a round
-
 
 def new_run_dir(runs_dir: Path, run_id: int) -> Path:
     run_dir = runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
@@ -36,24 +33,30 @@ def point_latest(run_dir: Path) -> None:
     os.replace(tmp, link)
 
 
-def pooled_validation(result: Result, server_round: int) -> PooledCurve | None:
-    record = result.evaluate_metrics_clientapp.get(server_round)
-    if record is None:
-        return None
-    return PooledCurve.from_histograms(record[keys.HIST_LEGIT], record[keys.HIST_FRAUD])
+def validation_record(result: Result, server_round: int) -> MetricRecord | None:
+    """The banks' summed validation metrics of round ``server_round``'s model: from the
+    evaluate step, or from the next round's train replies (which evaluate it first)."""
+    for record in (result.evaluate_metrics_clientapp.get(server_round),
+                   result.train_metrics_clientapp.get(server_round + 1)):
+        if record is not None and keys.HIST_LEGIT in record:
+            return record
+    return None
 
 
-def history(result: Result, evaluation: TestSetEvaluation) -> list[dict[str, Any]]:
+def history(result: Result, evaluation: TestSetEvaluation,
+            fallback_threshold: float) -> list[dict[str, Any]]:
     """One row per round: test-set metrics at the threshold the banks' pooled
-    validation data chose in that round (never chosen on the test set)."""
-    rows, threshold = [], DEFAULT_THRESHOLD
+    validation data chose for that round's model (never chosen on the test set)."""
+    rows, threshold = [], fallback_threshold
     for server_round in sorted(r for r in evaluation.logits if r > 0):
-        curve = pooled_validation(result, server_round)
-        if curve is not None:
+        train = result.train_metrics_clientapp.get(server_round)
+        validation = validation_record(result, server_round)
+        curve = None
+        if validation is not None:
+            curve = PooledCurve.from_histograms(validation[keys.HIST_LEGIT],
+                                                validation[keys.HIST_FRAUD])
             best = curve.best_f1_index()
             threshold = float(curve.thresholds[best])
-        train = result.train_metrics_clientapp.get(server_round)
-        validation = result.evaluate_metrics_clientapp.get(server_round)
         row = {
             "round": server_round,
             **summarize(evaluation.y, evaluation.logits[server_round], threshold),
@@ -90,7 +93,7 @@ def build_metrics(
     import flwr
     import torch
 
-    rows = history(result, evaluation)
+    rows = history(result, evaluation, config.decision_threshold)
     final = {key: value for key, value in rows[-1].items() if key != "seconds"} if rows else {}
     return {
         "run_id": run_id,

@@ -38,9 +38,8 @@ def global_arrays() -> ArrayRecord:
 
 
 def train_message() -> Message:
-    return message("train", RecordDict({
-        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1}),
-    }))
+    settings = ConfigRecord({keys.SERVER_ROUND: 1, keys.EVALUATE_INCOMING: True})
+    return message("train", RecordDict({keys.ARRAYS: global_arrays(), keys.CONFIG: settings}))
 
 
 def test_train_replies_weights_and_sample_count_but_not_the_scaler(prepared) -> None:
@@ -93,3 +92,47 @@ def test_missing_shard_error_names_bank_and_file(prepared, tmp_path: Path) -> No
     config = Config.from_run_config({**prepared.as_run_config(), "data-dir": str(tmp_path)})
     with pytest.raises(BankDataError, match=f"bank 5: .*{bank_file(5)}: file not found"):
         app(train_message(), bank_context(config))
+
+
+def test_warm_worker_replies_exactly_what_the_bank_computes_in_process(
+    prepared, tmp_path: Path
+) -> None:
+    from server.launch import Services, flower_env, start_worker, stop
+
+    started = Services(flower_env(tmp_path), tmp_path, [])
+    try:
+        socket = start_worker(started, 5, Path(prepared.data_dir) / bank_file(5), tmp_path)
+        warm_context = Context(run_id=1, node_id=5, node_config={"worker": str(socket)},
+                               state=RecordDict(), run_config=prepared.as_run_config())
+
+        warm = app(train_message(), warm_context)
+        local = app(train_message(), bank_context(prepared))
+    finally:
+        for process in started.processes:
+            stop(process)
+
+    assert list(warm.content.keys()) == list(local.content.keys())
+    for name, array in local.content[keys.ARRAYS].items():
+        np.testing.assert_allclose(warm.content[keys.ARRAYS][name].numpy(), array.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    warm_metrics, local_metrics = warm.content[keys.METRICS], local.content[keys.METRICS]
+    assert sorted(warm_metrics.keys()) == sorted(local_metrics.keys())
+    assert warm_metrics[keys.HIST_FRAUD] == local_metrics[keys.HIST_FRAUD]
+    assert warm_context.state.get(keys.SCALER) is None  # the scaler stays in the worker
+    assert all(p.poll() is not None for p in started.processes)
+
+
+def test_worker_errors_reach_the_clientapp_naming_bank_and_file(prepared, tmp_path) -> None:
+    from client.worker import WorkerError
+    from server.launch import Services, flower_env, start_worker, stop
+
+    started = Services(flower_env(tmp_path), tmp_path, [])
+    try:
+        socket = start_worker(started, 4, tmp_path / "missing.csv", tmp_path)
+        context = Context(run_id=1, node_id=4, node_config={"worker": str(socket)},
+                          state=RecordDict(), run_config=prepared.as_run_config())
+        with pytest.raises(WorkerError, match="bank 4: .*missing.csv: file not found"):
+            app(train_message(), context)
+    finally:
+        for process in started.processes:
+            stop(process)

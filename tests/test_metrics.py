@@ -12,7 +12,7 @@ from common.metrics import (
     SCORE_EDGES, Confusion, PooledCurve, bce_loss, confusion, recall_at_fpr,
     score_histograms, summarize,
 )
-from server.evaluation import aggregate_evaluate_metrics, aggregate_train_metrics
+from server.evaluation import aggregate_bank_metrics
 
 
 def logit(p: float) -> float:
@@ -100,14 +100,14 @@ def test_evaluate_aggregation_sums_counts_instead_of_averaging_ratios() -> None:
     # Bank 1: 2 frauds, both caught with 8 false alarms (precision 0.2).
     # Bank 0: 100 frauds, 50 caught, no false alarm (precision 1.0).
     # Averaged precision would be 0.6; summed counts give 52 / 60.
-    small = reply(**{keys.NUM_EXAMPLES: 100, keys.LOSS: 0.5, keys.BANK_ID: 1,
+    small = reply(**{keys.NUM_EXAMPLES: 100, keys.N_VAL: 100, keys.LOSS: 0.5, keys.BANK_ID: 1,
                      keys.TP: 2, keys.FP: 8, keys.FN: 0, keys.TN: 90,
                      keys.HIST_LEGIT: [1, 2], keys.HIST_FRAUD: [0, 2]})
-    large = reply(**{keys.NUM_EXAMPLES: 300, keys.LOSS: 0.1, keys.BANK_ID: 0,
+    large = reply(**{keys.NUM_EXAMPLES: 300, keys.N_VAL: 300, keys.LOSS: 0.1, keys.BANK_ID: 0,
                      keys.TP: 50, keys.FP: 0, keys.FN: 50, keys.TN: 200,
                      keys.HIST_LEGIT: [3, 4], keys.HIST_FRAUD: [5, 6]})
 
-    record = aggregate_evaluate_metrics([small, large], keys.VOTE)  # FedAvg weights
+    record = aggregate_bank_metrics([small, large], keys.VOTE)  # FedAvg weights
 
     counts = Confusion(*(int(record[k]) for k in keys.COUNT_KEYS))
     assert counts == Confusion(tp=52, fp=8, fn=50, tn=290)
@@ -124,10 +124,11 @@ def test_train_aggregation_keeps_each_banks_sizes() -> None:
         reply(**{keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 3.0, keys.BANK_ID: 2,
                  keys.N_TRAIN: 10, keys.N_VAL: 2, keys.N_FRAUD: 1}),
     ]
-    record = aggregate_train_metrics(replies, keys.VOTE)
+    record = aggregate_bank_metrics(replies, keys.VOTE)
     assert record[keys.BANK_IDS] == [2, 4]
     assert record[keys.N_TRAIN] == [10, 30] and record[keys.N_FRAUD] == [1, 0]
-    assert record[keys.TRAIN_LOSS] == pytest.approx(1.5)
+    assert record[keys.TRAIN_LOSS] == pytest.approx(1.5)  # per row: (30 * 1 + 10 * 3) / 40
+    assert keys.TP not in record and keys.HIST_LEGIT not in record
 
 
 def test_summarize_reports_honest_metrics() -> None:

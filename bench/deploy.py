@@ -1,0 +1,128 @@
+"""Real-process deployment speed: warm bank workers vs Flower's default (cold) path.
+
+    .venv/bin/python bench/deploy.py --rounds 10 --paths warm,cold
+
+Each path runs `fedfraud deploy` (SuperLink + one SuperNode per bank, gRPC, TLS and
+bank authentication) from a clean process table and prints: total wall time (startup
+included), per-round seconds, peak memory of every process of the run together, and
+an idle bank's memory (its SuperNode, SuperExec and worker before the run starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(APP_DIR))
+
+from tests.test_simulation import processes_with_env  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Sampler(threading.Thread):
+    """Samples the summed RSS of every process of the run every 0.2 s."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__(daemon=True)
+        self.marker, self.peak_mb, self.idle_bank_mb = marker, 0.0, 0.0
+        self.stopped = threading.Event()
+
+    def bank_mb(self, pids: list[int], bank: int) -> float:
+        """One bank's processes: its SuperNode and SuperExec, and its worker."""
+        tag = f"bank-id={bank} "
+        supernode = [p for p in pids if "flower-supernode" in cmdline(p) and tag in cmdline(p)]
+        worker = [p for p in pids if "bank-worker" in cmdline(p)
+                  and f"--bank-id {bank} " in cmdline(p) + " "]
+        total = sum(rss_mb(p) for p in supernode + worker)
+        for parent in supernode:  # SuperExec is the SuperNode's child
+            total += sum(rss_mb(p) for p in pids if f"--parent-pid {parent}" in cmdline(p))
+        return total
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            pids = processes_with_env(self.marker)
+            self.peak_mb = max(self.peak_mb, sum(rss_mb(p) for p in pids))
+            time.sleep(0.2)
+
+
+def run_path(path: str, rounds: int, banks: int, work: Path) -> dict:
+    flwr_home = work / f"flwr-{path}"
+    command = [
+        str(BIN / "fedfraud"), "--app-dir", str(APP_DIR), "--flwr-home", str(flwr_home),
+        "--set", f"num-server-rounds={rounds}", "--set", f"num-banks={banks}",
+        "--set", f"min-banks={banks}", "--set", f"data-dir='{work / 'data'}'",
+        "--set", f"runs-dir='{work / f'runs-{path}'}'",
+        "deploy", "--certs", str(work / "certs"), *(["--cold"] if path == "cold" else []),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    sampler = Sampler(f"FLWR_HOME={flwr_home}")
+    sampler.start()
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "banks online" in line:
+            pids = processes_with_env(f"FLWR_HOME={flwr_home}")
+            sampler.idle_bank_mb = max(sampler.bank_mb(pids, b) for b in range(banks))
+        if "fedfraud" in line:
+            print(f"  [{path}] {line.strip()}", flush=True)
+    code = process.wait()
+    wall = time.monotonic() - started
+    sampler.stopped.set()
+    sampler.join()
+    if code != 0:
+        raise SystemExit(f"{path} deployment failed with exit code {code}")
+    metrics = json.loads((work / f"runs-{path}" / "latest" / "metrics.json").read_text())
+    return {"wall_s": wall, "round_s": metrics["timing"]["round_s"],
+            "peak_mb": sampler.peak_mb, "idle_bank_mb": sampler.idle_bank_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--banks", type=int, default=10)
+    parser.add_argument("--paths", default="warm,cold", help="comma-separated: warm, cold")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in args.paths.split(","):
+            results[path] = run_path(path, args.rounds, args.banks, Path(tmp))
+    print(f"\n{args.banks} banks, {args.rounds} rounds, TLS + bank authentication")
+    print(f"{'path':6} {'wall s':>8} {'first round s':>14} {'warm round s (median)':>22} "
+          f"{'peak MB':>8} {'idle bank MB':>13}")
+    for path, r in results.items():
+        warm_rounds = sorted(r["round_s"][1:]) or r["round_s"]
+        median = warm_rounds[len(warm_rounds) // 2]
+        print(f"{path:6} {r['wall_s']:8.1f} {r['round_s'][0]:14.1f} {median:22.1f} "
+              f"{r['peak_mb']:8.0f} {r['idle_bank_mb']:13.0f}")
+        print(f"       per round: {' '.join(f'{s:.1f}' for s in r['round_s'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""One bank: its own data (read once), its own scaler, and what it does in a round.
+
+Plain numpy in, plain numpy and numbers out, so the same code serves the ClientApp
+in-process (simulation) and the bank's warm worker (deployment). This is the only
+client module that imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common import keys
+from common.config import Config
+from common.data import fit_scaler, load_transactions, split_bank, standardize
+from common.metrics import bce_loss, confusion, score_histograms
+from common.model import FraudNet, ModelSpec
+from common.task import score, train
+
+Arrays = dict[str, np.ndarray]
+Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's train split
+
+
+class Bank:
+    def __init__(self, bank_id: int, shard: Path, config: Config,
+                 scaler: Scaler | None = None) -> None:
+        x, y, self.features = load_transactions(shard, config.label_column, f"bank {bank_id}")
+        split = split_bank(x, y, config.val_fraction, config.seed + bank_id)
+        self.id = bank_id
+        self.settings = (config.label_column, config.val_fraction, config.seed)
+        self.scaler: Scaler = scaler or fit_scaler(split.x_train)
+        self.x_train, self.y_train = standardize(split.x_train, *self.scaler), split.y_train
+        self.x_val, self.y_val = standardize(split.x_val, *self.scaler), split.y_val
+
+    def serves(self, config: Config) -> bool:
+        """Whether this bank's data was read and split the way ``config`` asks."""
+        return self.settings == (config.label_column, config.val_fraction, config.seed)
+
+    def _model(self, arrays: Arrays) -> FraudNet:
+        model = FraudNet(ModelSpec(in_features=self.x_train.shape[1]))
+        model.load_state_dict({name: torch.from_numpy(a) for name, a in arrays.items()})
+        return model
+
+    def evaluate(self, arrays: Arrays, config: Config) -> dict[str, Any]:
+        """Loss, confusion counts and score histograms on the bank's validation split."""
+        logits = score(self._model(arrays), self.x_val)
+        counts = confusion(self.y_val, logits, config.decision_threshold)
+        legit, fraud = score_histograms(self.y_val, logits)
+        return {
+            keys.NUM_EXAMPLES: len(self.y_val), keys.VOTE: 1, keys.BANK_ID: self.id,
+            keys.N_VAL: len(self.y_val), keys.LOSS: bce_loss(self.y_val, logits),
+            keys.TP: counts.tp, keys.FP: counts.fp, keys.FN: counts.fn, keys.TN: counts.tn,
+            keys.HIST_LEGIT: legit, keys.HIST_FRAUD: fraud,
+        }
+
+    def train(self, arrays: Arrays, config: Config, server_round: int,
+              evaluate_incoming: bool) -> tuple[Arrays, dict[str, Any]]:
+        """Train the global model locally. With ``evaluate_incoming`` the reply also
+        carries the incoming model's validation metrics, which saves the separate
+        evaluate message of the round."""
+        metrics = self.evaluate(arrays, config) if evaluate_incoming else {}
+        model = self._model(arrays)
+        loss = train(
+            model, self.x_train, self.y_train,
+            epochs=config.local_epochs, batch_size=config.batch_size,
+            learning_rate=config.learning_rate, pos_weight=config.pos_weight,
+            seed=config.seed + 1000 * server_round + self.id,
+        )
+        metrics.update({
+            keys.NUM_EXAMPLES: len(self.y_train), keys.VOTE: 1, keys.BANK_ID: self.id,
+            keys.TRAIN_LOSS: loss,
+            keys.N_TRAIN: len(self.y_train), keys.N_VAL: len(self.y_val),
+            keys.N_FRAUD: int(self.y_train.sum() + self.y_val.sum()),
+        })
+        trained = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+        return trained, metrics
