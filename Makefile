@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo prepare deploy test bench-deploy bench-quality clean
+.PHONY: install demo prepare deploy test bench-deploy bench-quality bench-score clean
 
 # torch first and pinned: 2.13.0 is the CPU wheel; anything looser pulls CUDA builds.
 $(STAMP): pyproject.toml
@@ -30,6 +30,10 @@ bench-deploy: install
 
 bench-quality: install
 	$(BIN)/python bench/quality.py --seeds 1-10
+
+bench-score: install
+	test -e runs/latest/model.ts || $(BIN)/fedfraud simulate
+	$(BIN)/python bench/score.py
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -73,6 +73,7 @@ def bank_for(context: Context, config: Config) -> Bank | WorkerBank:
     stored = context.state.get(keys.SCALER)
     scaler = tuple(stored.to_numpy_ndarrays()) if stored is not None else None
     bank = Bank(bank_id, shard, config, scaler)  # type: ignore[arg-type]
-    if stored is None:
+    if stored is None:  # fitted just now
         context.state[keys.SCALER] = ArrayRecord(list(bank.scaler))
+        bank.keep_scaler()
     return bank

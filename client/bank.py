@@ -15,7 +15,9 @@ import torch
 
 from common import keys
 from common.config import Config
-from common.data import fit_scaler, load_transactions, split_bank, standardize
+from common.data import (
+    fit_scaler, load_transactions, save_scaler, scaler_file, split_bank, standardize,
+)
 from common.metrics import bce_loss, confusion, score_histograms
 from common.model import FraudNet, ModelSpec
 from common.task import score, train
@@ -28,12 +30,19 @@ class Bank:
     def __init__(self, bank_id: int, shard: Path, config: Config,
                  scaler: Scaler | None = None) -> None:
         x, y, self.features = load_transactions(shard, config.label_column, f"bank {bank_id}")
+        self.shard = shard
         split = split_bank(x, y, config.val_fraction, config.seed + bank_id)
         self.id = bank_id
         self.settings = (config.label_column, config.val_fraction, config.seed)
         self.scaler: Scaler = scaler or fit_scaler(split.x_train)
         self.x_train, self.y_train = standardize(split.x_train, *self.scaler), split.y_train
         self.x_val, self.y_val = standardize(split.x_val, *self.scaler), split.y_val
+
+    def keep_scaler(self) -> Path:
+        """Write the fitted scaler beside the bank's shard, for scoring after the run."""
+        path = scaler_file(self.shard)
+        save_scaler(path, *self.scaler, self.features)
+        return path
 
     def serves(self, config: Config) -> bool:
         """Whether this bank's data was read and split the way ``config`` asks."""

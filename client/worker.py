@@ -78,6 +78,7 @@ def serve(bank_id: int, shard: Path, socket: Path) -> None:
                     config = Config.from_run_config(run_config)
                     if bank is None or not bank.serves(config):  # first run, or new settings
                         bank = Bank(bank_id, shard, config)
+                        bank.keep_scaler()
                     if method == "train":
                         result = bank.train(arrays, config, *rest)
                     elif method == "evaluate":

@@ -209,3 +209,33 @@ def fit_scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def standardize(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return ((x - mean) / scale).astype(np.float32)
+
+
+def scaler_file(shard: Path) -> Path:
+    """Where a bank keeps its fitted scaler: beside its own shard, in its own folder."""
+    return shard.with_name(f"{shard.stem}.scaler.json")
+
+
+def save_scaler(path: Path, mean: np.ndarray, scale: np.ndarray,
+                features: list[str]) -> None:
+    path.write_text(json.dumps({"features": features, "mean": mean.tolist(),
+                                "scale": scale.tolist()}, indent=1) + "\n")
+
+
+def load_scaler(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        saved = json.loads(path.read_text())
+        return np.asarray(saved["mean"]), np.asarray(saved["scale"]), list(saved["features"])
+    except (OSError, ValueError, KeyError) as err:
+        raise BankDataError(f"{path}: not a usable scaler file ({err})") from None
+
+
+def describe_data(data_dir: Path) -> str:
+    """One line on where the training data came from (from the prepared manifest)."""
+    try:
+        manifest = json.loads((data_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "the banks' own data"
+    settings = manifest["settings"]
+    return (f"{manifest['source']} data (seed {settings['seed']}), {settings['num_banks']} "
+            f"banks, Dirichlet alpha {settings['alpha']}")

@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+# The exported model's files in a run folder (written by server/export.py).
+TORCHSCRIPT_FILE, STATE_DICT_FILE = "model.ts", "model.pt"
+CARD_JSON_FILE, CARD_MD_FILE = "model_card.json", "model_card.md"
+
 
 @dataclass(frozen=True)
 class ModelSpec:

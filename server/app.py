@@ -13,11 +13,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import keys
 from common.config import Config
-from common.data import TEST_FILE, fit_scaler, load_transactions, standardize
+from common.data import (
+    TEST_FILE, describe_data, fit_scaler, load_transactions, standardize,
+)
 from common.model import FraudNet, ModelSpec
 from server.evaluation import FedAvgEvaluateLast, TestSetEvaluation, aggregate_bank_metrics
 from server.report import write_report
-from server.results import build_metrics, new_run_dir, point_latest, save_model, write_metrics
+from server.export import export_model
+from server.results import build_metrics, new_run_dir, point_latest, write_metrics
 
 app = ServerApp()
 
@@ -58,7 +61,8 @@ def main(grid: Grid, context: Context) -> None:
         total_s=time.monotonic() - started,
     )
     write_metrics(run_dir, metrics)
-    save_model(run_dir, result.arrays, spec, features, metrics["final"]["threshold"])
+    export_model(run_dir, result.arrays.to_torch_state_dict(), spec, features, metrics,
+                 describe_data(Path(config.data_dir)))
     point_latest(run_dir)
     write_report(run_dir, metrics, config)
     log(INFO, "fedfraud run folder: %s", run_dir)

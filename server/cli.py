@@ -6,6 +6,7 @@
     fedfraud deploy             a SuperLink and one SuperNode (+ warm worker) per bank
                                 as real processes on this machine, gRPC + TLS + auth
     fedfraud bank-worker        one bank's warm worker (deploy starts these)
+    fedfraud score              a bank scores its own transactions with a run's model
 
 Settings default to the app's ``[tool.flwr.app.config]``; ``--set key=value`` (TOML
 values, repeatable) overrides any of them for one run.
@@ -152,7 +153,25 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--bank-id", type=int, required=True)
     worker.add_argument("--shard", type=Path, required=True)
     worker.add_argument("--socket", type=Path, required=True)
+    score = commands.add_parser("score", help="score a bank's transactions (CSV/Parquet)")
+    score.add_argument("--run", type=Path, default=Path("runs/latest"),
+                       help="run folder with model.ts and model_card.json")
+    score.add_argument("--scaler", type=Path, required=True,
+                       help="the bank's own scaler (bank_XX.scaler.json beside its shard)")
+    score.add_argument("--input", type=Path, required=True)
+    score.add_argument("--output", type=Path, required=True)
+    score.add_argument("--threshold", type=float, default=None,
+                       help="flag at this probability (default: the run's threshold)")
+    score.add_argument("--id-column", default="id")
     args = parser.parse_args(argv)
+    if args.command == "score":
+        from client.score import Scorer, score_file
+
+        summary = score_file(Scorer.load(args.run, args.scaler), args.input, args.output,
+                             args.threshold, args.id_column)
+        print(f"fedfraud: scored {summary['rows']} rows, flagged {summary['flagged']} at "
+              f"{summary['threshold']:.4f} -> {summary['output']}")
+        return 0
     if args.command == "bank-worker":
         from client.worker import serve
 

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import MetricRecord
 from flwr.serverapp.strategy import Result
 
 from common import keys
 from common.config import Config
 from common.metrics import PooledCurve, summarize
-from common.model import ModelSpec
 from server.evaluation import TestSetEvaluation
 
 def new_run_dir(runs_dir: Path, run_id: int) -> Path:
@@ -114,13 +113,3 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
     path.write_text(json.dumps(metrics, indent=2) + "\n")
     return path
 
-
-def save_model(run_dir: Path, arrays: ArrayRecord, spec: ModelSpec, features: list[str],
-               threshold: float) -> Path:
-    """The global model plus everything needed to rebuild and use it."""
-    import torch
-
-    path = run_dir / "model.pt"
-    torch.save({"state_dict": arrays.to_torch_state_dict(), "spec": spec.as_dict(),
-                "feature_names": features, "threshold": threshold}, path)
-    return path

@@ -53,7 +53,12 @@ def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
     assert 0.5 < final["auc"] <= 1.0 and 0.0 < final["threshold"] < 1.0
     assert len(metrics["timing"]["round_s"]) == 2
     run_dir = (tmp_path / "runs" / "latest").resolve()
-    assert {"model.pt", "report.md", "report_request.json"} <= {p.name for p in run_dir.iterdir()}
+    outputs = {p.name for p in run_dir.iterdir()}
+    assert {"model.pt", "model.ts", "model_card.json", "model_card.md", "report.md",
+            "report_request.json"} <= outputs
+    # Each bank's scaler stays beside its own shard, never in the server's run folder.
+    assert not any("scaler" in name for name in outputs)
+    assert all((tmp_path / "data" / f"bank_{b:02d}.scaler.json").exists() for b in range(10))
     assert "Offline report" in (run_dir / "report.md").read_text()
     # Nothing left running, nothing in the repo rewritten.
     assert processes_with_env(f"FLWR_HOME={flwr_home}") == []

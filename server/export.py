@@ -1,0 +1,103 @@
+"""The run's model in forms a bank can use without this repository.
+
+- ``model.ts``: TorchScript, standardized features in, fraud probability out; loads with
+  plain ``torch.jit.load`` (or libtorch) and none of fedfraud's code.
+- ``model.pt``: the state dict and ``ModelSpec`` (to rebuild ``FraudNet`` here).
+- ``model_card.json`` / ``model_card.md``: what the model expects and how it was made.
+
+The model takes features standardized with the scoring bank's *own* scaler, which
+stays in the bank's folder and never enters the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.model import (
+    CARD_JSON_FILE, CARD_MD_FILE, STATE_DICT_FILE, TORCHSCRIPT_FILE, FraudNet, ModelSpec,
+)
+
+
+class FraudProbability(nn.Module):
+    """FraudNet with a sigmoid: (batch, features) -> (batch,) probabilities."""
+
+    def __init__(self, net: FraudNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x))
+
+
+def model_card(metrics: dict[str, Any], spec: ModelSpec, features: list[str],
+               data_source: str) -> dict[str, Any]:
+    final = metrics["final"]
+    return {
+        "name": "fedfraud FraudNet",
+        "run_id": metrics["run_id"],
+        "format": {"torchscript": TORCHSCRIPT_FILE, "state_dict": STATE_DICT_FILE,
+                   "input": "float32 (batch, features), each feature standardized with "
+                            "the scoring bank's own scaler (its *.scaler.json)",
+                   "output": "fraud probability per row"},
+        "features": features,
+        "architecture": spec.as_dict(),
+        "threshold": final["threshold"],
+        "threshold_chosen_on": "banks' pooled validation data (max F1)",
+        "training": {"mode": metrics["mode"], "rounds": len(metrics["history"]),
+                     "banks": len(metrics["banks"]), "config": metrics["config"],
+                     "data": data_source, "versions": metrics["versions"]},
+        "final_test_metrics": {key: final[key] for key in (
+            "auc", "ap", "recall_at_1pct_fpr", "precision", "recall", "f1",
+            "tp", "fp", "fn", "tn")},
+        "privacy": {"raw_data_shared": False, "differential_privacy": "off",
+                    "secure_aggregation": "off",
+                    "sent_by_banks": "model weights, sample counts, confusion counts, "
+                                     "score histograms"},
+    }
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    final, training = card["final_test_metrics"], card["training"]
+    lines = [
+        f"# Model card: {card['name']} (run {card['run_id']})",
+        "",
+        f"Trained by {training['banks']} banks over {training['rounds']} FedAvg rounds "
+        f"({training['mode']}) on {training['data']}; no transaction left any bank.",
+        "",
+        "## Use",
+        f"- Load `{card['format']['torchscript']}` with `torch.jit.load`; input "
+        f"{card['format']['input']}; output {card['format']['output']}.",
+        f"- Flag a transaction when its probability is >= {card['threshold']:.4f} "
+        f"({card['threshold_chosen_on']}).",
+        f"- Features, in this order: {', '.join(card['features'])}.",
+        "",
+        "## Test-set performance",
+        "| AUC | AP | recall @ 1 % FPR | precision | recall | F1 |",
+        "|---|---|---|---|---|---|",
+        f"| {final['auc']:.3f} | {final['ap']:.3f} | {final['recall_at_1pct_fpr']:.3f} "
+        f"| {final['precision']:.3f} | {final['recall']:.3f} | {final['f1']:.3f} |",
+        "",
+        "## Privacy",
+        *[f"- {key.replace('_', ' ')}: {value}" for key, value in card["privacy"].items()],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def export_model(run_dir: Path, state_dict: dict[str, torch.Tensor], spec: ModelSpec,
+                 features: list[str], metrics: dict[str, Any], data_source: str) -> None:
+    net = FraudNet(spec)
+    net.load_state_dict(state_dict)
+    net.eval()
+    torch.save({"state_dict": state_dict, "spec": spec.as_dict(), "features": features,
+                "threshold": metrics["final"]["threshold"]}, run_dir / STATE_DICT_FILE)
+    example = torch.zeros(2, spec.in_features)
+    scripted = torch.jit.trace(FraudProbability(net), example)
+    scripted.save(str(run_dir / TORCHSCRIPT_FILE))
+    card = model_card(metrics, spec, features, data_source)
+    (run_dir / CARD_JSON_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    (run_dir / CARD_MD_FILE).write_text(card_markdown(card))
