@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo prepare deploy test bench-deploy bench-quality bench-score clean
+.PHONY: install demo prepare deploy test compose-e2e bench-deploy bench-quality bench-score clean
 
 # torch first and pinned: 2.13.0 is the CPU wheel; anything looser pulls CUDA builds.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[simulation,dev]"
 	touch $@
 
 install: $(STAMP)
@@ -37,6 +37,10 @@ bench-score: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Builds and runs docker-compose.yml for real (needs root: installs and starts Docker).
+compose-e2e:
+	bash docker/e2e.sh
 
 clean:
 	rm -rf data runs .flwr

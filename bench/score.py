@@ -23,7 +23,7 @@ from client.score import Scorer, score_file
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", type=Path, default=Path("runs/latest"))
-    parser.add_argument("--scaler", type=Path, default=Path("data/synthetic/bank_00.scaler.json"))
+    parser.add_argument("--scaler", type=Path, default=Path("data/synthetic/bank_00/scaler.json"))
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--single", type=int, default=20_000)
     args = parser.parse_args()

@@ -28,9 +28,9 @@ Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's tr
 
 class Bank:
     def __init__(self, bank_id: int, shard: Path, config: Config,
-                 scaler: Scaler | None = None) -> None:
+                 scaler: Scaler | None = None, state_dir: Path | None = None) -> None:
         x, y, self.features = load_transactions(shard, config.label_column, f"bank {bank_id}")
-        self.shard = shard
+        self.state_dir = state_dir or shard.parent  # the bank's own, writable folder
         split = split_bank(x, y, config.val_fraction, config.seed + bank_id)
         self.id = bank_id
         self.settings = (config.label_column, config.val_fraction, config.seed)
@@ -39,8 +39,8 @@ class Bank:
         self.x_val, self.y_val = standardize(split.x_val, *self.scaler), split.y_val
 
     def keep_scaler(self) -> Path:
-        """Write the fitted scaler beside the bank's shard, for scoring after the run."""
-        path = scaler_file(self.shard)
+        """Write the fitted scaler into the bank's own folder, for scoring later."""
+        path = scaler_file(self.state_dir)
         save_scaler(path, *self.scaler, self.features)
         return path
 

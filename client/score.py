@@ -1,6 +1,6 @@
 """A bank scores its own transactions with the exported model and its own scaler.
 
-    fedfraud score --run runs/latest --scaler data/synthetic/bank_03.scaler.json \\
+    fedfraud score --run runs/latest --scaler data/synthetic/bank_03/scaler.json \\
                    --input new.csv --output scores.csv [--threshold 0.3] [--id-column id]
 
 Nothing leaves the bank: the model comes to the data. The input's columns must be the

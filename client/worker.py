@@ -56,10 +56,8 @@ class WorkerBank:
         return self._call("evaluate", arrays, config.as_run_config())
 
 
-def serve(bank_id: int, shard: Path, socket: Path) -> None:
+def serve(bank_id: int, shard: Path, socket: Path, state_dir: Path | None = None) -> None:
     """Answer the bank's ClientApps until killed."""
-    from client.bank import Bank
-
     socket.unlink(missing_ok=True)
     old_umask = os.umask(0o077)  # socket and key readable by the bank's user only
     try:
@@ -68,6 +66,8 @@ def serve(bank_id: int, shard: Path, socket: Path) -> None:
                             authkey=key_file(socket).read_bytes())
     finally:
         os.umask(old_umask)
+    from client.bank import Bank  # after listening: requests queue while torch loads
+
     bank: Bank | None = None
     print(f"bank {bank_id}: worker ready on {socket}", flush=True)
     with listener:
@@ -77,7 +77,7 @@ def serve(bank_id: int, shard: Path, socket: Path) -> None:
                 try:
                     config = Config.from_run_config(run_config)
                     if bank is None or not bank.serves(config):  # first run, or new settings
-                        bank = Bank(bank_id, shard, config)
+                        bank = Bank(bank_id, shard, config, state_dir=state_dir)
                         bank.keep_scaler()
                     if method == "train":
                         result = bank.train(arrays, config, *rest)

@@ -17,8 +17,10 @@ import numpy as np
 
 from common.config import Config
 
+# One folder per party, so that each can be given (mounted) only its own files.
 MANIFEST = "manifest.json"
-TEST_FILE = "server_test.csv"
+TEST_FILE = "server/test.csv"
+SCALER_FILE = "scaler.json"
 
 # The tutorial's generator, unchanged, so results compare with its numbers.
 SYNTHETIC = dict(
@@ -48,7 +50,7 @@ class BankSplit:
 
 
 def bank_file(bank: int) -> str:
-    return f"bank_{bank:02d}.csv"
+    return f"bank_{bank:02d}/transactions.csv"
 
 
 def make_synthetic(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +121,7 @@ def write_csv(path: Path, x: np.ndarray, y: np.ndarray, label_column: str) -> No
 
     frame = pd.DataFrame(x, columns=feature_names(x.shape[1]))
     frame[label_column] = y
+    path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False, float_format="%.9g")  # float32 round-trips exactly
 
 
@@ -211,9 +214,9 @@ def standardize(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarra
     return ((x - mean) / scale).astype(np.float32)
 
 
-def scaler_file(shard: Path) -> Path:
-    """Where a bank keeps its fitted scaler: beside its own shard, in its own folder."""
-    return shard.with_name(f"{shard.stem}.scaler.json")
+def scaler_file(state_dir: Path) -> Path:
+    """Where a bank keeps its fitted scaler: its own folder (by default its shard's)."""
+    return state_dir / SCALER_FILE
 
 
 def save_scaler(path: Path, mean: np.ndarray, scale: np.ndarray,

@@ -1,7 +1,10 @@
 """TLS material for the SuperLink and one authentication key pair per bank.
 
-    fedfraud certs            -> certs/ca.crt, certs/server.pem, certs/server.key,
-                                 certs/bank_00.key, certs/bank_00.key.pub, ...
+    fedfraud certs  ->  certs/ca.crt, ca.key                    the CA (ca.key: keep offline)
+                        certs/server/ca.crt, server.pem, server.key   the SuperLink's
+                        certs/bank_00/ca.crt, bank.key, bank.key.pub  each bank's, ...
+
+One folder per party, so each can be given (mounted) only its own files.
 
 The CA signs the SuperLink's certificate, whose SAN covers every name the banks may
 dial (localhost, 127.0.0.1 and the compose service name). Bank keys are ECDSA P-384 in
@@ -23,14 +26,20 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SERVER_NAMES = ("localhost", "127.0.0.1", "superlink")  # superlink: the compose service
 VALID_DAYS = 365
-CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
+CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server/server.pem", "server/server.key"
+SERVER_CA = "server/ca.crt"
 
 
 def bank_key(bank: int) -> str:
-    return f"bank_{bank:02d}.key"
+    return f"bank_{bank:02d}/bank.key"
+
+
+def bank_ca(bank: int) -> str:
+    return f"bank_{bank:02d}/ca.crt"
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     if private:
         path.chmod(0o600)
@@ -90,12 +99,15 @@ def make_certificates(out_dir: Path, num_banks: int,
         .sign(ca_key, hashes.SHA384())
     )
     pem = serialization.Encoding.PEM
-    _write(out_dir / CA_CERT, ca_cert.public_bytes(pem))
+    ca_pem = ca_cert.public_bytes(pem)
+    _write(out_dir / CA_CERT, ca_pem)
+    _write(out_dir / SERVER_CA, ca_pem)
     _write(out_dir / "ca.key", _pem_key(ca_key), private=True)
     _write(out_dir / SERVER_CERT, server_cert.public_bytes(pem))
     _write(out_dir / SERVER_KEY, _pem_key(server_key), private=True)
 
     for bank in range(num_banks):
+        _write(out_dir / bank_ca(bank), ca_pem)
         key = ec.generate_private_key(ec.SECP384R1())
         _write(out_dir / bank_key(bank),
                key.private_bytes(pem, serialization.PrivateFormat.OpenSSH,

@@ -42,7 +42,7 @@ def model_card(metrics: dict[str, Any], spec: ModelSpec, features: list[str],
         "run_id": metrics["run_id"],
         "format": {"torchscript": TORCHSCRIPT_FILE, "state_dict": STATE_DICT_FILE,
                    "input": "float32 (batch, features), each feature standardized with "
-                            "the scoring bank's own scaler (its *.scaler.json)",
+                            "the scoring bank's own scaler (scaler.json in its folder)",
                    "output": "fraud probability per row"},
         "features": features,
         "architecture": spec.as_dict(),

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, bank_key
+from server.certs import SERVER_CA, SERVER_CERT, SERVER_KEY, bank_ca, bank_key
 
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, ... of this environment
 STOP_GRACE_S = 10.0
+WORKER_START_S = 300.0  # ten banks importing torch at once on two cores take a while
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -163,12 +164,12 @@ class Tls:
     certs: Path
 
     def superlink_args(self) -> list[str]:
-        return ["--ssl-ca-certfile", str(self.certs / CA_CERT),
+        return ["--ssl-ca-certfile", str(self.certs / SERVER_CA),
                 "--ssl-certfile", str(self.certs / SERVER_CERT),
                 "--ssl-keyfile", str(self.certs / SERVER_KEY), "--enable-supernode-auth"]
 
     def supernode_args(self, bank: int) -> list[str]:
-        return ["--root-certificates", str(self.certs / CA_CERT),
+        return ["--root-certificates", str(self.certs / bank_ca(bank)),
                 "--auth-supernode-private-key", str(self.certs / bank_key(bank))]
 
 
@@ -192,31 +193,35 @@ def start_deployment_superlink(started: Services, tls: Tls | None, fleet_port: i
     return process
 
 
-def start_worker(started: Services, bank: int, shard: Path,
-                 socket_dir: Path) -> Path:
+def start_worker(started: Services, bank: int, shard: Path, socket_dir: Path,
+                 state_dir: Path | None = None) -> Path:
     """The bank's warm worker (client/worker.py); returns its socket once it listens."""
     socket = socket_dir / f"bank_{bank:02d}.sock"
     process = started.start(f"worker_{bank:02d}", [
         str(BIN / "fedfraud"), "bank-worker", "--bank-id", str(bank),
         "--shard", str(shard), "--socket", str(socket),
+        *(["--state", str(state_dir)] if state_dir else []),
     ])
-    deadline = time.monotonic() + 60.0
+    deadline = time.monotonic() + WORKER_START_S
     while not socket.exists():
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"bank {bank}: worker did not start (see its log)")
+            log = (started.log_dir / f"worker_{bank:02d}.log").read_text()[-2000:]
+            raise RuntimeError(f"bank {bank}: worker did not start:\n{log}")
         time.sleep(0.05)
     return socket
 
 
-def start_bank(started: Services, bank: int, shard: Path, fleet_port: int,
-               tls: Tls | None, worker: Path | None = None) -> subprocess.Popen[bytes]:
-    """One bank's SuperNode, told only where its own shard (and worker) is."""
+def start_bank(started: Services, bank: int, shard: Path, superlink: str,
+               tls: Tls | None, worker: Path | None = None,
+               state_dir: Path | None = None) -> subprocess.Popen[bytes]:
+    """One bank's SuperNode, told only where its own shard (worker, folder) is."""
     node_config = f"bank-id={bank} shard={json.dumps(str(shard))}"
-    if worker is not None:
-        node_config += f" worker={json.dumps(str(worker))}"
+    for key, value in (("worker", worker), ("state", state_dir)):
+        if value is not None:
+            node_config += f" {key}={json.dumps(str(value))}"
     return started.start(f"bank_{bank:02d}", [
         str(BIN / "flower-supernode"), *transport_args(tls, bank),
-        "--superlink", f"127.0.0.1:{fleet_port}", "--port", str(free_port()),
+        "--superlink", superlink, "--port", str(free_port()),
         "--node-config", node_config,
     ])
 
@@ -233,13 +238,10 @@ def register_bank(env: dict[str, str], connection: str, tls: Tls, bank: int) -> 
 
 
 def wait_for_banks(env: dict[str, str], connection: str, count: int,
-                   deadline_s: float, banks: list[subprocess.Popen[bytes]]) -> None:
+                   deadline_s: float) -> None:
     """Until ``count`` SuperNodes are online (so round 1 has every bank)."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        dead = [bank.args[-1] for bank in banks if bank.poll() is not None]
-        if dead:
-            raise RuntimeError(f"bank SuperNode exited: {dead}")
         nodes = flwr_json(env, "supernode", "list", connection).get("nodes", [])
         if sum(node["status"] == "online" for node in nodes) >= count:
             return
@@ -255,7 +257,7 @@ def write_connection(flwr_home: Path, name: str, address: str,
     if tls is None:
         lines.append("insecure = true")
     else:
-        lines.append(f"root-certificates = {json.dumps(str(tls.certs / CA_CERT))}")
+        lines.append(f"root-certificates = {json.dumps(str(tls.certs / SERVER_CA))}")
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 

@@ -71,7 +71,10 @@ def ask_openai(request: dict[str, Any], config: Config) -> str:
     """Send ``request`` with the OpenAI SDK (key and base URL from the environment)."""
     from openai import OpenAI
 
-    client = OpenAI(timeout=config.report_timeout_s, max_retries=config.report_max_retries)
+    client = OpenAI(  # an empty OPENAI_BASE_URL (e.g. from compose) means the default
+        base_url=os.environ.get("OPENAI_BASE_URL") or None,
+        timeout=config.report_timeout_s, max_retries=config.report_max_retries,
+    )
     text = client.responses.create(**request).output_text
     if not text.strip():
         raise ValueError("the model returned an empty report")

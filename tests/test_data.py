@@ -106,7 +106,7 @@ def write(path: Path, text: str) -> Path:
 def test_loader_errors_name_the_bank_and_the_file(
     tmp_path: Path, content: str, why: str
 ) -> None:
-    path = write(tmp_path / "bank_03.csv", content)
+    path = write(tmp_path / "transactions.csv", content)
     with pytest.raises(BankDataError) as err:
         load_transactions(path, "Class", "bank 3")
     assert str(err.value).startswith(f"bank 3: {path}: ")

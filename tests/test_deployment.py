@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server.certs import CA_CERT, bank_key, make_certificates
+from server.certs import CA_CERT, make_certificates
 from server.launch import (
     Services, Tls, flwr_json, free_port, register_bank, services, start_bank,
     start_deployment_superlink, write_connection,
@@ -117,8 +117,8 @@ def test_unregistered_bank_is_refused_and_registered_bank_joins(superlink, prepa
     shard = Path(prepared.data_dir) / "bank_00.csv"
     register_bank(started.env, "test", tls, 0)  # bank 1's key is never registered
 
-    good = start_bank(started, 0, shard, fleet_port, tls)
-    bad = start_bank(started, 1, shard, fleet_port, tls)
+    good = start_bank(started, 0, shard, f"127.0.0.1:{fleet_port}", tls)
+    bad = start_bank(started, 1, shard, f"127.0.0.1:{fleet_port}", tls)
 
     assert bad.wait(timeout=120) != 0
     log = (started.log_dir / "bank_01.log").read_text()

@@ -82,7 +82,7 @@ def test_model_card_describes_the_model(exported) -> None:
 def scorer(exported, tmp_path: Path) -> Scorer:
     run_dir, _, bank = exported
     path = bank.keep_scaler()
-    assert path == scaler_file(bank.shard) and path.parent == bank.shard.parent
+    assert path == scaler_file(Path(bank.state_dir)) == bank.state_dir / "scaler.json"
     return Scorer.load(run_dir, path)
 
 

@@ -58,7 +58,7 @@ def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
             "report_request.json"} <= outputs
     # Each bank's scaler stays beside its own shard, never in the server's run folder.
     assert not any("scaler" in name for name in outputs)
-    assert all((tmp_path / "data" / f"bank_{b:02d}.scaler.json").exists() for b in range(10))
+    assert all((tmp_path / "data" / f"bank_{b:02d}" / "scaler.json").exists() for b in range(10))
     assert "Offline report" in (run_dir / "report.md").read_text()
     # Nothing left running, nothing in the repo rewritten.
     assert processes_with_env(f"FLWR_HOME={flwr_home}") == []
