@@ -76,15 +76,15 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     tar -C "$CACHE/rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
 fi
 
-if [ ! -f "$CACHE/wheelhouse/.complete" ] \
-   || [ "$REPO/pyproject.toml" -nt "$CACHE/wheelhouse/.complete" ]; then
+deps=$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)  # the wheels follow its pins
+if [ "$(cat "$CACHE/wheelhouse/.complete" 2>/dev/null)" != "$deps" ]; then
     say "downloading wheels into the wheelhouse"
     rm -rf "$CACHE/wheelhouse" && mkdir -p "$CACHE/wheelhouse"
     python3 -m pip download -q -d "$CACHE/wheelhouse" torch==2.13.0 "setuptools>=68" wheel \
         "$REPO" 2>&1 | grep -v '^WARNING: Location' || true
     ls "$CACHE/wheelhouse"/torch-2.13.0+cpu-*.whl >/dev/null  # never a CUDA torch
     rm -f "$CACHE/wheelhouse"/fedfraud-*
-    touch "$CACHE/wheelhouse/.complete"
+    echo "$deps" >"$CACHE/wheelhouse/.complete"
 fi
 
 mkdir -p "$PROJECT"
