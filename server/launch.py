@@ -88,9 +88,10 @@ def _signal_groups(groups: set[int], sig: signal.Signals) -> None:
             pass
 
 
-def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
-    """SIGTERM the process's group and its descendants' groups; SIGKILL what lingers."""
-    tree = [process.pid, *descendants(process.pid)]
+def stop(*processes: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """SIGTERM the processes' groups and their descendants' groups, all at once;
+    SIGKILL whatever still lives after the grace period."""
+    tree = [pid for process in processes for pid in (process.pid, *descendants(process.pid))]
     groups: set[int] = set()
     for pid in tree:
         try:
@@ -103,7 +104,8 @@ def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
     while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
         time.sleep(0.1)
     _signal_groups(groups, signal.SIGKILL)
-    process.wait()
+    for process in processes:
+        process.wait()
 
 
 def _alive(pid: int) -> bool:
@@ -141,8 +143,7 @@ def services(flwr_home: Path) -> Iterator[Services]:
     try:
         yield started
     finally:
-        for process in reversed(started.processes):
-            stop(process)
+        stop(*started.processes)
 
 
 def start_simulation_superlink(started: Services) -> str:

@@ -108,8 +108,7 @@ def test_warm_worker_replies_exactly_what_the_bank_computes_in_process(
         warm = app(train_message(), warm_context)
         local = app(train_message(), bank_context(prepared))
     finally:
-        for process in started.processes:
-            stop(process)
+        stop(*started.processes)
 
     assert list(warm.content.keys()) == list(local.content.keys())
     for name, array in local.content[keys.ARRAYS].items():
@@ -134,5 +133,4 @@ def test_worker_errors_reach_the_clientapp_naming_bank_and_file(prepared, tmp_pa
         with pytest.raises(WorkerError, match="bank 4: .*missing.csv: file not found"):
             app(train_message(), context)
     finally:
-        for process in started.processes:
-            stop(process)
+        stop(*started.processes)
