@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,22 +70,36 @@ def serve(bank_id: int, shard: Path, socket: Path, state_dir: Path | None = None
     from client.bank import Bank  # after listening: requests queue while torch loads
 
     bank: Bank | None = None
+
+    def answer(method: str, arrays: Arrays, run_config: dict[str, Any], *rest: Any) -> Any:
+        nonlocal bank
+        config = Config.from_run_config(run_config)
+        if bank is None or not bank.serves(config):  # first run, or new settings
+            bank = Bank(bank_id, shard, config, state_dir=state_dir)
+            bank.keep_scaler()
+        if method == "train":
+            return bank.train(arrays, config, *rest)
+        if method == "evaluate":
+            return bank.evaluate(arrays, config)
+        raise ValueError(f"unknown request {method!r}")
+
     print(f"bank {bank_id}: worker ready on {socket}", flush=True)
     with listener:
         while True:
-            with listener.accept() as conn:
-                method, arrays, run_config, *rest = conn.recv()
+            try:
+                conn = listener.accept()
+            except (AuthenticationError, EOFError, OSError):
+                continue  # a caller without the bank's key, or one that hung up
+            with conn:
                 try:
-                    config = Config.from_run_config(run_config)
-                    if bank is None or not bank.serves(config):  # first run, or new settings
-                        bank = Bank(bank_id, shard, config, state_dir=state_dir)
-                        bank.keep_scaler()
-                    if method == "train":
-                        result = bank.train(arrays, config, *rest)
-                    elif method == "evaluate":
-                        result = bank.evaluate(arrays, config)
-                    else:
-                        raise ValueError(f"unknown request {method!r}")
-                    conn.send((True, result))
+                    request = conn.recv()
+                except (EOFError, OSError):
+                    continue
+                try:
+                    reply = (True, answer(*request))
                 except Exception as err:  # noqa: BLE001 - reported to the ClientApp
-                    conn.send((False, f"{type(err).__name__}: {err}"))
+                    reply = (False, f"{type(err).__name__}: {err}")
+                try:
+                    conn.send(reply)
+                except OSError:
+                    pass  # the ClientApp went away; Flower reports its failure

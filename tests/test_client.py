@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +107,9 @@ def test_warm_worker_replies_exactly_what_the_bank_computes_in_process(
         warm_context = Context(run_id=1, node_id=5, node_config={"worker": str(socket)},
                                state=RecordDict(), run_config=prepared.as_run_config())
 
-        warm = app(train_message(), warm_context)
+        with pytest.raises(AuthenticationError):  # without the bank's key: refused
+            Client(str(socket), family="AF_UNIX", authkey=b"not the bank's key")
+        warm = app(train_message(), warm_context)  # and the worker still serves
         local = app(train_message(), bank_context(prepared))
     finally:
         stop(*started.processes)
