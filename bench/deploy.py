@@ -24,7 +24,8 @@ APP_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(APP_DIR))
 
-from tests.test_simulation import processes_with_env  # noqa: E402
+from server.launch import processes_with_env  # noqa: E402
+
 
 
 def rss_mb(pid: int) -> float:

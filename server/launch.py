@@ -80,6 +80,19 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def processes_with_env(marker: str) -> list[int]:
+    """PIDs of live processes whose environment contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def _signal_groups(groups: set[int], sig: signal.Signals) -> None:
     for pgid in groups:
         try:

@@ -17,6 +17,7 @@ from common.config import Config
 from common.metrics import PooledCurve, summarize
 from server.evaluation import TestSetEvaluation
 
+
 def new_run_dir(runs_dir: Path, run_id: int) -> Path:
     run_dir = runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
     run_dir.mkdir(parents=True)

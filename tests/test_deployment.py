@@ -22,11 +22,10 @@ import pytest
 
 from server.certs import CA_CERT, make_certificates
 from server.launch import (
-    Services, Tls, flwr_json, free_port, register_bank, services, start_bank,
-    start_deployment_superlink, write_connection,
+    Services, Tls, flwr_json, free_port, processes_with_env, register_bank, services,
+    start_bank, start_deployment_superlink, write_connection,
 )
 from tests.conftest import APP_DIR
-from tests.test_simulation import processes_with_env
 
 BIN = Path(sys.executable).parent
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

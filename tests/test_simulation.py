@@ -9,22 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from server.launch import processes_with_env
 from tests.conftest import APP_DIR
 
 BIN = Path(sys.executable).parent
-
-
-def processes_with_env(marker: str) -> list[int]:
-    """PIDs of live processes whose environment contains ``marker``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
