@@ -15,9 +15,7 @@ import torch
 
 from common import keys
 from common.config import Config
-from common.data import (
-    fit_scaler, load_transactions, save_scaler, scaler_file, split_bank, standardize,
-)
+from common.data import fit_scaler, read_bank, save_scaler, scaler_file, standardize
 from common.metrics import bce_loss, confusion, score_histograms
 from common.model import FraudNet, ModelSpec
 from common.task import score, train
@@ -29,9 +27,8 @@ Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's tr
 class Bank:
     def __init__(self, bank_id: int, shard: Path, config: Config,
                  scaler: Scaler | None = None, state_dir: Path | None = None) -> None:
-        x, y, self.features = load_transactions(shard, config.label_column, f"bank {bank_id}")
+        split, self.features = read_bank(bank_id, shard, config)
         self.state_dir = state_dir or shard.parent  # the bank's own, writable folder
-        split = split_bank(x, y, config.val_fraction, config.seed + bank_id)
         self.id = bank_id
         self.settings = (config.label_column, config.val_fraction, config.seed)
         self.scaler: Scaler = scaler or fit_scaler(split.x_train)

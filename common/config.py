@@ -33,8 +33,10 @@ class Config:
     val_fraction: float
     test_fraction: float
     label_column: str
+    data_source: str
     data_dir: str
     runs_dir: str
+    baselines: bool
     report_model: str
     report_timeout_s: float
     report_max_retries: int

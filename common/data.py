@@ -1,9 +1,10 @@
 """Transaction data: the synthetic generator, bank partitioning, shard files, loading.
 
-Data flow: ``prepare`` generates the tutorial's data set once, holds out the server's
-test set, splits the rest into one shard per bank (Dirichlet non-IID, every row used
-exactly once, no bank ever gets another bank's rows) and writes one CSV per bank plus
-a manifest. A bank only ever reads its own CSV with ``load_transactions``.
+Data flow: ``prepare`` generates the tutorial's data set (or reads a labelled CSV such
+as the ULB credit-card data) once, holds out the server's test set, splits the rest
+into one shard per bank (Dirichlet non-IID, every row used exactly once, no bank ever
+gets another bank's rows) and writes one CSV per bank, the shared column schema and a
+manifest. A bank only ever reads its own CSV with ``load_transactions``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.config import Config
+from common.schema import NUMERIC, SCHEMA_FILE, BankDataError, Column, Schema
 
 # One folder per party, so that each can be given (mounted) only its own files.
 MANIFEST = "manifest.json"
@@ -32,13 +34,12 @@ SYNTHETIC = dict(
     class_sep=1.5,
     flip_y=0.01,
 )
-# A bank needs enough rows for a train and a validation split; redraw below this.
+SYNTHETIC_SOURCE = "synthetic"
+# A bank needs enough rows, and a fraud for each of its train and validation splits;
+# a partition that leaves a bank short is redrawn.
 MIN_BANK_ROWS = 20
+MIN_BANK_FRAUDS = 2
 MAX_PARTITION_DRAWS = 1000
-
-
-class BankDataError(ValueError):
-    """A bank's data file cannot be used; the message names the bank and the file."""
 
 
 @dataclass(frozen=True)
@@ -81,24 +82,30 @@ def hold_out(
 
 
 def dirichlet_partition(
-    y: np.ndarray, num_banks: int, alpha: float, seed: int, min_rows: int = MIN_BANK_ROWS
+    y: np.ndarray, num_banks: int, alpha: float, seed: int, min_rows: int = MIN_BANK_ROWS,
+    min_frauds: int = MIN_BANK_FRAUDS,
 ) -> list[np.ndarray]:
     """Row indices per bank: each class is spread over banks by a Dirichlet(alpha) draw.
 
-    Every row lands in exactly one bank. A draw that leaves a bank with fewer than
-    ``min_rows`` rows is redrawn; a bank may end up with no fraud at all, which is
-    real life and must be handled by training, not by borrowing other banks' rows.
+    Every row lands in exactly one bank. Each bank first gets ``min_frauds`` frauds (a
+    file with one class only is refused by the loader); the rest of every class follows
+    the Dirichlet shares. A draw that leaves a bank with fewer than ``min_rows`` rows
+    is redrawn, never patched with other banks' rows.
     """
     if num_banks < 1 or alpha <= 0:
         raise ValueError("num_banks must be >= 1 and alpha > 0")
-    if len(y) < num_banks * min_rows:
-        raise ValueError(f"{len(y)} rows cannot give {num_banks} banks {min_rows} rows each")
+    if len(y) < num_banks * min_rows or y.sum() < num_banks * min_frauds:
+        raise ValueError(f"{len(y)} rows ({y.sum()} frauds) cannot give {num_banks} banks "
+                         f"{min_rows} rows and {min_frauds} frauds each")
     rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(y == label) for label in np.unique(y)]
     for _ in range(MAX_PARTITION_DRAWS):
         banks: list[list[np.ndarray]] = [[] for _ in range(num_banks)]
-        for rows in by_class:
-            rows = rng.permutation(rows)
+        for label in np.unique(y):
+            rows = rng.permutation(np.flatnonzero(y == label))
+            if label == 1:  # the floor: min_frauds each, dealt round-robin
+                floor, rows = np.split(rows, [num_banks * min_frauds])
+                for bank in range(num_banks):
+                    banks[bank].append(floor[bank::num_banks])
             shares = rng.dirichlet(np.full(num_banks, alpha))
             cuts = np.round(np.cumsum(shares)[:-1] * len(rows)).astype(int)
             for bank, part in enumerate(np.split(rows, cuts)):
@@ -116,43 +123,66 @@ def feature_names(n_features: int) -> list[str]:
     return [f"f{i:02d}" for i in range(n_features)]
 
 
-def write_csv(path: Path, x: np.ndarray, y: np.ndarray, label_column: str) -> None:
-    import pandas as pd
-
-    frame = pd.DataFrame(x, columns=feature_names(x.shape[1]))
-    frame[label_column] = y
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False, float_format="%.9g")  # float32 round-trips exactly
-
-
 def data_settings(config: Config) -> dict[str, Any]:
     """The settings that decide the prepared data (recorded in its manifest)."""
-    return {"seed": config.seed, "num_banks": config.num_banks, "alpha": config.alpha,
+    return {"source": config.data_source, "seed": config.seed,
+            "num_banks": config.num_banks, "alpha": config.alpha,
             "test_fraction": config.test_fraction, "label_column": config.label_column}
 
 
-def prepare_synthetic(
-    out_dir: Path, seed: int, num_banks: int, alpha: float, test_fraction: float,
-    label_column: str,
-) -> dict[str, Any]:
-    """Write one shard per bank, the server's test set and a manifest; return it."""
+def synthetic_table(seed: int, label_column: str) -> Any:
+    import pandas as pd
+
     x, y = make_synthetic(seed)
-    x_banks, y_banks, x_test, y_test = hold_out(x, y, test_fraction, seed)
-    parts = dirichlet_partition(y_banks, num_banks, alpha, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(x, columns=feature_names(x.shape[1]))
+    frame[label_column] = y
+    return frame
+
+
+def read_pooled_csv(path: Path, label_column: str) -> Any:
+    """A whole data set to be split into banks (only ``prepare`` ever holds one)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+        raise BankDataError(f"data source: {path}: not a readable CSV ({err})") from None
+    labels = frame.get(label_column)
+    if labels is None or not labels.isin([0, 1]).all() or labels.nunique() < 2:
+        raise BankDataError(f"data source: {path}: needs a 0/1 label column "
+                            f"{label_column!r} with both classes")
+    return frame
+
+
+def prepare(
+    out_dir: Path, source: str, seed: int, num_banks: int, alpha: float,
+    test_fraction: float, label_column: str,
+) -> dict[str, Any]:
+    """Split ``source`` ("synthetic" or a labelled CSV) into one shard per bank and the
+    server's test set; write them, the shared schema in every party's folder and a
+    manifest; return the manifest. Every row lands in exactly one place."""
+    if source == SYNTHETIC_SOURCE:
+        frame = synthetic_table(seed, label_column)
+        origin: dict[str, Any] = {"generator": {**SYNTHETIC, "random_state": seed}}
+    else:
+        frame = read_pooled_csv(Path(source), label_column)
+        origin = {"file": str(source), "rows": len(frame)}
+    y = frame[label_column].to_numpy(np.int64)
+    schema = Schema.infer(frame, label_column)
+    keep, y_keep, test_rows, y_test = hold_out(np.arange(len(y)), y, test_fraction, seed)
+    parts = [keep[rows] for rows in dirichlet_partition(y_keep, num_banks, alpha, seed)]
     banks = []
     for bank, rows in enumerate(parts):
-        write_csv(out_dir / bank_file(bank), x_banks[rows], y_banks[rows], label_column)
-        banks.append(
-            {"bank": bank, "file": bank_file(bank), "rows": len(rows),
-             "frauds": int(y_banks[rows].sum())}
-        )
-    write_csv(out_dir / TEST_FILE, x_test, y_test, label_column)
+        write_table(out_dir / bank_file(bank), frame.iloc[np.sort(rows)], schema)
+        banks.append({"bank": bank, "file": bank_file(bank), "rows": len(rows),
+                      "frauds": int(y[rows].sum())})
+    write_table(out_dir / TEST_FILE, frame.iloc[np.sort(test_rows)], schema)
     manifest = {
-        "source": "synthetic",
-        "generator": {**SYNTHETIC, "random_state": seed},
-        "settings": {"seed": seed, "num_banks": num_banks, "alpha": alpha,
+        "source": source,
+        **origin,
+        "settings": {"source": source, "seed": seed, "num_banks": num_banks, "alpha": alpha,
                      "test_fraction": test_fraction, "label_column": label_column},
+        "features": schema.features,
         "banks": banks,
         "test": {"file": TEST_FILE, "rows": len(y_test), "frauds": int(y_test.sum())},
     }
@@ -160,12 +190,22 @@ def prepare_synthetic(
     return manifest
 
 
+def write_table(path: Path, rows: Any, schema: Schema) -> None:
+    """One party's CSV, with the federation's schema beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(path, index=False, float_format="%.9g")  # float32 round-trips exactly
+    schema.save(path.parent / SCHEMA_FILE)
+
+
 def load_transactions(
-    path: Path, label_column: str, owner: str
+    path: Path, label_column: str, owner: str, schema: Schema | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read labelled transactions: (features float32, labels 0/1, feature names).
 
-    Every problem is a ``BankDataError`` naming the owner (e.g. "bank 3") and file.
+    Columns are encoded with ``schema``, by default the ``schema.json`` beside the file
+    (without one, every feature column must be numeric). Missing feature values stay
+    NaN (the bank's scaler fills them). Every problem is a ``BankDataError`` naming the
+    owner (e.g. "bank 3") and the file.
     """
     import pandas as pd
 
@@ -187,13 +227,26 @@ def load_transactions(
         raise fail(f"label column {label_column!r} must be 0/1 with no gaps")
     if not labels.isin([0, 1]).all():
         raise fail(f"label column {label_column!r} holds values other than 0 and 1")
-    bad = [name for name in frame.columns if not pd.api.types.is_numeric_dtype(frame[name])]
-    if bad:
-        raise fail(f"non-numeric feature columns {bad}")
-    if frame.isna().any().any():
-        missing = [name for name in frame.columns if frame[name].isna().any()]
-        raise fail(f"missing values in columns {missing}")
-    return frame.to_numpy(np.float32), labels.to_numpy(np.int64), list(frame.columns)
+    if labels.nunique() < 2:
+        raise fail(f"label column {label_column!r} holds only {int(labels.iloc[0])}s: a "
+                   "bank needs fraud and legitimate rows to train and validate")
+    if schema is None:
+        schema = read_schema(path, label_column, frame, fail)
+    return schema.encode(frame, fail), labels.to_numpy(np.int64), schema.features
+
+
+def read_schema(path: Path, label_column: str, frame: Any, fail: Any) -> Schema:
+    """The federation's schema beside ``path``; without one, all-numeric columns."""
+    import pandas as pd
+
+    shared = path.parent / SCHEMA_FILE
+    if shared.exists():
+        return Schema.load(shared)
+    text = [name for name in frame.columns if not pd.api.types.is_numeric_dtype(frame[name])]
+    if text:
+        raise fail(f"non-numeric feature columns {text} and no {SCHEMA_FILE} beside the "
+                   "file to encode them with (every bank must use the same one)")
+    return Schema(label_column, tuple(Column(str(name), NUMERIC) for name in frame.columns))
 
 
 def split_bank(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> BankSplit:
@@ -202,16 +255,27 @@ def split_bank(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> 
     return BankSplit(x_train, y_train, x_val, y_val)
 
 
+def read_bank(bank_id: int, shard: Path, config: Config) -> tuple[BankSplit, list[str]]:
+    """A bank's own file, read and split the one way every part of fedfraud does it
+    (unscaled; the bank fits its scaler on the train split)."""
+    x, y, features = load_transactions(shard, config.label_column, f"bank {bank_id}")
+    return split_bank(x, y, config.val_fraction, config.seed + bank_id), features
+
+
 def fit_scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean, scale) of a StandardScaler fitted on ``x``: all a party needs to keep."""
     from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(x)
-    return scaler.mean_, scaler.scale_
+    scaler = StandardScaler().fit(x)  # ignores NaN (missing values)
+    # A column with no value at this bank: centre 0, scale 1 (it is filled with 0).
+    mean = np.nan_to_num(scaler.mean_, nan=0.0)
+    scale = np.nan_to_num(scaler.scale_, nan=1.0)
+    return mean, scale
 
 
 def standardize(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return ((x - mean) / scale).astype(np.float32)
+    """Standardized features; a missing value becomes 0, the bank's own mean."""
+    return np.nan_to_num((x - mean) / scale, nan=0.0).astype(np.float32)
 
 
 def scaler_file(state_dir: Path) -> Path:
@@ -240,5 +304,5 @@ def describe_data(data_dir: Path) -> str:
     except (OSError, ValueError):
         return "the banks' own data"
     settings = manifest["settings"]
-    return (f"{manifest['source']} data (seed {settings['seed']}), {settings['num_banks']} "
-            f"banks, Dirichlet alpha {settings['alpha']}")
+    return (f"{Path(manifest['source']).name} data (seed {settings['seed']}), "
+            f"{settings['num_banks']} banks, Dirichlet alpha {settings['alpha']}")

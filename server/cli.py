@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.config import Config, read_app_config
-from common.data import MANIFEST, bank_file, data_settings, prepare_synthetic
+from common.data import MANIFEST, SYNTHETIC_SOURCE, bank_file, data_settings, prepare
 
 if TYPE_CHECKING:
     from server.launch import Tls
@@ -42,8 +42,11 @@ def settings(app_dir: Path, overrides: list[str]) -> Config:
         values.update(tomllib.loads(item))
     config = Config.from_run_config(values)
     # Runs may start from any working directory: make paths absolute once, here.
+    source = config.data_source
     return Config.from_run_config({
         **config.as_run_config(),
+        "data-source": source if source == SYNTHETIC_SOURCE else str(
+            (app_dir / source).resolve()),
         "data-dir": str((app_dir / config.data_dir).resolve()),
         "runs-dir": str((app_dir / config.runs_dir).resolve()),
     })
@@ -58,7 +61,7 @@ def ensure_prepared(config: Config) -> Path:
         if manifest["settings"] == data_settings(config):
             return data_dir
     print(f"fedfraud: preparing {config.num_banks} banks in {data_dir}", flush=True)
-    prepare_synthetic(data_dir, **data_settings(config))
+    prepare(data_dir, **data_settings(config))
     return data_dir
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.config import Config, read_app_config
-from common.data import prepare_synthetic, data_settings
+from common.data import data_settings, prepare
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -23,5 +23,5 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """The default data set, written once per test session."""
     data_dir = tmp_path_factory.mktemp("data")
     config = app_config(data_dir=str(data_dir))
-    prepare_synthetic(data_dir, **data_settings(config))
+    prepare(data_dir, **data_settings(config))
     return config

@@ -6,10 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pandas as pd
+
 from common.data import (
-    MANIFEST, TEST_FILE, BankDataError, bank_file, dirichlet_partition, hold_out,
-    load_transactions, split_bank,
+    MANIFEST, TEST_FILE, BankDataError, bank_file, dirichlet_partition, fit_scaler,
+    hold_out, load_transactions, prepare, split_bank, standardize,
 )
+from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema
 from common.model import FraudNet, ModelSpec
 from common.task import train
 from tests.conftest import app_config
@@ -27,18 +30,19 @@ def test_partition_uses_every_row_once_and_never_crashes(seed: int) -> None:
     assert min(len(part) for part in parts) >= 20
 
 
-def test_partition_is_non_iid_and_can_leave_a_bank_without_fraud() -> None:
-    rates = [
-        [LABELS[part].mean() for part in dirichlet_partition(LABELS, 10, 0.35, seed)]
-        for seed in range(1, 51)
-    ]
-    assert any(0.0 in per_bank for per_bank in rates)  # some bank has no fraud
+def test_partition_is_non_iid_but_gives_every_bank_two_frauds() -> None:
+    parts = [dirichlet_partition(LABELS, 10, 0.35, seed) for seed in range(1, 51)]
+    rates = [[LABELS[part].mean() for part in per_seed] for per_seed in parts]
+
+    assert min(LABELS[part].sum() for per_seed in parts for part in per_seed) == 2
     assert np.mean([max(r) - min(r) for r in rates]) > 0.05  # far from IID
 
 
 def test_partition_refuses_impossible_settings() -> None:
     with pytest.raises(ValueError, match="cannot give"):
         dirichlet_partition(np.zeros(50, int), num_banks=10, alpha=0.35, seed=1)
+    with pytest.raises(ValueError, match="19 frauds"):
+        dirichlet_partition(np.array([1] * 19 + [0] * 500), num_banks=10, alpha=1, seed=1)
 
 
 @pytest.mark.parametrize("frauds", [0, 1, 2])
@@ -91,15 +95,20 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+SCHEMA = Schema("Class", (Column("amount", NUMERIC),
+                          Column("channel", CATEGORICAL, ("pos", "web"))))
+
+
 @pytest.mark.parametrize(
     ("content", "why"),
     [
         ("a,b\n1,2\n", "no label column 'Class'"),
         ("a,Class\n", "no rows"),
         ("a,Class\n1,yes\n", "must be 0/1"),
+        ("a,Class\n1,\n2,0\n", "must be 0/1 with no gaps"),
         ("a,Class\n1,2\n", "other than 0 and 1"),
-        ("a,Class\nx,1\n", "non-numeric feature columns ['a']"),
-        ("a,Class\n,1\n2,0\n", "missing values in columns ['a']"),
+        ("a,Class\n1,0\n2,0\n", "holds only 0s"),
+        ("a,Class\nx,1\ny,0\n", "non-numeric feature columns ['a'] and no schema.json"),
         ("", "not a readable CSV"),
     ],
 )
@@ -110,6 +119,23 @@ def test_loader_errors_name_the_bank_and_the_file(
     with pytest.raises(BankDataError) as err:
         load_transactions(path, "Class", "bank 3")
     assert str(err.value).startswith(f"bank 3: {path}: ")
+    assert why in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("amount,Class\n1,0\n2,1\n", "missing ['channel'], unexpected []"),
+        ("amount,channel,extra,Class\n1,pos,3,0\n2,web,4,1\n", "unexpected ['extra']"),
+        ("amount,channel,Class\n1,pos,0\nabc,web,1\n", "'amount' must be numeric (row 2: 'abc')"),
+    ],
+)
+def test_loader_refuses_files_that_break_the_shared_schema(
+    tmp_path: Path, content: str, why: str
+) -> None:
+    path = write(tmp_path / "transactions.csv", content)
+    with pytest.raises(BankDataError, match=f"bank 4: {path}: .*") as err:
+        load_transactions(path, "Class", "bank 4", SCHEMA)
     assert why in str(err.value)
 
 
@@ -124,6 +150,48 @@ def test_loader_reads_features_and_labels(tmp_path: Path) -> None:
     assert names == ["f1", "f2"]
     assert x.tolist() == [[1.5, 2.0], [3.0, 4.0]] and x.dtype == np.float32
     assert y.tolist() == [0, 1]
+
+
+def test_categories_use_the_shared_schema_and_gaps_become_the_banks_mean(
+    tmp_path: Path,
+) -> None:
+    # This bank has never seen "pos" and has a gap in each column; the shared schema
+    # still gives it the same features, in the same order, as every other bank.
+    SCHEMA.save(tmp_path / SCHEMA_FILE)
+    path = write(tmp_path / "b.csv", "amount,channel,Class\n10,web,0\n,web,1\n30,,0\n"
+                 "20,atm,0\n")
+    x, y, names = load_transactions(path, "Class", "bank 2")
+
+    assert names == ["amount", "channel=pos", "channel=web"]
+    assert np.isnan(x[1, 0]) and x[[0, 2, 3], 0].tolist() == [10, 30, 20]
+    assert x[:, 1:].tolist() == [[0, 1], [0, 1], [0, 0], [0, 0]]  # gap, unknown: none
+    scaled = standardize(x, *fit_scaler(x))
+    assert np.isfinite(scaled).all() and scaled[1, 0] == 0.0  # the gap: the mean
+
+
+def test_prepare_splits_any_labelled_csv_with_one_schema(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    n = 2_000
+    source = tmp_path / "pooled.csv"
+    pd.DataFrame({
+        "amount": np.where(rng.random(n) < 0.05, np.nan, rng.exponential(50, n)),
+        "channel": rng.choice(["pos", "web", "atm"], n),
+        "fraud": (rng.random(n) < 0.05).astype(int),
+    }).to_csv(source, index=False)
+
+    manifest = prepare(tmp_path / "data", str(source), seed=1, num_banks=5, alpha=0.5,
+                       test_fraction=0.2, label_column="fraud")
+
+    assert manifest["features"] == ["amount", "channel=atm", "channel=pos", "channel=web"]
+    assert sum(b["rows"] for b in manifest["banks"]) + manifest["test"]["rows"] == n
+    assert min(b["frauds"] for b in manifest["banks"]) >= 2
+    schemas = {(tmp_path / "data" / bank_file(b)).parent.joinpath(SCHEMA_FILE).read_text()
+               for b in range(5)}
+    assert len(schemas) == 1  # every bank got the same schema
+    for bank in range(5):
+        x, y, names = load_transactions(tmp_path / "data" / bank_file(bank), "fraud",
+                                        f"bank {bank}")
+        assert names == manifest["features"] and len(y) == manifest["banks"][bank]["rows"]
 
 
 def test_config_has_a_reason_for_every_default() -> None:
