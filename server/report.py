@@ -25,7 +25,7 @@ INSTRUCTIONS = (
     "false-positive rate and precision/recall at the chosen threshold, not by accuracy."
 )
 REQUEST_FILE = "report_request.json"
-REPORT_FILE = "report.md"
+REPORT_FILE, HTML_FILE = "report.md", "report.html"
 
 
 def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str, Any]:
@@ -49,6 +49,20 @@ def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str,
             for row in metrics["history"]
         ],
     }
+    baselines = metrics.get("baselines")
+    if baselines:
+        central = baselines["centralized"]
+        facts["centralized_reference_test_metrics"] = {
+            key: central[key] for key in keep if key in central}
+        facts["local_only_vs_federated_per_bank"] = [
+            {"bank": entry["bank"], **{
+                f"{model}_{where}_{key}": round(metrics_[key], 4)
+                for where, models in (("own_validation", entry["own_validation"]),
+                                      ("test", entry["test"]))
+                for model, metrics_ in models.items() if metrics_
+                for key in ("auc", "ap") if metrics_[key] is not None}}
+            for entry in baselines["local_only"]
+        ]
     if share_bank_details:
         facts["per_bank"] = [
             {"bank": bank["id"], "n_train": bank["n_train"],
@@ -114,6 +128,7 @@ def offline_report(metrics: dict[str, Any], reason: str) -> str:
         f"precision {final['precision']:.3f}, recall {final['recall']:.3f}, "
         f"F1 {final['f1']:.3f} (TP {final['tp']}, FP {final['fp']}, FN {final['fn']}, "
         f"TN {final['tn']}).",
+        *[f"- {line}" for line in federation_gains(metrics)],
         "- Accuracy is not reported: with this little fraud, flagging nothing would "
         "already look accurate.",
         "",
@@ -128,9 +143,74 @@ def offline_report(metrics: dict[str, Any], reason: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: Path, metrics: dict[str, Any], config: Config) -> Path:
-    """Write report.md (and the exact request) into ``run_dir``; never raises on
-    an unreachable or failing API."""
+def federation_gains(metrics: dict[str, Any]) -> list[str]:
+    """What the baselines say about joining, in plain sentences."""
+    baselines = metrics.get("baselines")
+    if not baselines:
+        return ["No centralized or local-only reference was trained in this run (they "
+                "need every bank's rows on one machine: simulation only)."]
+    final, central = metrics["final"], baselines["centralized"]
+    pairs = [(entry["own_validation"]["local_only"], entry["own_validation"]["federated"])
+             for entry in baselines["local_only"]
+             if (entry["own_validation"]["federated"] or {}).get("ap") is not None]
+    better = sum(1 for local, fed in pairs if fed["ap"] >= local["ap"])
+    local_test_auc = [entry["test"]["local_only"]["auc"] for entry in baselines["local_only"]]
+    return [
+        f"Against the centralized reference (all banks' rows pooled, same model and "
+        f"budget): AUC {final['auc']:.3f} vs {central['auc']:.3f} "
+        f"({final['auc'] - central['auc']:+.3f}), AP {final['ap']:.3f} vs "
+        f"{central['ap']:.3f} ({final['ap'] - central['ap']:+.3f}).",
+        f"On its own validation data the federated model matches or beats the bank's "
+        f"local-only model in AP at {better} of {len(pairs)} banks with fraud in their "
+        f"validation rows; on the test set the "
+        f"local-only models reach AUC {min(local_test_auc):.3f} to {max(local_test_auc):.3f} "
+        f"against the federated {final['auc']:.3f}.",
+    ]
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _row(name: str, values: dict[str, Any] | None) -> str:
+    if not values:
+        return f"| {name} |" + " |" * 11
+    ratios = ("auc", "ap", "recall_at_1pct_fpr", "threshold", "precision", "recall", "f1")
+    return (f"| {name} | " + " | ".join(_number(values[key]) for key in ratios) +
+            f" | {values['tp']} | {values['fp']} | {values['fn']} | {values['tn']} |")
+
+
+def results_tables(metrics: dict[str, Any]) -> str:
+    """The run's numbers as Markdown tables (from metrics.json only)."""
+    final, baselines = metrics["final"], metrics.get("baselines")
+    lines = [
+        "| model, data | AUC | AP | recall @ 1 % FPR | threshold | precision | recall "
+        "| F1 | TP | FP | FN | TN |",  # n/a: no fraud in those rows
+        "|---|" + "---|" * 11,
+        _row("federated, test set", final),
+        _row("federated, banks' pooled validation", final.get("validation")),
+    ]
+    if baselines:
+        lines.append(_row("centralized reference, test set", baselines["centralized"]))
+        lines += ["", "Per bank, local-only vs federated (AUC / AP):", "",
+                  "| bank | rows | frauds | own validation: local-only | own validation: "
+                  "federated | test set: local-only | test set: federated |",
+                  "|---|---|---|---|---|---|---|"]
+        sizes = {bank["id"]: bank for bank in metrics["banks"]}
+        for entry in baselines["local_only"]:
+            size = sizes.get(entry["bank"], {})
+            cells = [f"{_number(m['auc'])} / {_number(m['ap'])}" if m else "-" for m in (
+                entry["own_validation"]["local_only"], entry["own_validation"]["federated"],
+                entry["test"]["local_only"], entry["test"]["federated"])]
+            lines.append(f"| {entry['bank']} | {size.get('n_train', 0) + size.get('n_val', 0)}"
+                         f" | {size.get('n_fraud', '-')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, metrics: dict[str, Any], config: Config,
+                 figures: dict[str, str]) -> Path:
+    """Write report.md and report.html (numbers, figures, the analyst's text) and the
+    exact request into ``run_dir``; never raises on an unreachable or failing API."""
     request = build_request(metrics, config)
     (run_dir / REQUEST_FILE).write_text(json.dumps(request, indent=2) + "\n")
     if not os.environ.get("OPENAI_API_KEY"):
@@ -142,6 +222,41 @@ def write_report(run_dir: Path, metrics: dict[str, Any], config: Config) -> Path
         except Exception as err:  # noqa: BLE001 - a report must never sink the run
             log(WARNING, "fedfraud report: OpenAI request failed, writing offline: %r", err)
             body = offline_report(metrics, f"OpenAI request failed: {type(err).__name__}")
+    title = f"Fraud-risk report, run {metrics['run_id']}"
+    head = "\n".join([
+        f"# {title}", "",
+        f"{len(metrics['banks'])} banks, {len(metrics['history'])} rounds, "
+        f"{metrics['mode']}; test set: {metrics['test_set']['rows']} transactions, "
+        f"{metrics['test_set']['frauds']} frauds. All numbers: metrics.json.", "",
+        "## Results", "", results_tables(metrics),
+        *[f"![{caption}]({name})\n" for caption, name in figures.items()],
+        "## Analysis", "", "",
+    ])
     path = run_dir / REPORT_FILE
-    path.write_text(f"# Fraud-risk report, run {metrics['run_id']}\n\n{body}")
+    path.write_text(head + body)
+    write_html(run_dir / HTML_FILE, title, head, body)
     return path
+
+
+def write_html(path: Path, title: str, head: str, analysis: str) -> None:
+    """The report as one page (figures by relative path). The analyst's text may come
+    from a model: any HTML in it is shown as text, never run."""
+    import html
+
+    import markdown
+
+    body = markdown.markdown(head + analysis.replace("<", "&lt;"), extensions=["tables"])
+    path.write_text(
+        f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
+        f"<body>\n{body}\n</body></html>\n")
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+    "line-height:1.45;color:#222}table{border-collapse:collapse;margin:1em 0;"
+    "font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+    "th:first-child,td:first-child{text-align:left}img{max-width:100%;display:block;"
+    "margin:1em 0}blockquote{color:#555;border-left:3px solid #ccc;margin-left:0;"
+    "padding-left:1em}"
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -64,16 +65,17 @@ def history(result: Result, evaluation: TestSetEvaluation,
             "banks_trained": list(train[keys.BANK_IDS]) if train else [],
             "banks_evaluated": list(validation[keys.BANK_IDS]) if validation else [],
         }
-        if curve is not None:
-            row["validation"] = {"auc": curve.auc(), "ap": curve.average_precision(),
-                                 **curve.confusion_at(best).as_dict()}
+        if curve is not None:  # the banks' pooled validation data
+            row["validation"] = curve.summary(threshold)
         rows.append(row)
     return rows
 
 
-def bank_table(result: Result) -> list[dict[str, int]]:
-    """Each bank's sizes as it last reported them (counts only)."""
-    banks: dict[int, dict[str, int]] = {}
+def bank_table(result: Result, final_bank_metrics: dict[int, MetricRecord],
+               threshold: float) -> list[dict[str, Any]]:
+    """Each bank's sizes as it last reported them, and the final model's metrics on
+    its own validation data at the run's threshold (from its counts and histograms)."""
+    banks: dict[int, dict[str, Any]] = {}
     for server_round in sorted(result.train_metrics_clientapp):
         record = result.train_metrics_clientapp[server_round]
         for i, bank in enumerate(record[keys.BANK_IDS]):
@@ -83,34 +85,75 @@ def bank_table(result: Result) -> list[dict[str, int]]:
                 "n_val": int(record[keys.N_VAL][i]),
                 "n_fraud": int(record[keys.N_FRAUD][i]),
             }
+    for bank, record in final_bank_metrics.items():
+        curve = PooledCurve.from_histograms(record[keys.HIST_LEGIT], record[keys.HIST_FRAUD])
+        banks.setdefault(bank, {"id": bank})["federated_own_validation"] = (
+            curve.summary(threshold))
     return [banks[bank] for bank in sorted(banks)]
+
+
+HEADLINE = ("auc", "ap", "recall_at_1pct_fpr", "threshold", "precision", "recall", "f1",
+            "tp", "fp", "fn", "tn")
+
+
+def compare_banks(local_only: list[dict[str, Any]], banks: list[dict[str, Any]],
+                  final: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per bank: its local-only model vs the federated model, on its own validation
+    data and on the test set."""
+    federated = {bank["id"]: bank.get("federated_own_validation") for bank in banks}
+    return [{
+        "bank": entry["bank"],
+        "own_validation": {"local_only": entry["own_validation"],
+                           "federated": federated.get(entry["bank"])},
+        "test": {"local_only": {key: entry["test"][key] for key in HEADLINE},
+                 "federated": {key: final[key] for key in HEADLINE if key in final}},
+    } for entry in local_only]
 
 
 def build_metrics(
     run_id: str, mode: str, config: Config, result: Result,
-    evaluation: TestSetEvaluation, total_s: float,
+    evaluation: TestSetEvaluation, final_bank_metrics: dict[int, MetricRecord],
+    baselines: dict[str, Any] | None, total_s: float,
 ) -> dict[str, Any]:
     import flwr
     import torch
 
     rows = history(result, evaluation, config.decision_threshold)
     final = {key: value for key, value in rows[-1].items() if key != "seconds"} if rows else {}
-    return {
+    banks = bank_table(result, final_bank_metrics,
+                       final.get("threshold", config.decision_threshold))
+    if baselines is not None:
+        baselines = {"centralized": baselines["centralized"],
+                     "local_only": compare_banks(baselines["local_only"], banks, final)}
+    return without_nan({
         "run_id": run_id,
         "mode": mode,
         "config": config.as_run_config(),
         "versions": {"flwr": flwr.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
-        "banks": bank_table(result),
+        "banks": banks,
         "test_set": {"rows": int(len(evaluation.y)), "frauds": int(evaluation.y.sum())},
         "history": rows,
         "final": final,
+        "baselines": baselines,
         "timing": {"total_s": total_s, "round_s": [row["seconds"] for row in rows]},
-    }
+    })
+
+
+def without_nan(value: Any) -> Any:
+    """NaN (e.g. AUC of a bank whose validation rows hold no fraud) becomes None, so
+    metrics.json is strict JSON and says "undefined" instead of a number."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nan(item) for item in value]
+    return value
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
     path = run_dir / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return path
 

@@ -1,0 +1,81 @@
+"""The references that say whether federation pays: centralized and local-only models.
+
+Both use the banks' own splits (``read_bank``), the same model, the same initial
+weights, the same train loop and the same training budget as the federation
+(``num-server-rounds x local-epochs`` epochs), and are scored like the federated model:
+on the server's test set, with the threshold chosen on validation data.
+
+- centralized: one model on all banks' pooled training rows. It needs every bank's
+  rows in one place, so only a simulation, where every shard is on one disk, computes it.
+- local-only: each bank alone on its own rows, threshold chosen on its own validation
+  data; compared with the federated model on that same validation data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import Config
+from common.data import BankSplit, bank_file, fit_scaler, read_bank, standardize
+from common.metrics import PooledCurve, score_histograms, summarize
+from common.model import FraudNet, ModelSpec
+from common.task import score, train
+
+Scaler = tuple[np.ndarray, np.ndarray]
+
+
+def fit_alone(split: BankSplit, scaler: Scaler, spec: ModelSpec,
+              initial: dict[str, torch.Tensor], config: Config, seed: int) -> FraudNet:
+    """One model trained on ``split`` alone, for the federation's whole budget."""
+    model = FraudNet(spec)
+    model.load_state_dict(initial)
+    train(model, standardize(split.x_train, *scaler), split.y_train,
+          epochs=config.num_server_rounds * config.local_epochs,
+          batch_size=config.batch_size, learning_rate=config.learning_rate,
+          pos_weight=config.pos_weight, seed=seed)
+    return model
+
+
+def validation_curve(model: FraudNet, x_val: np.ndarray, y_val: np.ndarray) -> PooledCurve:
+    """The same histogram curve the banks build for the federated model."""
+    return PooledCurve.from_histograms(*score_histograms(y_val, score(model, x_val)))
+
+
+def tested(logits: np.ndarray, y_test: np.ndarray, curve: PooledCurve) -> dict[str, Any]:
+    """Test-set metrics at the threshold ``curve`` (validation data) chooses."""
+    threshold = float(curve.thresholds[curve.best_f1_index()])
+    return {**summarize(y_test, logits, threshold), "validation": curve.summary(threshold)}
+
+
+def compute_baselines(
+    config: Config, spec: ModelSpec, initial: dict[str, torch.Tensor],
+    x_test: np.ndarray, y_test: np.ndarray,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """``{"centralized": ..., "local_only": [...]}`` and the centralized test logits."""
+    banks = range(config.num_banks)
+    splits = [read_bank(bank, Path(config.data_dir) / bank_file(bank), config)[0]
+              for bank in banks]
+    local_only = []
+    for bank, split in zip(banks, splits):
+        scaler = fit_scaler(split.x_train)
+        model = fit_alone(split, scaler, spec, initial, config, config.seed + bank)
+        curve = validation_curve(model, standardize(split.x_val, *scaler), split.y_val)
+        result = tested(score(model, x_test), y_test, curve)
+        local_only.append({"bank": bank, "own_validation": result.pop("validation"),
+                           "test": result})
+    pooled = BankSplit(*(np.concatenate([getattr(s, name) for s in splits])
+                         for name in ("x_train", "y_train", "x_val", "y_val")))
+    scaler = fit_scaler(pooled.x_train)
+    model = fit_alone(pooled, scaler, spec, initial, config, config.seed)
+    curve = validation_curve(model, standardize(pooled.x_val, *scaler), pooled.y_val)
+    logits = score(model, x_test)
+    centralized = {
+        "round": config.num_server_rounds,  # the same budget, as epochs over pooled data
+        **tested(logits, y_test, curve),
+        "banks_trained": list(banks), "banks_evaluated": list(banks),
+    }
+    return {"centralized": centralized, "local_only": local_only}, logits
