@@ -137,3 +137,40 @@ def test_summarize_reports_honest_metrics() -> None:
     result = summarize(y, logits, threshold=0.5)
     assert result["recall"] == 0.0 and result["tp"] == 0 and result["fn"] == 2
     assert result["auc"] == 0.5
+
+
+def test_pooled_metrics_of_two_banks_by_hand() -> None:
+    # Bank A: frauds at logits 2 and 0, legit at 0, -2, -2.
+    # Bank B: a fraud at 2, legit at 2, -2, -2, -2.
+    # Pooled: frauds {2, 2, 0} (P = 3), legit {2, 0, -2 x 5} (N = 7). By hand:
+    #   flag logit >= 2: TP 2, FP 1;  >= 0: TP 3, FP 2;  >= -2: TP 3, FP 7.
+    #   AUC = P(fraud above legit) + ties / 2 = (6.5 + 6.5 + 5.5) / 21 = 37/42
+    #   AP  = 2/3 * 2/3 + 1/3 * 3/5 = 29/45
+    #   best F1 at p = 0.5 (logit 0): P 3/5, R 1, F1 0.75
+    banks = {
+        0: (np.array([1, 1, 0, 0, 0]), np.array([2.0, 0.0, 0.0, -2.0, -2.0])),
+        1: (np.array([1, 0, 0, 0, 0]), np.array([2.0, 2.0, -2.0, -2.0, -2.0])),
+    }
+    replies = []
+    for bank, (y, logits) in banks.items():
+        legit, fraud = score_histograms(y, logits)
+        replies.append(reply(**{keys.BANK_ID: bank, keys.NUM_EXAMPLES: len(y),
+                                keys.HIST_LEGIT: legit, keys.HIST_FRAUD: fraud}))
+    pooled = aggregate_bank_metrics(replies, keys.VOTE)
+
+    curve = PooledCurve.from_histograms(pooled[keys.HIST_LEGIT], pooled[keys.HIST_FRAUD])
+    summary = curve.summary(curve.thresholds[curve.best_f1_index()])
+
+    assert (curve.positives, curve.negatives) == (3, 7)
+    assert curve.auc() == pytest.approx(37 / 42)
+    assert curve.average_precision() == pytest.approx(29 / 45)
+    assert curve.recall_at_fpr(0.01) == 0.0 and curve.recall_at_fpr(1 / 7) == pytest.approx(2 / 3)
+    assert summary["threshold"] == pytest.approx(0.5)
+    assert (summary["tp"], summary["fp"], summary["fn"], summary["tn"]) == (3, 2, 0, 5)
+    assert summary["precision"] == pytest.approx(0.6) and summary["f1"] == pytest.approx(0.75)
+    # One bank alone (bank B): its fraud ties one legit row and beats three.
+    alone = PooledCurve.from_histograms(*score_histograms(*banks[1]))
+    assert alone.auc() == pytest.approx(3.5 / 4)
+    # A bank without fraud rows has no AUC or AP, not a made-up number.
+    none = PooledCurve.from_histograms(*score_histograms(np.zeros(3, int), np.zeros(3)))
+    assert math.isnan(none.auc()) and math.isnan(none.summary(0.5)["ap"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.report import REPORT_FILE, REQUEST_FILE, write_report
+from server.report import HTML_FILE, REPORT_FILE, REQUEST_FILE, write_report
 from tests.conftest import app_config
 
 REPORT_TEXT = "## Executive summary\nThe federated model works."
@@ -38,8 +38,9 @@ class FakeResponsesAPI:
     """A real HTTP server on 127.0.0.1: answers POST /v1/responses with the queued
     statuses (then 200), after an optional delay; records every request."""
 
-    def __init__(self, statuses: list[int], delay_s: float = 0.0) -> None:
-        self.statuses, self.delay_s = list(statuses), delay_s
+    def __init__(self, statuses: list[int], delay_s: float = 0.0,
+                 text: str = REPORT_TEXT) -> None:
+        self.statuses, self.delay_s, self.text = list(statuses), delay_s, text
         self.requests: list[dict] = []
         api = self
 
@@ -50,7 +51,7 @@ class FakeResponsesAPI:
                                      "auth": self.headers.get("Authorization")})
                 time.sleep(api.delay_s)
                 status = api.statuses.pop(0) if api.statuses else 200
-                payload = (responses_body(REPORT_TEXT) if status == 200
+                payload = (responses_body(api.text) if status == 200
                            else {"error": {"message": "nope", "type": "server_error"}})
                 data = json.dumps(payload).encode()
                 try:
@@ -82,13 +83,25 @@ def sample_metrics() -> dict:
     final = {"round": 2, "auc": 0.88, "ap": 0.74, "loss": 0.06, "recall_at_1pct_fpr": 0.72,
              "threshold": 0.2, "tp": 150, "fp": 5, "fn": 87, "tn": 11758,
              "precision": 0.968, "recall": 0.633, "f1": 0.765}
+    central = {**final, "auc": 0.89, "ap": 0.76}
+    bank_val = {"auc": 0.9, "ap": 0.8, "recall_at_1pct_fpr": 0.7, "threshold": 0.2,
+                "tp": 20, "fp": 1, "fn": 3, "tn": 130, "precision": 0.952, "recall": 0.87,
+                "f1": 0.909}
+    no_fraud = {**bank_val, "auc": None, "ap": None, "recall_at_1pct_fpr": None}
     return {
         "run_id": "42", "mode": "simulation",
         "banks": [{"id": 0, "n_train": 900, "n_val": 160, "n_fraud": 31},
-                  {"id": 1, "n_train": 300, "n_val": 53, "n_fraud": 0}],
+                  {"id": 1, "n_train": 300, "n_val": 53, "n_fraud": 2}],
         "test_set": {"rows": 12000, "frauds": 237},
         "history": [{**final, "round": 1, "auc": 0.8, "ap": 0.5}, final],
         "final": final,
+        "baselines": {"centralized": central, "local_only": [
+            {"bank": 0, "own_validation": {"local_only": {**bank_val, "ap": 0.6},
+                                           "federated": bank_val},
+             "test": {"local_only": {**final, "auc": 0.81, "ap": 0.41}, "federated": final}},
+            {"bank": 1, "own_validation": {"local_only": no_fraud, "federated": no_fraud},
+             "test": {"local_only": {**final, "auc": 0.6, "ap": 0.05}, "federated": final}},
+        ]},
     }
 
 
@@ -102,7 +115,7 @@ def run_report(tmp_path: Path, url: str | None, monkeypatch, **settings) -> str:
     if url:
         monkeypatch.setenv("OPENAI_BASE_URL", url)
     config = app_config(**settings)
-    write_report(tmp_path, sample_metrics(), config)
+    write_report(tmp_path, sample_metrics(), config, {"ROC curves": "roc.png"})
     return (tmp_path / REPORT_FILE).read_text()
 
 
@@ -127,6 +140,10 @@ def test_bank_details_stay_out_unless_allowed(tmp_path: Path, monkeypatch, key) 
     default, shared = (json.loads(r["body"]["input"].split("\n", 1)[1]) for r in api.requests)
     assert "per_bank" not in default and "n_train" not in json.dumps(default)
     assert shared["per_bank"][0] == {"bank": 0, "n_train": 900, "fraud_rate": 31 / 1060}
+    # Whether federation paid is always in the facts; undefined metrics are left out.
+    assert default["centralized_reference_test_metrics"]["auc"] == 0.89
+    assert default["local_only_vs_federated_per_bank"][0]["local_only_own_validation_ap"] == 0.6
+    assert "local_only_own_validation_auc" not in default["local_only_vs_federated_per_bank"][1]
 
 
 @pytest.mark.parametrize("status", [429, 500])
@@ -147,6 +164,28 @@ def test_timeout_gives_the_offline_report(tmp_path: Path, monkeypatch, key) -> N
                             report_max_retries=0)
     assert time.monotonic() - started < 3.0
     assert "Offline report" in report and "APITimeoutError" in report
+
+
+def test_html_report_shows_tables_figures_and_the_text_but_runs_no_html(
+    tmp_path: Path, monkeypatch, key,
+) -> None:
+    with FakeResponsesAPI([], text="## Risks\n<script>x()</script>") as api:
+        report = run_report(tmp_path, api.url, monkeypatch)
+    page = (tmp_path / HTML_FILE).read_text()
+
+    assert "<script>x()</script>" in report  # the Markdown keeps the text as written
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert '<img alt="ROC curves" src="roc.png"' in page
+    assert "<td>centralized reference, test set</td>" in page
+    assert "<td>0.890</td>" in page and "n/a / n/a" in page  # bank 1: no fraud in val
+
+
+def test_offline_report_says_whether_federation_paid(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    report = run_report(tmp_path, None, monkeypatch)
+    assert "AUC 0.880 vs 0.890 (-0.010), AP 0.740 vs 0.760 (-0.020)" in report
+    assert "in AP at 1 of 1 banks with fraud in their validation rows" in report
+    assert "local-only models reach AUC 0.600 to 0.810" in report
 
 
 def test_no_key_means_offline_without_any_request(tmp_path: Path, monkeypatch) -> None:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from server.launch import processes_with_env
 from tests.conftest import APP_DIR
 
@@ -31,7 +33,8 @@ def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "fedfraud round 2/2" in done.stdout  # progress, one line per round
-    metrics = json.loads((tmp_path / "runs" / "latest" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "runs" / "latest" / "metrics.json").read_text(),
+                         parse_constant=pytest.fail)  # strict JSON: no NaN
     assert metrics["mode"] == "simulation"
     assert [bank["id"] for bank in metrics["banks"]] == list(range(10))
     assert [row["round"] for row in metrics["history"]] == [1, 2]
@@ -40,10 +43,23 @@ def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
     assert final["tp"] + final["fp"] + final["fn"] + final["tn"] == 12_000
     assert 0.5 < final["auc"] <= 1.0 and 0.0 < final["threshold"] < 1.0
     assert len(metrics["timing"]["round_s"]) == 2
+    # Fair evaluation: every bank's own validation metrics, from its histograms.
+    assert all("federated_own_validation" in bank for bank in metrics["banks"])
+    # The references, with the same keys as the federated result.
+    baselines = metrics["baselines"]
+    assert set(baselines["centralized"]) == set(final)
+    assert baselines["centralized"]["tp"] + baselines["centralized"]["fn"] == 237
+    assert [entry["bank"] for entry in baselines["local_only"]] == list(range(10))
+    for entry in baselines["local_only"]:
+        assert set(entry["own_validation"]) == set(entry["test"]) == {"local_only", "federated"}
+        assert entry["test"]["federated"]["auc"] == final["auc"]
     run_dir = (tmp_path / "runs" / "latest").resolve()
     outputs = {p.name for p in run_dir.iterdir()}
     assert {"model.pt", "model.ts", "model_card.json", "model_card.md", "report.md",
-            "report_request.json"} <= outputs
+            "report.html", "report_request.json", "roc.png", "pr.png", "rounds.png",
+            "banks.png"} <= outputs
+    assert all((run_dir / name).read_bytes()[:4] == b"\x89PNG" for name in outputs
+               if name.endswith(".png"))
     # Each bank's scaler stays beside its own shard, never in the server's run folder.
     assert not any("scaler" in name for name in outputs)
     assert all((tmp_path / "data" / f"bank_{b:02d}" / "scaler.json").exists() for b in range(10))
