@@ -26,11 +26,13 @@ deploy: install
 	$(BIN)/fedfraud --set num-server-rounds=3 deploy
 
 # The ULB credit-card data (284,807 transactions, 492 frauds) in ten Dirichlet banks:
-# the federation plus its centralized and local-only references.
+# the federation plus its centralized and local-only references. 20 rounds: on these
+# 228k very unequal training rows AP still climbs after round 10 (0.796 -> 0.825 by
+# round 14); the references get the same 20 x 3 epochs.
 ulb: install
 	$(BIN)/fedfraud fetch-ulb --out data/raw/creditcard.csv
 	$(BIN)/fedfraud --set data-source='data/raw/creditcard.csv' --set data-dir='data/ulb' \
-		simulate
+		--set num-server-rounds=20 simulate
 
 bench-deploy: install
 	$(BIN)/python bench/deploy.py --rounds 10 --paths warm,cold

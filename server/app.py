@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import keys
 from common.config import Config
 from common.data import (
-    TEST_FILE, describe_data, fit_scaler, load_transactions, standardize,
+    TEST_FILE, BankDataError, describe_data, fit_scaler, load_transactions, standardize,
 )
 from common.metrics import PooledCurve, score_histograms
 from common.model import FraudNet, ModelSpec
@@ -65,21 +65,30 @@ def main(grid: Grid, context: Context) -> None:
     federation_s = time.monotonic() - started
     mode = run_mode(grid)
     last = max(evaluation.logits)
-    curves = {"federated, test set": test_curve(y_test, evaluation.logits[last])}
+    curves = {"federated, test set": curve_of(y_test, evaluation.logits[last])}
     validation = validation_record(result, last)
     if validation is not None:
         curves["federated, banks' pooled validation"] = PooledCurve.from_histograms(
             validation[keys.HIST_LEGIT], validation[keys.HIST_FRAUD])
-    baselines = None
+    baselines, why_not = None, "baselines = false"
     if config.baselines and mode == "simulation":
         log(INFO, "fedfraud: training the centralized and local-only references")
-        baselines, central_logits = compute_baselines(config, spec, initial, x_test, y_test)
-        curves["centralized, test set"] = test_curve(y_test, central_logits)
+        try:
+            baselines, central_logits = compute_baselines(config, spec, initial, x_test,
+                                                          y_test)
+            curves["centralized, test set"] = curve_of(y_test, central_logits)
+        except BankDataError as err:  # keep the federated results all the same
+            log(WARNING, "fedfraud: no baselines: %s", err)
+            why_not = str(err)
+    elif config.baselines:
+        why_not = "deployment: no party holds every bank's rows"
 
     run_dir = new_run_dir(Path(config.runs_dir), context.run_id)
     metrics = build_metrics(str(context.run_id), mode, config, result, evaluation,
                             strategy.final_bank_metrics, baselines, federation_s)
     metrics["timing"]["baselines_s"] = time.monotonic() - started - federation_s
+    if baselines is None:
+        metrics["baselines_skipped"] = why_not
     write_metrics(run_dir, metrics)
     export_model(run_dir, result.arrays.to_torch_state_dict(), spec, features, metrics,
                  describe_data(Path(config.data_dir)))
@@ -89,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedfraud run folder: %s", run_dir)
 
 
-def test_curve(y: np.ndarray, logits: np.ndarray) -> PooledCurve:
+def curve_of(y: np.ndarray, logits: np.ndarray) -> PooledCurve:
     return PooledCurve.from_histograms(*score_histograms(y, logits))
 
 
