@@ -36,6 +36,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     arrays, metrics = bank_for(context, config).train(
         numpy_arrays(msg), config, int(settings[keys.SERVER_ROUND]),
         bool(settings.get(keys.EVALUATE_INCOMING, False)),
+        float(settings.get(keys.PROXIMAL_MU, 0.0)),
     )
     record = ArrayRecord({name: Array(value) for name, value in arrays.items()})
     return reply(msg, {keys.ARRAYS: record, keys.METRICS: MetricRecord(metrics)})
@@ -44,7 +45,8 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     config = Config.from_run_config(context.run_config)
-    metrics = bank_for(context, config).evaluate(numpy_arrays(msg), config)
+    # Evaluate messages carry only the final model (FedAvgEvaluateLast): audit it too.
+    metrics = bank_for(context, config).evaluate(numpy_arrays(msg), config, True)
     return reply(msg, {keys.METRICS: MetricRecord(metrics)})
 
 

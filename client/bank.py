@@ -16,9 +16,13 @@ import torch
 from common import keys
 from common.config import Config
 from common.data import fit_scaler, read_bank, save_scaler, scaler_file, standardize
-from common.metrics import bce_loss, confusion, score_histograms
+from common.metrics import (
+    bce_loss, confusion, membership_histograms, row_losses, score_histograms,
+)
 from common.model import FraudNet, ModelSpec
+from common.privacy import epsilon_spent, privacy_for
 from common.task import score, train
+from client.attack import poison
 
 Arrays = dict[str, np.ndarray]
 Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's train split
@@ -50,36 +54,56 @@ class Bank:
         model.load_state_dict({name: torch.from_numpy(a) for name, a in arrays.items()})
         return model
 
-    def evaluate(self, arrays: Arrays, config: Config) -> dict[str, Any]:
-        """Loss, confusion counts and score histograms on the bank's validation split."""
-        logits = score(self._model(arrays), self.x_val)
+    def evaluate(self, arrays: Arrays, config: Config, audit: bool = False,
+                 ) -> dict[str, Any]:
+        """Loss, confusion counts and score histograms on the bank's validation split;
+        with ``audit``, also the membership audit's histograms (training vs
+        validation rows' losses)."""
+        model = self._model(arrays)
+        logits = score(model, self.x_val)
         counts = confusion(self.y_val, logits, config.decision_threshold)
         legit, fraud = score_histograms(self.y_val, logits)
-        return {
+        metrics = {
             keys.NUM_EXAMPLES: len(self.y_val), keys.VOTE: 1, keys.BANK_ID: self.id,
             keys.N_VAL: len(self.y_val), keys.LOSS: bce_loss(self.y_val, logits),
             keys.TP: counts.tp, keys.FP: counts.fp, keys.FN: counts.fn, keys.TN: counts.tn,
             keys.HIST_LEGIT: legit, keys.HIST_FRAUD: fraud,
         }
+        if audit:
+            trained_on = row_losses(self.y_train, score(model, self.x_train))
+            outside, inside = membership_histograms(trained_on,
+                                                    row_losses(self.y_val, logits))
+            metrics.update({keys.HIST_NONMEMBER: outside, keys.HIST_MEMBER: inside})
+        return metrics
 
     def train(self, arrays: Arrays, config: Config, server_round: int,
-              evaluate_incoming: bool) -> tuple[Arrays, dict[str, Any]]:
-        """Train the global model locally. With ``evaluate_incoming`` the reply also
-        carries the incoming model's validation metrics, which saves the separate
-        evaluate message of the round."""
+              evaluate_incoming: bool, proximal_mu: float = 0.0,
+              ) -> tuple[Arrays, dict[str, Any]]:
+        """Train the global model locally (with DP-SGD when ``dp-epsilon`` > 0, with
+        FedProx's term when the server sends ``proximal_mu``). With
+        ``evaluate_incoming`` the reply also carries the incoming model's validation
+        metrics, which saves the separate evaluate message of the round."""
         metrics = self.evaluate(arrays, config) if evaluate_incoming else {}
         model = self._model(arrays)
+        rows = len(self.y_train)
+        privacy = privacy_for(config, rows) if config.differential_privacy else None
         loss = train(
             model, self.x_train, self.y_train,
             epochs=config.local_epochs, batch_size=config.batch_size,
             learning_rate=config.learning_rate, pos_weight=config.pos_weight,
-            seed=config.seed + 1000 * server_round + self.id,
+            seed=config.seed + 1000 * server_round + self.id, proximal_mu=proximal_mu,
+            privacy=privacy,
         )
         metrics.update({
-            keys.NUM_EXAMPLES: len(self.y_train), keys.VOTE: 1, keys.BANK_ID: self.id,
+            keys.NUM_EXAMPLES: rows, keys.VOTE: 1, keys.BANK_ID: self.id,
             keys.TRAIN_LOSS: loss,
-            keys.N_TRAIN: len(self.y_train), keys.N_VAL: len(self.y_val),
+            keys.N_TRAIN: rows, keys.N_VAL: len(self.y_val),
             keys.N_FRAUD: int(self.y_train.sum() + self.y_val.sum()),
         })
+        if privacy is not None:
+            metrics[keys.DP_EPSILON] = epsilon_spent(config, rows, privacy, server_round)
+            metrics[keys.DP_NOISE] = privacy.noise_multiplier
         trained = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+        if self.id in config.attacker_ids and config.attack != "none":
+            trained = poison(arrays, trained, config.attack, config.attack_scale)
         return trained, metrics

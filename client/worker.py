@@ -49,12 +49,14 @@ class WorkerBank:
         return value
 
     def train(self, arrays: Arrays, config: Config, server_round: int,
-              evaluate_incoming: bool) -> tuple[Arrays, dict[str, Any]]:
+              evaluate_incoming: bool, proximal_mu: float = 0.0,
+              ) -> tuple[Arrays, dict[str, Any]]:
         return self._call("train", arrays, config.as_run_config(), server_round,
-                          evaluate_incoming)
+                          evaluate_incoming, proximal_mu)
 
-    def evaluate(self, arrays: Arrays, config: Config) -> dict[str, Any]:
-        return self._call("evaluate", arrays, config.as_run_config())
+    def evaluate(self, arrays: Arrays, config: Config, audit: bool = False,
+                 ) -> dict[str, Any]:
+        return self._call("evaluate", arrays, config.as_run_config(), audit)
 
 
 def serve(bank_id: int, shard: Path, socket: Path, state_dir: Path | None = None) -> None:
@@ -80,7 +82,7 @@ def serve(bank_id: int, shard: Path, socket: Path, state_dir: Path | None = None
         if method == "train":
             return bank.train(arrays, config, *rest)
         if method == "evaluate":
-            return bank.evaluate(arrays, config)
+            return bank.evaluate(arrays, config, *rest)
         raise ValueError(f"unknown request {method!r}")
 
     print(f"bank {bank_id}: worker ready on {socket}", flush=True)

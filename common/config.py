@@ -15,13 +15,25 @@ from typing import Any
 
 
 BANK_WEIGHTINGS = ("equal", "samples")
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum")
+ATTACKS = ("none", "scale", "sign-flip", "nan", "inf")
 
 
 @dataclass(frozen=True)
 class Config:
     num_server_rounds: int
     min_banks: int
+    strategy: str
     bank_weighting: str
+    proximal_mu: float
+    trim_fraction: float
+    krum_malicious: int
+    attack: str
+    attackers: str
+    attack_scale: float
+    dp_epsilon: float
+    dp_delta: float
+    dp_max_grad_norm: float
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -55,8 +67,25 @@ class Config:
         return cls(**typed)
 
     def __post_init__(self) -> None:
-        if self.bank_weighting not in BANK_WEIGHTINGS:
-            raise ValueError(f"run config: bank-weighting must be one of {BANK_WEIGHTINGS}")
+        for key, value, allowed in (("bank-weighting", self.bank_weighting, BANK_WEIGHTINGS),
+                                    ("strategy", self.strategy, STRATEGIES),
+                                    ("attack", self.attack, ATTACKS)):
+            if value not in allowed:
+                raise ValueError(f"run config: {key} must be one of {allowed}")
+        self.attacker_ids  # noqa: B018 - validates the list
+
+    @property
+    def attacker_ids(self) -> frozenset[int]:
+        """The banks that send poisoned updates (``attackers``: "3" or "1,4")."""
+        try:
+            return frozenset(int(b) for b in self.attackers.split(",") if b.strip())
+        except ValueError:
+            raise ValueError("run config: attackers must be bank ids like '3' or '1,4'"
+                             ) from None
+
+    @property
+    def differential_privacy(self) -> bool:
+        return self.dp_epsilon > 0
 
     def as_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping Flower uses (inverse of ``from_run_config``)."""

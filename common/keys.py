@@ -12,6 +12,7 @@ SCALER = "scaler"  # ArrayRecord in the bank's own context.state: [mean, scale]
 # Config sent to banks
 SERVER_ROUND = "server-round"  # set by FedAvg itself
 EVALUATE_INCOMING = "evaluate-incoming"  # train replies also evaluate the incoming model
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx: the bank adds the proximal term
 
 # Metrics a bank replies with (counts and aggregates only, never rows or row scores)
 NUM_EXAMPLES = "num-examples"  # samples, not batches: FedAvg's weights by default
@@ -25,9 +26,16 @@ LOSS = "loss"
 TP, FP, FN, TN = "tp", "fp", "fn", "tn"
 HIST_LEGIT = "hist-legit"  # per-bin counts of legit rows' scores (metrics.SCORE_EDGES)
 HIST_FRAUD = "hist-fraud"
+DP_EPSILON = "dp-epsilon"  # epsilon the bank has spent so far (DP runs only)
+DP_NOISE = "dp-noise"  # its DP-SGD noise multiplier
+# Membership audit of the final model: per-bin counts of -log(loss) of the bank's
+# training rows (members) and of its validation rows (non-members), on SCORE_EDGES.
+HIST_MEMBER = "hist-member"
+HIST_NONMEMBER = "hist-nonmember"
 
 # Aggregated over the banks of one round (server side)
 BANK_IDS = "bank-ids"
 COUNT_KEYS = (TP, FP, FN, TN)
-HIST_KEYS = (HIST_LEGIT, HIST_FRAUD)
+HIST_KEYS = (HIST_LEGIT, HIST_FRAUD, HIST_MEMBER, HIST_NONMEMBER)
 SIZE_KEYS = (N_TRAIN, N_VAL, N_FRAUD)
+PER_BANK_KEYS = (DP_EPSILON, DP_NOISE)  # listed per bank, like the sizes

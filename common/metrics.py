@@ -143,9 +143,26 @@ def recall_at_fpr(y: np.ndarray, logits: np.ndarray, max_fpr: float = MAX_FPR) -
     return float(tpr[fpr <= max_fpr].max())
 
 
+def row_losses(y: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Binary cross-entropy of each row's logit (numerically stable form)."""
+    return np.logaddexp(0.0, logits) - y * logits
+
+
 def bce_loss(y: np.ndarray, logits: np.ndarray) -> float:
-    """Mean binary cross-entropy of logits (numerically stable form)."""
-    return float(np.mean(np.logaddexp(0.0, logits) - y * logits))
+    """Mean binary cross-entropy of logits."""
+    return float(np.mean(row_losses(y, logits)))
+
+
+def membership_histograms(losses_in: np.ndarray, losses_out: np.ndarray,
+                          ) -> tuple[list[int], list[int]]:
+    """A loss-threshold membership attack's evidence, as counts only: histograms of
+    -log(loss) for rows the model trained on (members) and rows it did not.
+    Returns (non-members, members), the (negative, positive) order of
+    ``score_histograms``; the pooled curve's AUC is the attack's AUC (0.5: the
+    model's losses do not tell members apart)."""
+    scores = -np.log(np.maximum(np.concatenate([losses_in, losses_out]), 1e-30))
+    member = np.concatenate([np.ones(len(losses_in), int), np.zeros(len(losses_out), int)])
+    return score_histograms(member, scores)
 
 
 def summarize(y: np.ndarray, logits: np.ndarray, threshold: float) -> dict[str, float]:

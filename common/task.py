@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -9,36 +12,91 @@ from torch import nn
 from common.model import FraudNet
 
 SCORE_BATCH = 8192  # scoring has no gradients; large batches are just faster
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """DP-SGD settings for one bank's training (Opacus): Poisson-sampled batches,
+    per-transaction clipping to ``max_grad_norm``, Gaussian noise of
+    ``noise_multiplier`` x that norm."""
+
+    noise_multiplier: float
+    max_grad_norm: float
 
 
 def train(
     model: FraudNet, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int,
-    learning_rate: float, pos_weight: float, seed: int,
+    learning_rate: float, pos_weight: float, seed: int, proximal_mu: float = 0.0,
+    privacy: Privacy | None = None,
 ) -> float:
     """Train in place with a fresh Adam; return the mean loss of the last epoch.
 
-    Shuffling and dropout follow ``seed`` alone, so a bank's update is the same in
-    any process (simulation actor, ClientApp process or warm worker).
+    ``proximal_mu`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the weights
+    the model came with, i.e. the global model). ``privacy`` trains with DP-SGD.
+    Shuffling, sampling, noise and dropout follow ``seed`` alone, so a bank's update is
+    the same in any process (simulation actor, ClientApp process or warm worker).
     """
     features, labels = torch.from_numpy(x), torch.from_numpy(y).float()
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+    start = [p.detach().clone() for p in model.parameters()]
     model.train()
     epoch_loss = float("nan")
     with torch.random.fork_rng():  # leaves the caller's global RNG untouched
         torch.manual_seed(seed)
+        if privacy is None:
+            module, batches = model, shuffled(features, labels, batch_size)
+        else:
+            module, optimizer, batches = private(model, optimizer, features, labels,
+                                                 batch_size, privacy, seed)
         for _ in range(epochs):
-            order = torch.randperm(len(labels))
-            total = 0.0
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
+            total, rows = 0.0, 0
+            for x_batch, y_batch in batches():
+                if not len(y_batch):  # Poisson sampling can draw an empty batch
+                    continue
                 optimizer.zero_grad()
-                loss = criterion(model(features[batch]), labels[batch])
+                loss = criterion(module(x_batch), y_batch)
+                if proximal_mu:
+                    loss = loss + proximal_mu / 2 * sum(
+                        (p - p0).pow(2).sum() for p, p0 in zip(model.parameters(), start))
                 loss.backward()
                 optimizer.step()
-                total += loss.item() * len(batch)
-            epoch_loss = total / len(order)
+                total += loss.item() * len(y_batch)
+                rows += len(y_batch)
+            epoch_loss = total / max(rows, 1)
     return epoch_loss
+
+
+def shuffled(features: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Batches:
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(labels))
+        for begin in range(0, len(order), batch_size):
+            batch = order[begin : begin + batch_size]
+            yield features[batch], labels[batch]
+
+    return batches
+
+
+def private(model: FraudNet, optimizer: torch.optim.Optimizer, features: torch.Tensor,
+            labels: torch.Tensor, batch_size: int, privacy: Privacy,
+            seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Batches]:
+    """Opacus's DP-SGD: per-sample gradients, clipping, noise, Poisson batches."""
+    import warnings
+
+    from opacus import PrivacyEngine
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(features, labels), batch_size=batch_size,
+        generator=torch.Generator().manual_seed(seed))
+    with warnings.catch_warnings():  # "secure_mode=False": fine for a simulation seed
+        warnings.simplefilter("ignore")
+        module, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm, poisson_sampling=True,
+            noise_generator=torch.Generator().manual_seed(seed))
+    return module, optimizer, lambda: loader
 
 
 @torch.no_grad()

@@ -20,13 +20,14 @@ from common.data import (
 from common.metrics import PooledCurve, score_histograms
 from common.model import FraudNet, ModelSpec
 from server.baselines import compute_baselines
-from server.evaluation import FedAvgEvaluateLast, TestSetEvaluation, aggregate_bank_metrics
+from server.evaluation import TestSetEvaluation
 from server.export import export_model
 from server.plots import draw_figures
 from server.report import write_report
 from server.results import (
-    build_metrics, new_run_dir, point_latest, validation_record, write_metrics,
+    build_metrics, new_run_dir, point_latest, validation_record, write_ledger, write_metrics,
 )
+from server.strategy import make_strategy
 
 app = ServerApp()
 
@@ -45,15 +46,7 @@ def main(grid: Grid, context: Context) -> None:
     initial = FraudNet(spec).state_dict()
     evaluation = TestSetEvaluation(x_test, y_test, spec, config.num_server_rounds)
 
-    strategy = FedAvgEvaluateLast(
-        num_rounds=config.num_server_rounds,
-        weighted_by_key=keys.VOTE if config.bank_weighting == "equal" else keys.NUM_EXAMPLES,
-        min_train_nodes=config.min_banks,
-        min_evaluate_nodes=config.min_banks,
-        min_available_nodes=config.min_banks,
-        train_metrics_aggr_fn=aggregate_bank_metrics,
-        evaluate_metrics_aggr_fn=aggregate_bank_metrics,
-    )
+    strategy = make_strategy(config)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
@@ -85,11 +78,12 @@ def main(grid: Grid, context: Context) -> None:
 
     run_dir = new_run_dir(Path(config.runs_dir), context.run_id)
     metrics = build_metrics(str(context.run_id), mode, config, result, evaluation,
-                            strategy.final_bank_metrics, baselines, federation_s)
+                            strategy, baselines, federation_s)
     metrics["timing"]["baselines_s"] = time.monotonic() - started - federation_s
     if baselines is None:
         metrics["baselines_skipped"] = why_not
     write_metrics(run_dir, metrics)
+    write_ledger(run_dir, strategy.ledger)
     export_model(run_dir, result.arrays.to_torch_state_dict(), spec, features, metrics,
                  describe_data(Path(config.data_dir)))
     figures = draw_figures(run_dir, metrics, curves)

@@ -8,16 +8,13 @@ score histograms are summed, and only losses are weighted means.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from common import keys
 from common.metrics import bce_loss
@@ -53,6 +50,8 @@ def aggregate_bank_metrics(replies: list[RecordDict], weight_key: str) -> Metric
     for key in present:
         if key in keys.SIZE_KEYS:
             out[key] = [int(record[key]) for record in records]
+        elif key in keys.PER_BANK_KEYS:
+            out[key] = [float(record[key]) for record in records]
         elif key in keys.COUNT_KEYS:
             out[key] = sum(int(record[key]) for record in records)
         elif key in keys.HIST_KEYS:
@@ -62,38 +61,6 @@ def aggregate_bank_metrics(replies: list[RecordDict], weight_key: str) -> Metric
     if keys.LOSS in present:
         out[keys.LOSS] = _mean_per_row(records, keys.LOSS, keys.N_VAL)
     return MetricRecord(out)
-
-
-class FedAvgEvaluateLast(FedAvg):
-    """Flower's FedAvg, with the federated evaluate step only after the last round.
-
-    Banks evaluate each incoming global model inside their train message (the
-    ``evaluate-incoming`` train config), so round r's model is evaluated in round
-    r + 1's train replies; only the final model needs evaluate messages. That halves
-    the messages, and in deployment each message is a fresh ClientApp process.
-    """
-
-    def __init__(self, num_rounds: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_rounds = num_rounds
-        # The final model's metrics as each bank sent them (counts and histograms),
-        # for per-bank results; FedAvg itself keeps only the aggregate.
-        self.final_bank_metrics: dict[int, MetricRecord] = {}
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
-                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if server_round < self.num_rounds:
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int,
-                           replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        answered = [reply.content for reply in replies if reply.has_content()]
-        if answered:
-            self.final_bank_metrics = {int(record[keys.BANK_ID]): record
-                                       for record in _reply_metrics(answered)}
-        return super().aggregate_evaluate(server_round, replies)
 
 
 @dataclass

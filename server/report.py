@@ -39,8 +39,7 @@ def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str,
         "mode": metrics["mode"],
         "rounds": len(metrics["history"]),
         "banks": len(metrics["banks"]),
-        "training_rows_total": sum(bank["n_train"] for bank in metrics["banks"]),
-        "banks_without_fraud": sum(1 for bank in metrics["banks"] if bank["n_fraud"] == 0),
+        "training_rows_total": sum(bank.get("n_train", 0) for bank in metrics["banks"]),
         "test_set": metrics["test_set"],
         "final_test_metrics": {key: final[key] for key in keep if key in final},
         "threshold_chosen_on": "pooled validation data of the banks (max F1)",
@@ -67,8 +66,11 @@ def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str,
         facts["per_bank"] = [
             {"bank": bank["id"], "n_train": bank["n_train"],
              "fraud_rate": bank["n_fraud"] / max(1, bank["n_train"] + bank["n_val"])}
-            for bank in metrics["banks"]
+            for bank in metrics["banks"] if "n_train" in bank
         ]
+    for key in ("strategy", "privacy", "membership_audit"):
+        if metrics.get(key):
+            facts[key] = metrics[key]
     return facts
 
 
@@ -99,17 +101,14 @@ def offline_report(metrics: dict[str, Any], reason: str) -> str:
     """A plain report from the same numbers, saying that it is offline and why."""
     final, banks, test = metrics["final"], metrics["banks"], metrics["test_set"]
     first, last = metrics["history"][0], metrics["history"][-1]
-    no_fraud = [str(bank["id"]) for bank in banks if bank["n_fraud"] == 0]
     flagged = final["tp"] + final["fp"]
     risks = [
         f"At the chosen threshold {final['fn']} of {test['frauds']} test frauds are missed "
         f"and {final['fp']} legitimate transactions are flagged.",
         "The threshold was chosen on the banks' pooled validation data; a bank whose "
         "fraud mix differs from the pool may see other precision and recall.",
+        *privacy_lines(metrics),
     ]
-    if no_fraud:
-        risks.append(f"Banks without any fraud in their data: {', '.join(no_fraud)}; they "
-                     "contribute legitimate behaviour only.")
     lines = [
         f"> Offline report: written without the language model ({reason}). Every number "
         "comes from metrics.json.",
@@ -141,6 +140,28 @@ def offline_report(metrics: dict[str, Any], reason: str) -> str:
         "- Generate the narrative report with a language model once a key is configured.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def privacy_lines(metrics: dict[str, Any]) -> list[str]:
+    """What the run says about privacy and bad banks, in plain sentences."""
+    lines = []
+    privacy = metrics.get("privacy") or {}
+    if privacy.get("differential_privacy"):
+        lines.append(
+            f"Differential privacy: each bank trained with DP-SGD; the most any bank spent "
+            f"is epsilon {privacy['max_epsilon_spent']:.2f} at delta {privacy['delta']:g} "
+            f"(target {privacy['target_epsilon']:g}); validation counts are not noised.")
+    else:
+        lines.append("No differential privacy in this run: the weights each bank sends "
+                     "are not noised.")
+    audit = metrics.get("membership_audit")
+    if audit and audit["attack_auc"] is not None:
+        lines.append(f"Membership audit: a loss-threshold attack tells training rows from "
+                     f"held-out rows with AUC {audit['attack_auc']:.3f} (0.5 = chance).")
+    for refused in (metrics.get("strategy") or {}).get("refused_updates", []):
+        lines.append(f"Bank {refused['bank']}'s update of round {refused['round']} was "
+                     f"refused: {refused['why']}.")
+    return lines
 
 
 def federation_gains(metrics: dict[str, Any]) -> list[str]:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import MetricRecord
 from flwr.serverapp.strategy import Result
 
@@ -17,6 +18,7 @@ from common import keys
 from common.config import Config
 from common.metrics import PooledCurve, summarize
 from server.evaluation import TestSetEvaluation
+from server.strategy import BankGuard
 
 
 def new_run_dir(runs_dir: Path, run_id: int) -> Path:
@@ -110,9 +112,52 @@ def compare_banks(local_only: list[dict[str, Any]], banks: list[dict[str, Any]],
     } for entry in local_only]
 
 
+def privacy_record(config: Config, result: Result) -> dict[str, Any]:
+    """The DP settings and each bank's spent epsilon, as it last reported it."""
+    record: dict[str, Any] = {"differential_privacy": config.differential_privacy}
+    if not config.differential_privacy:
+        return record
+    spent: dict[int, dict[str, float]] = {}
+    for server_round in sorted(result.train_metrics_clientapp):
+        metrics = result.train_metrics_clientapp[server_round]
+        for i, bank in enumerate(metrics.get(keys.BANK_IDS, [])):
+            if keys.DP_EPSILON in metrics:
+                spent[int(bank)] = {"bank": int(bank), "round": server_round,
+                                    "epsilon": metrics[keys.DP_EPSILON][i],
+                                    "delta": config.dp_delta,
+                                    "noise_multiplier": metrics[keys.DP_NOISE][i]}
+    return {**record, "mechanism": "DP-SGD per bank, per transaction (Opacus, RDP "
+            "accountant)", "target_epsilon": config.dp_epsilon, "delta": config.dp_delta,
+            "max_grad_norm": config.dp_max_grad_norm,
+            "max_epsilon_spent": max((b["epsilon"] for b in spent.values()), default=None),
+            "banks": [spent[bank] for bank in sorted(spent)],
+            "scope": "the banks' training rows; validation counts and histograms are "
+                     "not noised"}
+
+
+def membership_audit(final_bank_metrics: dict[int, MetricRecord]) -> dict[str, Any] | None:
+    """A loss-threshold membership attack on the final model: AUC of telling a bank's
+    training rows from its validation rows by the model's loss (0.5: no better than a
+    coin), pooled and per bank, from the histograms the banks sent."""
+    records = {bank: r for bank, r in final_bank_metrics.items() if keys.HIST_MEMBER in r}
+    if not records:
+        return None
+
+    def attack_auc(outside: Any, inside: Any) -> float:
+        return PooledCurve.from_histograms(outside, inside).auc()
+
+    pooled = [np.sum([r[key] for r in records.values()], axis=0).tolist()
+              for key in (keys.HIST_NONMEMBER, keys.HIST_MEMBER)]
+    return {"attack": "loss threshold: lower loss -> 'was trained on'",
+            "attack_auc": attack_auc(*pooled),
+            "banks": [{"bank": bank, "attack_auc": attack_auc(r[keys.HIST_NONMEMBER],
+                                                              r[keys.HIST_MEMBER])}
+                      for bank, r in sorted(records.items())]}
+
+
 def build_metrics(
     run_id: str, mode: str, config: Config, result: Result,
-    evaluation: TestSetEvaluation, final_bank_metrics: dict[int, MetricRecord],
+    evaluation: TestSetEvaluation, strategy: BankGuard,
     baselines: dict[str, Any] | None, total_s: float,
 ) -> dict[str, Any]:
     import flwr
@@ -120,7 +165,7 @@ def build_metrics(
 
     rows = history(result, evaluation, config.decision_threshold)
     final = {key: value for key, value in rows[-1].items() if key != "seconds"} if rows else {}
-    banks = bank_table(result, final_bank_metrics,
+    banks = bank_table(result, strategy.final_bank_metrics,
                        final.get("threshold", config.decision_threshold))
     if baselines is not None:
         baselines = {"centralized": baselines["centralized"],
@@ -136,6 +181,12 @@ def build_metrics(
         "history": rows,
         "final": final,
         "baselines": baselines,
+        "strategy": {"name": config.strategy, "attack": config.attack,
+                     "attackers": sorted(config.attacker_ids),
+                     "refused_updates": strategy.refused},
+        "privacy": privacy_record(config, result),
+        "membership_audit": membership_audit(strategy.final_bank_metrics),
+        "sent_by_banks": ledger_summary(strategy.ledger),
         "timing": {"total_s": total_s, "round_s": [row["seconds"] for row in rows]},
     })
 
@@ -150,6 +201,31 @@ def without_nan(value: Any) -> Any:
     if isinstance(value, list):
         return [without_nan(item) for item in value]
     return value
+
+
+LEDGER_FILE = "sent_by_banks.json"
+
+
+def ledger_summary(ledger: list[dict[str, Any]]) -> dict[str, Any]:
+    """What left the banks, in short (the whole ledger is in LEDGER_FILE)."""
+    lists = [size for entry in ledger for record in entry["records"]
+             if record["kind"] == "metrics" for size in record["items"].values()]
+    return {"file": LEDGER_FILE, "messages": len(ledger),
+            "bytes": sum(entry["bytes"] for entry in ledger),
+            "kinds": sorted({r["kind"] for entry in ledger for r in entry["records"]}),
+            "longest_metric_list": max(lists, default=0)}
+
+
+def write_ledger(run_dir: Path, ledger: list[dict[str, Any]]) -> Path:
+    """Every record every bank sent, per round: kind, keys and size on the wire."""
+    path = run_dir / LEDGER_FILE
+    path.write_text(json.dumps({
+        "about": "Everything each bank sent the server, per round and message: model "
+                 "weights (array shapes), metrics (key: number of values; lists are "
+                 "640-bin histograms, never rows or per-row scores), with serialized "
+                 "bytes.",
+        "messages": ledger}, indent=1) + "\n")
+    return path
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
