@@ -77,7 +77,8 @@ def main() -> None:
             defaults = run(seed, "defaults", [], source, Path(tmp))
             results = {"tutorial": tutorial and tutorial["final"],
                        "defaults": defaults and defaults["final"],
-                       "centralized": defaults and defaults["baselines"]["centralized"]}
+                       "centralized": defaults and (defaults["baselines"] or {}).get(
+                           "centralized")}
             for system, result in results.items():
                 if result is None:
                     failed.append(f"{system} seed {seed}")

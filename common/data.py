@@ -89,8 +89,9 @@ def dirichlet_partition(
 
     Every row lands in exactly one bank. Each bank first gets ``min_frauds`` frauds (a
     file with one class only is refused by the loader); the rest of every class follows
-    the Dirichlet shares. A draw that leaves a bank with fewer than ``min_rows`` rows
-    is redrawn, never patched with other banks' rows.
+    the Dirichlet shares. A draw that leaves a bank with fewer than ``min_rows`` rows,
+    or fewer than ``min_frauds`` legitimate ones, is redrawn, never patched with other
+    banks' rows.
     """
     if num_banks < 1 or alpha <= 0:
         raise ValueError("num_banks must be >= 1 and alpha > 0")
@@ -111,7 +112,8 @@ def dirichlet_partition(
             for bank, part in enumerate(np.split(rows, cuts)):
                 banks[bank].append(part)
         parts = [np.sort(np.concatenate(bank)) for bank in banks]
-        if min(len(part) for part in parts) >= min_rows:
+        if min(len(part) for part in parts) >= min_rows and min(
+                np.sum(y[part] == 0) for part in parts) >= min_frauds:
             return parts
     raise ValueError(
         f"no Dirichlet(alpha={alpha}) draw gave all {num_banks} banks {min_rows} rows"

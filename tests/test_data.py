@@ -35,7 +35,16 @@ def test_partition_is_non_iid_but_gives_every_bank_two_frauds() -> None:
     rates = [[LABELS[part].mean() for part in per_seed] for per_seed in parts]
 
     assert min(LABELS[part].sum() for per_seed in parts for part in per_seed) == 2
+    assert min((LABELS[part] == 0).sum() for per_seed in parts for part in per_seed) >= 2
     assert np.mean([max(r) - min(r) for r in rates]) > 0.05  # far from IID
+
+
+def test_partition_never_gives_a_bank_only_frauds() -> None:
+    # Mostly fraud and a tiny alpha: a bank can draw 20+ frauds and no legit row.
+    y = np.array([1] * 400 + [0] * 400)
+    for seed in range(1, 21):
+        parts = dirichlet_partition(y, num_banks=10, alpha=0.05, seed=seed)
+        assert min(np.sum(y[part] == 0) for part in parts) >= 2
 
 
 def test_partition_refuses_impossible_settings() -> None:
