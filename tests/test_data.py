@@ -10,7 +10,7 @@ import pandas as pd
 
 from common.data import (
     MANIFEST, TEST_FILE, BankDataError, bank_file, dirichlet_partition, fit_scaler,
-    hold_out, load_transactions, prepare, split_bank, standardize,
+    hold_out, load_transactions, make_synthetic, prepare, split_bank, standardize,
 )
 from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema
 from common.model import FraudNet, ModelSpec
@@ -40,11 +40,11 @@ def test_partition_is_non_iid_but_gives_every_bank_two_frauds() -> None:
 
 
 def test_partition_never_gives_a_bank_only_frauds() -> None:
-    # Mostly fraud and a tiny alpha: a bank can draw 20+ frauds and no legit row.
-    y = np.array([1] * 400 + [0] * 400)
-    for seed in range(1, 21):
-        parts = dirichlet_partition(y, num_banks=10, alpha=0.05, seed=seed)
-        assert min(np.sum(y[part] == 0) for part in parts) >= 2
+    # Seed 8's first draw gave bank 7 its fraud floor plus 20+ frauds and no legit row.
+    _, y = make_synthetic(8)
+    _, y_banks, _, _ = hold_out(np.arange(len(y)), y, 0.2, seed=8)
+    parts = dirichlet_partition(y_banks, num_banks=10, alpha=0.35, seed=8)
+    assert min(np.sum(y_banks[part] == 0) for part in parts) >= 2
 
 
 def test_partition_refuses_impossible_settings() -> None:
