@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo ulb prepare deploy test compose-e2e bench-deploy bench-quality bench-score clean
+.PHONY: install demo ulb prepare deploy test compose-e2e bench-deploy bench-quality bench-privacy bench-robustness bench-score clean
 
 # torch first and pinned: 2.13.0 is the CPU wheel; anything looser pulls CUDA builds.
 $(STAMP): pyproject.toml
@@ -39,6 +39,12 @@ bench-deploy: install
 
 bench-quality: install
 	$(BIN)/python bench/quality.py --seeds 1-10
+
+bench-privacy: install
+	$(BIN)/python bench/privacy.py --epsilons 0.5,1,3,8,0
+
+bench-robustness: install
+	$(BIN)/python bench/robustness.py --attacker 3
 
 bench-score: install
 	test -e runs/latest/model.ts || $(BIN)/fedfraud simulate

@@ -12,16 +12,13 @@ reported, not hidden.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from runs import simulate
 
-APP_DIR = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 COLUMNS = ("auc", "ap", "recall_at_1pct_fpr", "f1")
 # The tutorial (../shared/tutorial-baseline.md): FedAvg weighted by samples, one local
 # epoch, batch 512, Adam 5e-4.
@@ -37,18 +34,9 @@ def seed_range(text: str) -> list[int]:
 
 def run(seed: int, name: str, overrides: list[str], data_source: str,
         work: Path) -> dict | None:
-    runs = work / f"runs-{name}-{seed}"
-    command = [
-        str(BIN / "fedfraud"), "--app-dir", str(APP_DIR), "--flwr-home", str(work / "flwr"),
-        "--set", f"seed={seed}", "--set", f"data-source='{data_source}'",
-        "--set", f"data-dir='{work / f'data-{seed}'}'", "--set", f"runs-dir='{runs}'",
-        *[arg for item in overrides for arg in ("--set", item)], "simulate",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
-        return None
-    return json.loads((runs / "latest" / "metrics.json").read_text())
+    return simulate(work, f"{name}-{seed}", [
+        f"seed={seed}", f"data-source='{data_source}'",
+        f"data-dir='{work / f'data-{seed}'}'", *overrides])
 
 
 def cells(result: dict | None) -> str:

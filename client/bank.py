@@ -87,10 +87,11 @@ class Bank:
         model = self._model(arrays)
         rows = len(self.y_train)
         privacy = privacy_for(config, rows) if config.differential_privacy else None
+        batch_size, learning_rate = config.steps
         loss = train(
             model, self.x_train, self.y_train,
-            epochs=config.local_epochs, batch_size=config.batch_size,
-            learning_rate=config.learning_rate, pos_weight=config.pos_weight,
+            epochs=config.local_epochs, batch_size=batch_size,
+            learning_rate=learning_rate, pos_weight=config.pos_weight,
             seed=config.seed + 1000 * server_round + self.id, proximal_mu=proximal_mu,
             privacy=privacy,
         )

@@ -34,6 +34,8 @@ class Config:
     dp_epsilon: float
     dp_delta: float
     dp_max_grad_norm: float
+    dp_batch_size: int
+    dp_learning_rate: float
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -86,6 +88,13 @@ class Config:
     @property
     def differential_privacy(self) -> bool:
         return self.dp_epsilon > 0
+
+    @property
+    def steps(self) -> tuple[int, float]:
+        """(batch size, learning rate) of the banks' training: DP-SGD's when DP is on."""
+        if self.differential_privacy:
+            return self.dp_batch_size, self.dp_learning_rate
+        return self.batch_size, self.learning_rate
 
     def as_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping Flower uses (inverse of ``from_run_config``)."""

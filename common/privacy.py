@@ -31,7 +31,7 @@ def _noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> floa
 def privacy_for(config: Config, rows: int) -> Privacy:
     """The DP-SGD noise that makes the whole run cost ``dp-epsilon`` for a bank with
     ``rows`` training rows."""
-    per_epoch = steps_per_epoch(rows, config.batch_size)
+    per_epoch = steps_per_epoch(rows, config.steps[0])
     steps = config.num_server_rounds * config.local_epochs * per_epoch
     return Privacy(_noise(config.dp_epsilon, config.dp_delta, 1 / per_epoch, steps),
                    config.dp_max_grad_norm)
@@ -42,7 +42,7 @@ def epsilon_spent(config: Config, rows: int, privacy: Privacy, rounds: int) -> f
     bound for a bank that skipped a round."""
     from opacus.accountants import RDPAccountant
 
-    per_epoch = steps_per_epoch(rows, config.batch_size)
+    per_epoch = steps_per_epoch(rows, config.steps[0])
     accountant = RDPAccountant()
     accountant.history = [(privacy.noise_multiplier, 1 / per_epoch,
                            rounds * config.local_epochs * per_epoch)]

@@ -1,0 +1,27 @@
+"""One real simulation run for the benchmarks: `fedfraud simulate` with overrides."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def simulate(work: Path, name: str, overrides: list[str]) -> dict | None:
+    """metrics.json of a run in ``work`` (``name`` keeps its runs apart), or None if the
+    run failed (its output's tail goes to stderr)."""
+    runs = work / f"runs-{name}"
+    command = [
+        str(BIN / "fedfraud"), "--app-dir", str(APP_DIR), "--flwr-home", str(work / "flwr"),
+        "--set", f"runs-dir='{runs}'",
+        *[arg for item in overrides for arg in ("--set", item)], "simulate",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads((runs / "latest" / "metrics.json").read_text())
