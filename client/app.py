@@ -45,7 +45,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     config = Config.from_run_config(context.run_config)
-    # Evaluate messages carry only the final model (FedAvgEvaluateLast): audit it too.
+    # Evaluate messages carry only the final model (server/strategy.py): audit it too.
     metrics = bank_for(context, config).evaluate(numpy_arrays(msg), config, True)
     return reply(msg, {keys.METRICS: MetricRecord(metrics)})
 

@@ -75,6 +75,10 @@ class Config:
             if value not in allowed:
                 raise ValueError(f"run config: {key} must be one of {allowed}")
         self.attacker_ids  # noqa: B018 - validates the list
+        if self.strategy == "fedprox" and self.differential_privacy:
+            raise ValueError("run config: fedprox with dp-epsilon > 0 is not supported: "
+                             "DP-SGD noises per-transaction gradients and FedProx's term "
+                             "has none, so it would be silently dropped")
 
     @property
     def attacker_ids(self) -> frozenset[int]:

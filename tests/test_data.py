@@ -219,3 +219,9 @@ def test_config_rejects_unknown_and_wrongly_typed_keys() -> None:
         app_config(rounds=3)
     with pytest.raises(ValueError, match="num-server-rounds must be int"):
         app_config(num_server_rounds="3")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        app_config(strategy="fedsgd")
+    with pytest.raises(ValueError, match="attackers must be bank ids"):
+        app_config(attackers="bank three")
+    with pytest.raises(ValueError, match="fedprox with dp-epsilon"):
+        app_config(strategy="fedprox", dp_epsilon=3.0)
