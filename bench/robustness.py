@@ -23,9 +23,12 @@ def main() -> None:
     parser.add_argument("--attacker", default="3")
     parser.add_argument("--attacks", default="none,scale,sign-flip,nan")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="extra setting for every run, e.g. attack-scale=100")
     args = parser.parse_args()
     attacks = args.attacks.split(",")
-    print(f"AUC (AP) with bank {args.attacker} attacking; refused: updates refused")
+    print(f"AUC (AP) with bank {args.attacker} attacking {args.overrides or ''}; "
+          "rN: N updates refused")
     print(f"{'strategy':>14}  " + "  ".join(f"{a:>18}" for a in attacks), flush=True)
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -35,7 +38,7 @@ def main() -> None:
                 metrics = simulate(Path(tmp), f"{strategy}-{attack}", [
                     f"strategy='{strategy}'", f"attack='{attack}'",
                     f"attackers='{args.attacker}'", "baselines=false",
-                    f"data-dir='{Path(tmp) / 'data'}'"])
+                    f"data-dir='{Path(tmp) / 'data'}'", *args.overrides])
                 if metrics is None:
                     failed.append(f"{strategy}/{attack}")
                     cells.append(f"{'FAILED':>18}")
