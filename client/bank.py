@@ -31,7 +31,8 @@ Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's tr
 class Bank:
     def __init__(self, bank_id: int, shard: Path, config: Config,
                  scaler: Scaler | None = None, state_dir: Path | None = None) -> None:
-        split, self.features = read_bank(bank_id, shard, config)
+        split, self.schema = read_bank(bank_id, shard, config)
+        self.features = self.schema.features
         self.state_dir = state_dir or shard.parent  # the bank's own, writable folder
         self.id = bank_id
         self.settings = (config.label_column, config.val_fraction, config.seed)
@@ -42,7 +43,7 @@ class Bank:
     def keep_scaler(self) -> Path:
         """Write the fitted scaler into the bank's own folder, for scoring later."""
         path = scaler_file(self.state_dir)
-        save_scaler(path, *self.scaler, self.features)
+        save_scaler(path, *self.scaler, self.schema)
         return path
 
     def serves(self, config: Config) -> bool:

@@ -3,9 +3,11 @@
     fedfraud score --run runs/latest --scaler data/synthetic/bank_03/scaler.json \\
                    --input new.csv --output scores.csv [--threshold 0.3] [--id-column id]
 
-Nothing leaves the bank: the model comes to the data. The input's columns must be the
-model card's features (plus an optional id column); any other, missing or non-numeric
-column, or an empty file, stops with an error naming the file and the column.
+Nothing leaves the bank: the model comes to the data. The input's columns are read
+with the bank's preprocessing (the federation's schema and the bank's scaler, both in
+its scaler.json), exactly as in training: a missing value becomes the bank's mean. A
+missing or unexpected column, text in a numeric column, or an empty file stops with an
+error naming the file and the column.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.data import BankDataError, load_scaler
+from common.data import BankDataError, load_scaler, standardize
 from common.model import CARD_JSON_FILE, TORCHSCRIPT_FILE
+from common.schema import Schema
 
 
 class ScoreInputError(ValueError):
@@ -33,25 +36,29 @@ class Scorer:
     model: torch.jit.ScriptModule
     mean: np.ndarray
     scale: np.ndarray
-    features: list[str]
+    schema: Schema
     threshold: float
+
+    @property
+    def features(self) -> list[str]:
+        return self.schema.features
 
     @classmethod
     def load(cls, run_dir: Path, scaler: Path) -> Scorer:
         card = json.loads((run_dir / CARD_JSON_FILE).read_text())
-        mean, scale, scaler_features = load_scaler(scaler)
-        if scaler_features != card["features"]:
-            raise BankDataError(f"{scaler}: scaler features {scaler_features} do not match "
+        mean, scale, schema = load_scaler(scaler)
+        if schema.features != card["features"]:
+            raise BankDataError(f"{scaler}: scaler features {schema.features} do not match "
                                 f"the model card's {card['features']}")
         model = torch.jit.load(str(run_dir / TORCHSCRIPT_FILE))
         model.eval()
-        return cls(model, mean.astype(np.float32), scale.astype(np.float32),
-                   card["features"], float(card["threshold"]))
+        return cls(model, mean.astype(np.float32), scale.astype(np.float32), schema,
+                   float(card["threshold"]))
 
     @torch.inference_mode()
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """Fraud probability per row of raw (unscaled) features, in card order."""
-        scaled = (np.asarray(x, np.float32) - self.mean) / self.scale
+        """Fraud probability per row of encoded, unscaled features (NaN: missing)."""
+        scaled = standardize(np.asarray(x, np.float32), self.mean, self.scale)
         return self.model(torch.from_numpy(scaled)).numpy()
 
 
@@ -71,27 +78,10 @@ def read_transactions(path: Path) -> Any:
     return frame
 
 
-def feature_matrix(frame: Any, path: Path, features: list[str],
-                   id_column: str) -> np.ndarray:
-    import pandas as pd
-
-    missing = [name for name in features if name not in frame.columns]
-    if missing:
-        raise ScoreInputError(f"{path}: missing column {missing[0]!r} (missing: {missing})")
-    extra = [name for name in frame.columns if name not in features and name != id_column]
-    if extra:
-        raise ScoreInputError(f"{path}: unexpected column {extra[0]!r} (the model card "
-                              f"lists the features; extra: {extra})")
-    for name in features:
-        column = frame[name]
-        if not pd.api.types.is_numeric_dtype(column):
-            bad = column[pd.to_numeric(column, errors="coerce").isna()].index[0]
-            raise ScoreInputError(f"{path}: column {name!r} is not numeric "
-                                  f"(row {bad + 1}: {column[bad]!r})")
-        if column.isna().any():
-            raise ScoreInputError(f"{path}: column {name!r} has missing values "
-                                  f"(row {int(column.isna().to_numpy().argmax()) + 1})")
-    return frame[features].to_numpy(np.float32)
+def feature_matrix(frame: Any, path: Path, schema: Schema, id_column: str) -> np.ndarray:
+    """The input's columns (all but the id) encoded with the bank's schema."""
+    columns = frame.drop(columns=[id_column]) if id_column in frame.columns else frame
+    return schema.encode(columns, lambda why: ScoreInputError(f"{path}: {why}"))
 
 
 def score_file(scorer: Scorer, input_path: Path, output_path: Path,
@@ -100,7 +90,7 @@ def score_file(scorer: Scorer, input_path: Path, output_path: Path,
     import pandas as pd
 
     frame = read_transactions(input_path)
-    x = feature_matrix(frame, input_path, scorer.features, id_column)
+    x = feature_matrix(frame, input_path, scorer.schema, id_column)
     probabilities = scorer.probabilities(x)
     cut = scorer.threshold if threshold is None else threshold
     ids = frame[id_column] if id_column in frame.columns else pd.RangeIndex(len(frame))

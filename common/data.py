@@ -201,8 +201,8 @@ def write_table(path: Path, rows: Any, schema: Schema) -> None:
 
 def load_transactions(
     path: Path, label_column: str, owner: str, schema: Schema | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Read labelled transactions: (features float32, labels 0/1, feature names).
+) -> tuple[np.ndarray, np.ndarray, Schema]:
+    """Read labelled transactions: (features float32, labels 0/1, the schema used).
 
     Columns are encoded with ``schema``, by default the ``schema.json`` beside the file
     (without one, every feature column must be numeric). Missing feature values stay
@@ -234,7 +234,7 @@ def load_transactions(
                    "bank needs fraud and legitimate rows to train and validate")
     if schema is None:
         schema = read_schema(path, label_column, frame, fail)
-    return schema.encode(frame, fail), labels.to_numpy(np.int64), schema.features
+    return schema.encode(frame, fail), labels.to_numpy(np.int64), schema
 
 
 def read_schema(path: Path, label_column: str, frame: Any, fail: Any) -> Schema:
@@ -257,11 +257,11 @@ def split_bank(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> 
     return BankSplit(x_train, y_train, x_val, y_val)
 
 
-def read_bank(bank_id: int, shard: Path, config: Config) -> tuple[BankSplit, list[str]]:
+def read_bank(bank_id: int, shard: Path, config: Config) -> tuple[BankSplit, Schema]:
     """A bank's own file, read and split the one way every part of fedfraud does it
     (unscaled; the bank fits its scaler on the train split)."""
-    x, y, features = load_transactions(shard, config.label_column, f"bank {bank_id}")
-    return split_bank(x, y, config.val_fraction, config.seed + bank_id), features
+    x, y, schema = load_transactions(shard, config.label_column, f"bank {bank_id}")
+    return split_bank(x, y, config.val_fraction, config.seed + bank_id), schema
 
 
 def fit_scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -285,17 +285,19 @@ def scaler_file(state_dir: Path) -> Path:
     return state_dir / SCALER_FILE
 
 
-def save_scaler(path: Path, mean: np.ndarray, scale: np.ndarray,
-                features: list[str]) -> None:
-    path.write_text(json.dumps({"features": features, "mean": mean.tolist(),
-                                "scale": scale.tolist()}, indent=1) + "\n")
+def save_scaler(path: Path, mean: np.ndarray, scale: np.ndarray, schema: Schema) -> None:
+    """The bank's whole preprocessing: the shared schema and its own scaler."""
+    path.write_text(json.dumps({"features": schema.features, "mean": mean.tolist(),
+                                "scale": scale.tolist(), "schema": schema.as_dict()},
+                               indent=1) + "\n")
 
 
-def load_scaler(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_scaler(path: Path) -> tuple[np.ndarray, np.ndarray, Schema]:
     try:
         saved = json.loads(path.read_text())
-        return np.asarray(saved["mean"]), np.asarray(saved["scale"]), list(saved["features"])
-    except (OSError, ValueError, KeyError) as err:
+        return (np.asarray(saved["mean"]), np.asarray(saved["scale"]),
+                Schema.from_dict(saved["schema"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise BankDataError(f"{path}: not a usable scaler file ({err})") from None
 
 

@@ -100,18 +100,24 @@ class Schema:
                 ) if column.categories else np.empty((len(frame), 0), np.float32))
         return np.concatenate(parts, axis=1) if parts else np.empty((len(frame), 0))
 
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Schema:
+        columns = tuple(Column(c["name"], c["kind"], tuple(c["categories"]))
+                        for c in saved["columns"])
+        if any(c.kind not in (NUMERIC, CATEGORICAL) for c in columns):
+            raise ValueError("unknown column kind")
+        return cls(saved["label"], columns)
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        path.write_text(json.dumps(self.as_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> Schema:
         try:
-            saved = json.loads(path.read_text())
-            columns = tuple(Column(c["name"], c["kind"], tuple(c["categories"]))
-                            for c in saved["columns"])
-            if any(c.kind not in (NUMERIC, CATEGORICAL) for c in columns):
-                raise ValueError("unknown column kind")
-            return cls(saved["label"], columns)
+            return cls.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise BankDataError(f"{path}: not a usable schema file ({err})") from None

@@ -36,11 +36,12 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     started = time.monotonic()
     config = Config.from_run_config(context.run_config)
-    x_test, y_test, features = load_transactions(
+    x_test, y_test, schema = load_transactions(
         Path(config.data_dir) / TEST_FILE, config.label_column, "server test set"
     )
     # The server standardizes its own held-out data with its own scaler, as each bank does.
     x_test = standardize(x_test, *fit_scaler(x_test))
+    features = schema.features
     spec = ModelSpec(in_features=len(features))
     torch.manual_seed(config.seed)
     initial = FraudNet(spec).state_dict()

@@ -155,8 +155,8 @@ def test_loader_missing_file(tmp_path: Path) -> None:
 
 def test_loader_reads_features_and_labels(tmp_path: Path) -> None:
     path = write(tmp_path / "b.csv", "f1,Class,f2\n1.5,0,2\n3,1,4\n")
-    x, y, names = load_transactions(path, "Class", "bank 0")
-    assert names == ["f1", "f2"]
+    x, y, schema = load_transactions(path, "Class", "bank 0")
+    assert schema.features == ["f1", "f2"]
     assert x.tolist() == [[1.5, 2.0], [3.0, 4.0]] and x.dtype == np.float32
     assert y.tolist() == [0, 1]
 
@@ -169,9 +169,9 @@ def test_categories_use_the_shared_schema_and_gaps_become_the_banks_mean(
     SCHEMA.save(tmp_path / SCHEMA_FILE)
     path = write(tmp_path / "b.csv", "amount,channel,Class\n10,web,0\n,web,1\n30,,0\n"
                  "20,atm,0\n")
-    x, y, names = load_transactions(path, "Class", "bank 2")
+    x, y, schema = load_transactions(path, "Class", "bank 2")
 
-    assert names == ["amount", "channel=pos", "channel=web"]
+    assert schema.features == ["amount", "channel=pos", "channel=web"]
     assert np.isnan(x[1, 0]) and x[[0, 2, 3], 0].tolist() == [10, 30, 20]
     assert x[:, 1:].tolist() == [[0, 1], [0, 1], [0, 0], [0, 0]]  # gap, unknown: none
     scaled = standardize(x, *fit_scaler(x))
@@ -198,9 +198,10 @@ def test_prepare_splits_any_labelled_csv_with_one_schema(tmp_path: Path) -> None
                for b in range(5)}
     assert len(schemas) == 1  # every bank got the same schema
     for bank in range(5):
-        x, y, names = load_transactions(tmp_path / "data" / bank_file(bank), "fraud",
-                                        f"bank {bank}")
-        assert names == manifest["features"] and len(y) == manifest["banks"][bank]["rows"]
+        x, y, schema = load_transactions(tmp_path / "data" / bank_file(bank), "fraud",
+                                         f"bank {bank}")
+        assert schema.features == manifest["features"]
+        assert len(y) == manifest["banks"][bank]["rows"]
 
 
 def test_config_has_a_reason_for_every_default() -> None:

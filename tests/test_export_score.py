@@ -116,10 +116,9 @@ def test_parquet_and_the_runs_threshold(scorer: Scorer, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda f: f.drop(columns="f07"), "missing column 'f07'"),
-    (lambda f: f.assign(amount=1.0), "unexpected column 'amount'"),
-    (lambda f: f.assign(f03=["x"] + [1.0] * 4), "column 'f03' is not numeric (row 1: 'x')"),
-    (lambda f: f.assign(f05=[1.0, None, 1.0, 1.0, 1.0]), "column 'f05' has missing values (row 2)"),
+    (lambda f: f.drop(columns="f07"), "missing ['f07']"),
+    (lambda f: f.assign(amount=1.0), "unexpected ['amount']"),
+    (lambda f: f.assign(f03=["x"] + [1.0] * 4), "column 'f03' must be numeric (row 1: 'x')"),
     (lambda f: f.iloc[:0], "no rows"),
 ])
 def test_bad_input_names_the_file_and_the_column(scorer: Scorer, tmp_path: Path,
@@ -129,6 +128,19 @@ def test_bad_input_names_the_file_and_the_column(scorer: Scorer, tmp_path: Path,
     with pytest.raises(ScoreInputError) as err:
         score_file(scorer, path, tmp_path / "out.csv")
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_a_missing_value_is_scored_as_the_banks_mean(scorer: Scorer, tmp_path: Path) -> None:
+    frame = transactions(3)
+    frame.loc[1, "f05"] = None
+    frame.to_csv(tmp_path / "gap.csv", index=False)
+
+    score_file(scorer, tmp_path / "gap.csv", tmp_path / "out.csv")
+
+    filled = frame.drop(columns="id").fillna({"f05": float(scorer.mean[5])})
+    expected = scorer.probabilities(filled.to_numpy(np.float32))
+    out = pd.read_csv(tmp_path / "out.csv")
+    np.testing.assert_allclose(out["fraud_probability"], expected, atol=1e-6)
 
 
 def test_empty_file(scorer: Scorer, tmp_path: Path) -> None:
