@@ -15,12 +15,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import (
+    Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common import keys
 from common.config import Config
 from common.data import bank_file
+
+LEGACY_PARAMETERS = "fitins.parameters"
 
 if TYPE_CHECKING:
     from client.bank import Arrays, Bank
@@ -29,9 +38,19 @@ if TYPE_CHECKING:
 app = ClientApp()
 
 
-@app.train()
+def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """SecAgg+ messages go through Flower's ``secaggplus_mod`` (it masks the bank's
+    weights before they leave); plain ones straight to the handler."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[secure_only])
 def train_handler(msg: Message, context: Context) -> Message:
     config = Config.from_run_config(context.run_config)
+    if LEGACY_PARAMETERS in msg.content.array_records:  # SecAgg+ speaks Flower's legacy
+        return legacy_train(msg, context, config)
     settings = msg.content[keys.CONFIG]
     arrays, metrics = bank_for(context, config).train(
         numpy_arrays(msg), config, int(settings[keys.SERVER_ROUND]),
@@ -48,6 +67,19 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     # Evaluate messages carry only the final model (server/strategy.py): audit it too.
     metrics = bank_for(context, config).evaluate(numpy_arrays(msg), config, True)
     return reply(msg, {keys.METRICS: MetricRecord(metrics)})
+
+
+def legacy_train(msg: Message, context: Context, config: Config) -> Message:
+    """The same training, in the legacy FitIns/FitRes shape SecAgg+ needs. One vote per
+    bank (``num_examples`` 1); the reply's metrics are scalars only."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    names = str(fitins.config[keys.ARRAY_NAMES]).split(",")
+    arrays = dict(zip(names, parameters_to_ndarrays(fitins.parameters)))
+    trained, metrics = bank_for(context, config).train(
+        arrays, config, int(fitins.config[keys.SERVER_ROUND]), False)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
+        [trained[name] for name in names]), num_examples=1, metrics=metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 def numpy_arrays(msg: Message) -> Arrays:

@@ -36,6 +36,9 @@ class Config:
     dp_max_grad_norm: float
     dp_batch_size: int
     dp_learning_rate: float
+    secure_aggregation: bool
+    secagg_shares: int
+    secagg_threshold: int
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -75,6 +78,11 @@ class Config:
             if value not in allowed:
                 raise ValueError(f"run config: {key} must be one of {allowed}")
         self.attacker_ids  # noqa: B018 - validates the list
+        if self.secure_aggregation and (self.strategy, self.bank_weighting) != (
+                "fedavg", "equal"):
+            raise ValueError("run config: secure-aggregation works with strategy 'fedavg' "
+                             "and bank-weighting 'equal' only: the server never sees one "
+                             "bank's update, so it cannot weigh, rank or refuse it")
         if self.strategy == "fedprox" and self.differential_privacy:
             raise ValueError("run config: fedprox with dp-epsilon > 0 is not supported: "
                              "DP-SGD noises per-transaction gradients and FedProx's term "

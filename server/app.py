@@ -27,6 +27,7 @@ from server.report import write_report
 from server.results import (
     build_metrics, new_run_dir, point_latest, validation_record, write_ledger, write_metrics,
 )
+from server.secure import run_secure
 from server.strategy import make_strategy
 
 app = ServerApp()
@@ -48,13 +49,16 @@ def main(grid: Grid, context: Context) -> None:
     evaluation = TestSetEvaluation(x_test, y_test, spec, config.num_server_rounds)
 
     strategy = make_strategy(config)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=config.num_server_rounds,
-        train_config=ConfigRecord({keys.EVALUATE_INCOMING: True}),
-        evaluate_fn=evaluation,
-    )
+    if config.secure_aggregation:
+        result = run_secure(grid, context, config, initial, evaluation, strategy)
+    else:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=config.num_server_rounds,
+            train_config=ConfigRecord({keys.EVALUATE_INCOMING: True}),
+            evaluate_fn=evaluation,
+        )
 
     federation_s = time.monotonic() - started
     mode = run_mode(grid)

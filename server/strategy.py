@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from logging import WARNING
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.serde import (
     array_record_to_proto, config_record_to_proto, metric_record_to_proto,
 )
@@ -48,22 +50,34 @@ def non_finite(content: RecordDict) -> list[str]:
             for name, array in record.items() if not np.isfinite(array.numpy()).all()]
 
 
-def ledger_entry(message: str, server_round: int, content: RecordDict) -> dict[str, Any]:
-    """What one reply carried: each record's kind, keys and serialized size."""
+def fingerprint(record: ArrayRecord) -> str:
+    """A short hash of a record's arrays: equal fingerprints, equal weights."""
+    return hashlib.sha256(b"".join(array.data for array in record.values())).hexdigest()[:16]
+
+
+def ledger_entry(message: str, server_round: int, content: RecordDict,
+                 bank: int | None = None) -> dict[str, Any]:
+    """What one reply carried: each record's kind, keys and serialized size (and a
+    fingerprint of any weights)."""
     records = []
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
             kind, size = "weights", array_record_to_proto(record).ByteSize()
             items = {key: list(array.shape) for key, array in record.items()}
+            if items:
+                items = {**items, "sha256": fingerprint(record)}
         elif isinstance(record, MetricRecord):
             kind, size = "metrics", metric_record_to_proto(record).ByteSize()
             items = {key: len(value) if isinstance(value, list) else 1
                      for key, value in record.items()}
-        else:
-            kind, size = "config", config_record_to_proto(record).ByteSize()
-            items = {key: 1 for key in record}
+        else:  # SecAgg+'s record: public keys, encrypted shares or masked weights
+            kind = "secagg" if name == RECORD_KEY_CONFIGS else "config"
+            size = config_record_to_proto(record).ByteSize()
+            items = {key: len(value) if isinstance(value, list) else 1
+                     for key, value in record.items()}
         records.append({"record": name, "kind": kind, "bytes": size, "items": items})
-    return {"round": server_round, "bank": bank_of(content), "message": message,
+    return {"round": server_round, "bank": bank_of(content) if bank is None else bank,
+            "message": message,
             "bytes": sum(record["bytes"] for record in records), "records": records}
 
 

@@ -158,21 +158,34 @@ def run_deploy(tmp_path: Path, certs: Path | None, rounds: int, *extra: str,
     return code, "".join(output)
 
 
-def test_ten_banks_over_tls_complete_two_rounds(tmp_path: Path) -> None:
+def test_ten_banks_over_tls_with_secure_aggregation_and_dp_complete_two_rounds(
+    tmp_path: Path,
+) -> None:
     certs = make_certificates(tmp_path / "certs", num_banks=10)
 
-    code, output = run_deploy(tmp_path, certs, 2)
+    code, output = run_deploy(tmp_path, certs, 2, "--set", "secure-aggregation=true",
+                              "--set", "dp-epsilon=3.0")
 
     assert code == 0, output
     assert "TLS + bank authentication" in output
-    metrics = json.loads((tmp_path / "runs" / "latest" / "metrics.json").read_text())
+    run_dir = tmp_path / "runs" / "latest"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["mode"] == "deployment"
     assert [bank["id"] for bank in metrics["banks"]] == list(range(10))
     assert [row["banks_trained"] for row in metrics["history"]] == [list(range(10))] * 2
     assert all("federated_own_validation" in bank for bank in metrics["banks"])
+    # Each bank spent (at most) its epsilon; the server saw masked vectors, no weights.
+    privacy = metrics["privacy"]
+    assert [bank["bank"] for bank in privacy["banks"]] == list(range(10))
+    assert all(2.9 < bank["epsilon"] <= 3.0 + 1e-6 for bank in privacy["banks"])
+    ledger = json.loads((run_dir / "sent_by_banks.json").read_text())["messages"]
+    assert not any(record["items"] for entry in ledger for record in entry["records"]
+                   if record["kind"] == "weights")
+    assert {entry["bank"] for entry in ledger if any(
+        "masked_params" in record["items"] for record in entry["records"])} == set(range(10))
     # The references need every bank's rows: never in a deployment, and it says why.
     assert metrics["baselines"] is None and "deployment" in metrics["baselines_skipped"]
-    assert (tmp_path / "runs" / "latest" / "report.html").exists()
+    assert (run_dir / "report.html").exists()
 
 
 def test_a_bank_dying_mid_run_does_not_sink_it(tmp_path: Path) -> None:

@@ -67,3 +67,67 @@ def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
     # Nothing left running, nothing in the repo rewritten.
     assert processes_with_env(f"FLWR_HOME={flwr_home}") == []
     assert hashlib.sha256((APP_DIR / "pyproject.toml").read_bytes()).hexdigest() == pyproject
+
+
+def simulate(tmp_path: Path, name: str, *settings: str) -> Path:
+    command = [
+        str(BIN / "fedfraud"), "--app-dir", str(APP_DIR),
+        "--flwr-home", str(tmp_path / f"flwr-{name}"),
+        "--set", "num-server-rounds=1", "--set", "baselines=false",
+        "--set", f"data-dir='{tmp_path / 'data'}'",
+        "--set", f"runs-dir='{tmp_path / name}'", *settings, "simulate",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return (tmp_path / name / "latest").resolve()
+
+
+def test_secure_aggregation_matches_fedavg_and_never_shows_a_banks_weights(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from client.bank import Bank
+    from common.data import bank_file
+    from common.model import FraudNet, ModelSpec
+    from server.strategy import fingerprint
+    from tests.conftest import app_config
+
+    plain = simulate(tmp_path, "plain")
+    secure = simulate(tmp_path, "secure", "--set", "secure-aggregation=true")
+
+    # One round: the server's sum of masked updates is FedAvg's average, up to SecAgg+'s
+    # quantization (16 / 2**22 per value). (Later rounds train from those slightly
+    # different weights, and training amplifies the difference.)
+    plain_model = torch.load(plain / "model.pt", weights_only=False)["state_dict"]
+    secure_model = torch.load(secure / "model.pt", weights_only=False)["state_dict"]
+    for name, weights in plain_model.items():
+        torch.testing.assert_close(secure_model[name], weights, atol=2e-5, rtol=0)
+    plain_final = json.loads((plain / "metrics.json").read_text())["final"]
+    secure_final = json.loads((secure / "metrics.json").read_text())["final"]
+    assert abs(secure_final["auc"] - plain_final["auc"]) < 1e-4
+
+    # Bank 0's round-1 weights, recomputed here: the plain server received exactly
+    # them; the secure server received no weights from any bank, only masked vectors.
+    config = app_config(data_dir=str(tmp_path / "data"))
+    torch.set_num_threads(1)  # as the banks run (server/launch.py): same float sums
+    torch.manual_seed(config.seed)
+    initial = {k: v.numpy() for k, v in FraudNet(ModelSpec(30)).state_dict().items()}
+    trained, _ = Bank(0, tmp_path / "data" / bank_file(0), config).train(
+        initial, config, server_round=1, evaluate_incoming=False)
+    own = fingerprint(ArrayRecord({k: Array(v) for k, v in trained.items()}))
+
+    def received(run_dir: Path) -> list[dict]:
+        return json.loads((run_dir / "sent_by_banks.json").read_text())["messages"]
+
+    def weights_seen(run_dir: Path) -> set[str]:
+        return {record["items"].get("sha256") for entry in received(run_dir)
+                for record in entry["records"] if record["kind"] == "weights"}
+
+    assert own in weights_seen(plain)
+    assert weights_seen(secure) == {None}  # weight records arrive empty
+    masked = [entry for entry in received(secure) if entry["bank"] == 0 and any(
+        "masked_params" in record["items"] for record in entry["records"])]
+    assert [entry["round"] for entry in masked] == [1]

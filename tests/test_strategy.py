@@ -16,7 +16,7 @@ from common.metrics import PooledCurve, membership_histograms
 from common.model import FraudNet, ModelSpec
 from common.privacy import epsilon_spent, privacy_for
 from common.task import train
-from server.strategy import make_strategy
+from server.strategy import fingerprint, make_strategy
 from tests.conftest import app_config
 
 HONEST = [np.array([1.0, 2.0], np.float32), np.array([1.2, 2.2], np.float32),
@@ -62,7 +62,8 @@ def test_ledger_lists_each_record_with_its_size_and_no_rows() -> None:
 
     assert (entry["round"], entry["bank"], entry["message"]) == (1, 0, "train")
     kinds = {record["kind"]: record for record in entry["records"]}
-    assert kinds["weights"]["items"] == {"w": [2]}
+    assert kinds["weights"]["items"] == {"w": [2],
+                                         "sha256": fingerprint(ArrayRecord({"w": Array(HONEST[0])}))}
     assert kinds["weights"]["bytes"] >= 8  # two float32 values, plus framing
     assert set(kinds["metrics"]["items"]) == {keys.BANK_ID, keys.VOTE, keys.NUM_EXAMPLES,
                                               keys.N_TRAIN, keys.N_VAL, keys.N_FRAUD}

@@ -1,0 +1,128 @@
+"""Secure aggregation: the server learns only the sum of the banks' models (SecAgg+).
+
+Flower 1.39 runs SecAgg+ only on its legacy path: ``SecAggPlusWorkflow`` inside a
+``DefaultWorkflow`` with the legacy FedAvg; each bank's ClientApp answers through
+``secaggplus_mod`` (client/app.py), which masks the bank's weights before they leave.
+Everything else is the same as the plain run: the same banks' training, the server's
+test-set evaluation every round, and the final evaluate step (then with the plain
+Message API, since it carries no weights back). The result comes back in the plain
+strategy's ``Result`` shape so that metrics.json, the model and the report are built
+the same way.
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import RecordDict
+from flwr.common import Metrics, Scalar, log, ndarrays_to_parameters
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from common import keys
+from common.config import Config
+from server.evaluation import TestSetEvaluation, aggregate_bank_metrics
+from server.strategy import BankGuard, ledger_entry
+
+
+class RecordingGrid:
+    """The grid, passed to Flower's workflow, noting what every bank's reply held."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.replies: list[tuple[int, int, RecordDict]] = []  # (round, node, content)
+
+    def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "fedfraud: SecAgg+ reply from node %d failed: %s",
+                    reply.metadata.src_node_id, reply.error.reason[-900:].replace("\n", " | "))
+            if reply.has_content():
+                self.replies.append((int(reply.metadata.group_id or 0),
+                                     reply.metadata.src_node_id, reply.content))
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def ledger(self, node_to_bank: dict[int, int]) -> list[dict[str, Any]]:
+        return [ledger_entry("train (SecAgg+)", server_round, content,
+                             bank=node_to_bank.get(node, -1))
+                for server_round, node, content in self.replies]
+
+
+def aggregate_fit_metrics(results: list[tuple[int, Metrics]]) -> dict[str, Scalar]:
+    """The legacy strategy's metric hook, summing counts like the plain run does."""
+    replies = [RecordDict({keys.METRICS: MetricRecord(dict(metrics))})
+               for _, metrics in results]
+    return dict(aggregate_bank_metrics(replies, keys.VOTE))  # type: ignore[arg-type]
+
+
+def run_secure(grid: Grid, context: Context, config: Config,
+               initial: dict[str, Any], evaluation: TestSetEvaluation,
+               guard: BankGuard) -> Result:
+    """The run with SecAgg+; ``guard`` (the plain strategy) does the final evaluate
+    step and keeps the ledger."""
+    names = list(initial)
+
+    dtypes = [tensor.numpy().dtype for tensor in initial.values()]
+
+    def as_record(arrays: list[np.ndarray]) -> ArrayRecord:
+        """Named arrays in the model's own dtypes (SecAgg+ dequantizes to float64)."""
+        return ArrayRecord({name: Array(np.asarray(a, dtype)) for name, a, dtype in
+                            zip(names, arrays, dtypes)})
+
+    def evaluate(server_round: int, arrays: list[np.ndarray],
+                 _: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
+        metrics = evaluation(server_round, as_record(arrays))
+        return float(metrics["loss"]), dict(metrics)
+
+    strategy = LegacyFedAvg(
+        fraction_fit=1.0, fraction_evaluate=0.0,
+        min_fit_clients=config.min_banks, min_available_clients=config.min_banks,
+        initial_parameters=ndarrays_to_parameters([t.numpy() for t in initial.values()]),
+        on_fit_config_fn=lambda server_round: {
+            keys.SERVER_ROUND: server_round, keys.ARRAY_NAMES: ",".join(names)},
+        evaluate_fn=evaluate,
+        fit_metrics_aggregation_fn=aggregate_fit_metrics,
+    )
+    legacy = LegacyContext(context=context,
+                           config=ServerConfig(num_rounds=config.num_server_rounds),
+                           strategy=strategy)
+    recording = RecordingGrid(grid)
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=config.secagg_shares, reconstruction_threshold=config.secagg_threshold,
+        max_weight=1.0))  # every bank one vote (bank-weighting "equal")
+    workflow(recording, legacy)  # type: ignore[arg-type]
+
+    final = legacy.state.array_records[MAIN_PARAMS_RECORD]
+    arrays = as_record([array.numpy() for array in final.values()])
+    evaluate = guard.configure_evaluate(config.num_server_rounds, arrays, ConfigRecord(),
+                                        grid)
+    aggregated = guard.aggregate_evaluate(config.num_server_rounds,
+                                          grid.send_and_receive(list(evaluate)))
+    node_to_bank = {}
+    for _, node, content in recording.replies:
+        for record in content.config_records.values():
+            if keys.BANK_ID in record:
+                node_to_bank[node] = int(record[keys.BANK_ID])
+    guard.ledger[:0] = recording.ledger(node_to_bank)
+
+    fit_history = legacy.history.metrics_distributed_fit
+    rounds = sorted({r for values in fit_history.values() for r, _ in values})
+    return Result(
+        arrays=arrays,
+        train_metrics_clientapp={r: MetricRecord({
+            key: value for key, values in fit_history.items() for rr, value in values
+            if rr == r}) for r in rounds},
+        evaluate_metrics_clientapp=(
+            {config.num_server_rounds: aggregated} if aggregated is not None else {}),
+    )
