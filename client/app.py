@@ -7,7 +7,8 @@ Where the bank's work runs depends on the node config:
 - otherwise (simulation, or ``shard=<path>`` alone): in this process, with the bank's
   fitted scaler kept in ``context.state``.
 
-Either way a reply holds only model weights and counts: no row, no per-row score.
+Either way a reply holds only model weights and counts: no row, no per-row score. With
+secure aggregation on, Flower's ``secaggplus_mod`` masks the weights before they leave.
 """
 
 from __future__ import annotations

@@ -54,11 +54,20 @@ def model_card(metrics: dict[str, Any], spec: ModelSpec, features: list[str],
         "final_test_metrics": {key: final[key] for key in (
             "auc", "ap", "recall_at_1pct_fpr", "precision", "recall", "f1",
             "tp", "fp", "fn", "tn")},
-        "privacy": {"raw_data_shared": False, "differential_privacy": "off",
-                    "secure_aggregation": "off",
+        "privacy": {"raw_data_shared": False,
+                    "differential_privacy": dp_summary(metrics.get("privacy") or {}),
+                    "secure_aggregation": "on (SecAgg+)" if (metrics.get("privacy") or {})
+                    .get("secure_aggregation") else "off",
                     "sent_by_banks": "model weights, sample counts, confusion counts, "
-                                     "score histograms"},
+                                     "score and loss histograms (sent_by_banks.json)"},
     }
+
+
+def dp_summary(privacy: dict[str, Any]) -> str:
+    if not privacy.get("differential_privacy"):
+        return "off"
+    return (f"DP-SGD per bank, epsilon <= {privacy['max_epsilon_spent']:.2f} at delta "
+            f"{privacy['delta']:g} (each bank's in metrics.json)")
 
 
 def card_markdown(card: dict[str, Any]) -> str:

@@ -146,6 +146,9 @@ def privacy_lines(metrics: dict[str, Any]) -> list[str]:
     """What the run says about privacy and bad banks, in plain sentences."""
     lines = []
     privacy = metrics.get("privacy") or {}
+    if privacy.get("secure_aggregation"):
+        lines.append("Secure aggregation (SecAgg+): the server saw only the sum of the "
+                     "banks' models, never one bank's.")
     if privacy.get("differential_privacy"):
         lines.append(
             f"Differential privacy: each bank trained with DP-SGD; the most any bank spent "

@@ -114,7 +114,8 @@ def compare_banks(local_only: list[dict[str, Any]], banks: list[dict[str, Any]],
 
 def privacy_record(config: Config, result: Result) -> dict[str, Any]:
     """The DP settings and each bank's spent epsilon, as it last reported it."""
-    record: dict[str, Any] = {"differential_privacy": config.differential_privacy}
+    record: dict[str, Any] = {"secure_aggregation": config.secure_aggregation,
+                              "differential_privacy": config.differential_privacy}
     if not config.differential_privacy:
         return record
     spent: dict[int, dict[str, float]] = {}

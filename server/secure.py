@@ -42,9 +42,10 @@ class RecordingGrid:
     def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
-            if reply.has_error():
+            if reply.has_error():  # the reason's tail holds the exception
+                reason = reply.error.reason[-900:].replace("\n", " | ")
                 log(WARNING, "fedfraud: SecAgg+ reply from node %d failed: %s",
-                    reply.metadata.src_node_id, reply.error.reason[-900:].replace("\n", " | "))
+                    reply.metadata.src_node_id, reason)
             if reply.has_content():
                 self.replies.append((int(reply.metadata.group_id or 0),
                                      reply.metadata.src_node_id, reply.content))
@@ -72,7 +73,6 @@ def run_secure(grid: Grid, context: Context, config: Config,
     """The run with SecAgg+; ``guard`` (the plain strategy) does the final evaluate
     step and keeps the ledger."""
     names = list(initial)
-
     dtypes = [tensor.numpy().dtype for tensor in initial.values()]
 
     def as_record(arrays: list[np.ndarray]) -> ArrayRecord:
