@@ -31,8 +31,8 @@ deploy: install
 # round 14); the references get the same 20 x 3 epochs.
 ulb: install
 	$(BIN)/fedfraud fetch-ulb --out data/raw/creditcard.csv
-	$(BIN)/fedfraud --set data-source='data/raw/creditcard.csv' --set data-dir='data/ulb' \
-		--set num-server-rounds=20 simulate
+	$(BIN)/fedfraud --set "data-source='data/raw/creditcard.csv'" \
+		--set "data-dir='data/ulb'" --set num-server-rounds=20 simulate
 
 bench-deploy: install
 	$(BIN)/python bench/deploy.py --rounds 10 --paths warm,cold
