@@ -92,6 +92,16 @@ class PooledCurve:
         probs = 1.0 / (1.0 + np.exp(-edges))
         return cls(probs[::-1], tp[::-1], fp[::-1], int(fraud_a.sum()), int(legit_a.sum()))
 
+    @classmethod
+    def from_scores(cls, y: np.ndarray, logits: np.ndarray) -> PooledCurve:
+        """The curve of rows one party holds, built the way banks' histograms are."""
+        return cls.from_histograms(*score_histograms(y, logits))
+
+    def precisions(self) -> np.ndarray:
+        """Precision at each threshold (1 where nothing is flagged)."""
+        flagged = self.tp + self.fp
+        return np.divide(self.tp, flagged, out=np.ones(len(flagged)), where=flagged > 0)
+
     def confusion_at(self, index: int) -> Confusion:
         tp, fp = int(self.tp[index]), int(self.fp[index])
         return Confusion(tp, fp, self.positives - tp, self.negatives - fp)
@@ -107,9 +117,7 @@ class PooledCurve:
         if not self.positives:
             return float("nan")
         recall = np.concatenate([[0.0], self.tp / self.positives])
-        flagged = self.tp + self.fp
-        precision = np.divide(self.tp, flagged, out=np.ones(len(flagged)), where=flagged > 0)
-        return float(np.sum(np.diff(recall) * precision))
+        return float(np.sum(np.diff(recall) * self.precisions()))
 
     def recall_at_fpr(self, max_fpr: float = MAX_FPR) -> float:
         """Highest recall at any threshold edge whose false-positive rate <= ``max_fpr``."""
@@ -133,6 +141,10 @@ class PooledCurve:
     def best_f1_index(self) -> int:
         """Index of the threshold with the highest F1; ties go to the higher threshold."""
         return int(np.argmax([self.confusion_at(i).f1 for i in range(len(self.thresholds))]))
+
+    def best_f1_threshold(self) -> float:
+        """The probability threshold with the highest F1 (how runs choose theirs)."""
+        return float(self.thresholds[self.best_f1_index()])
 
 
 def recall_at_fpr(y: np.ndarray, logits: np.ndarray, max_fpr: float = MAX_FPR) -> float:

@@ -6,7 +6,6 @@ import time
 from logging import INFO, WARNING
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
@@ -17,7 +16,7 @@ from common.config import Config
 from common.data import (
     TEST_FILE, BankDataError, describe_data, fit_scaler, load_transactions, standardize,
 )
-from common.metrics import PooledCurve, score_histograms
+from common.metrics import PooledCurve
 from common.model import FraudNet, ModelSpec
 from server.baselines import compute_baselines
 from server.evaluation import TestSetEvaluation
@@ -63,7 +62,8 @@ def main(grid: Grid, context: Context) -> None:
     federation_s = time.monotonic() - started
     mode = run_mode(grid)
     last = max(evaluation.logits)
-    curves = {"federated, test set": curve_of(y_test, evaluation.logits[last])}
+    curves = {"federated, test set": PooledCurve.from_scores(y_test,
+                                                             evaluation.logits[last])}
     validation = validation_record(result, last)
     if validation is not None:
         curves["federated, banks' pooled validation"] = PooledCurve.from_histograms(
@@ -74,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
         try:
             baselines, central_logits = compute_baselines(config, spec, initial, x_test,
                                                           y_test)
-            curves["centralized, test set"] = curve_of(y_test, central_logits)
+            curves["centralized, test set"] = PooledCurve.from_scores(y_test, central_logits)
         except BankDataError as err:  # keep the federated results all the same
             log(WARNING, "fedfraud: no baselines: %s", err)
             why_not = str(err)
@@ -95,10 +95,6 @@ def main(grid: Grid, context: Context) -> None:
     point_latest(run_dir)
     write_report(run_dir, metrics, config, figures)
     log(INFO, "fedfraud run folder: %s", run_dir)
-
-
-def curve_of(y: np.ndarray, logits: np.ndarray) -> PooledCurve:
-    return PooledCurve.from_histograms(*score_histograms(y, logits))
 
 
 def run_mode(grid: Grid) -> str:

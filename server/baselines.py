@@ -21,7 +21,7 @@ import torch
 
 from common.config import Config
 from common.data import BankSplit, bank_file, fit_scaler, read_bank, standardize
-from common.metrics import PooledCurve, score_histograms, summarize
+from common.metrics import PooledCurve, summarize
 from common.model import FraudNet, ModelSpec
 from common.task import score, train
 
@@ -42,12 +42,12 @@ def fit_alone(split: BankSplit, scaler: Scaler, spec: ModelSpec,
 
 def validation_curve(model: FraudNet, x_val: np.ndarray, y_val: np.ndarray) -> PooledCurve:
     """The same histogram curve the banks build for the federated model."""
-    return PooledCurve.from_histograms(*score_histograms(y_val, score(model, x_val)))
+    return PooledCurve.from_scores(y_val, score(model, x_val))
 
 
 def tested(logits: np.ndarray, y_test: np.ndarray, curve: PooledCurve) -> dict[str, Any]:
     """Test-set metrics at the threshold ``curve`` (validation data) chooses."""
-    threshold = float(curve.thresholds[curve.best_f1_index()])
+    threshold = curve.best_f1_threshold()
     return {**summarize(y_test, logits, threshold), "validation": curve.summary(threshold)}
 
 

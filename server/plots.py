@@ -51,10 +51,7 @@ def roc_figure(path: Path, curves: dict[str, PooledCurve]) -> str:
 def pr_figure(path: Path, curves: dict[str, PooledCurve]) -> str:
     figure, axis = _figure()
     for label, curve in curves.items():
-        flagged = curve.tp + curve.fp
-        precision = np.divide(curve.tp, flagged, out=np.ones(len(flagged)),
-                              where=flagged > 0)
-        axis.plot(curve.tp / max(curve.positives, 1), precision,
+        axis.plot(curve.tp / max(curve.positives, 1), curve.precisions(),
                   label=f"{label} (AP {curve.average_precision():.3f})")
     axis.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision",
              title="Precision-recall, pooled over rows")

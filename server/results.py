@@ -58,8 +58,7 @@ def history(result: Result, evaluation: TestSetEvaluation,
         if validation is not None:
             curve = PooledCurve.from_histograms(validation[keys.HIST_LEGIT],
                                                 validation[keys.HIST_FRAUD])
-            best = curve.best_f1_index()
-            threshold = float(curve.thresholds[best])
+            threshold = curve.best_f1_threshold()
         row = {
             "round": server_round,
             **summarize(evaluation.y, evaluation.logits[server_round], threshold),
