@@ -35,7 +35,7 @@ ulb: install
 		--set "data-dir='data/ulb'" --set num-server-rounds=20 simulate
 
 bench-deploy: install
-	$(BIN)/python bench/deploy.py --rounds 10 --paths warm,cold
+	$(BIN)/python bench/deploy.py --rounds 10
 
 bench-quality: install
 	$(BIN)/python bench/quality.py --seeds 1-10

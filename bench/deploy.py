@@ -1,11 +1,12 @@
-"""Real-process deployment speed: warm bank workers vs Flower's default (cold) path.
+"""Real-process deployment speed and memory.
 
-    .venv/bin/python bench/deploy.py --rounds 10 --paths warm,cold
+    .venv/bin/python bench/deploy.py --rounds 10
 
-Each path runs `fedfraud deploy` (SuperLink + one SuperNode per bank, gRPC, TLS and
-bank authentication) from a clean process table and prints: total wall time (startup
-included), per-round seconds, peak memory of every process of the run together, and
-an idle bank's memory (its SuperNode, SuperExec and worker before the run starts).
+Runs `fedfraud deploy` (a SuperLink and ten banks, each `fedfraud-bank run`: its
+SuperNode and its task executor; gRPC, TLS and bank authentication) from a clean
+process table and prints: total wall time (startup included), per-round seconds,
+peak memory of every process of the run together, and an idle bank's memory (all its
+processes, once every bank is online and before the run starts).
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ APP_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(APP_DIR))
 
-from server.launch import processes_with_env  # noqa: E402
-
+from common.processes import descendants, processes_with_env  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -54,15 +54,13 @@ class Sampler(threading.Thread):
         self.stopped = threading.Event()
 
     def bank_mb(self, pids: list[int], bank: int) -> float:
-        """One bank's processes: its SuperNode and SuperExec, and its worker."""
-        tag = f"bank-id={bank} "
-        supernode = [p for p in pids if "flower-supernode" in cmdline(p) and tag in cmdline(p)]
-        worker = [p for p in pids if "bank-worker" in cmdline(p)
-                  and f"--bank-id {bank} " in cmdline(p) + " "]
-        total = sum(rss_mb(p) for p in supernode + worker)
-        for parent in supernode:  # SuperExec is the SuperNode's child
-            total += sum(rss_mb(p) for p in pids if f"--parent-pid {parent}" in cmdline(p))
-        return total
+        """One bank's processes: its command, SuperNode and executor."""
+        for pid in pids:
+            words = cmdline(pid).split()
+            if "fedfraud-bank" in " ".join(words[:2]) and "run" in words and \
+                    words[words.index("--bank-id") + 1] == str(bank):
+                return sum(rss_mb(p) for p in (pid, *descendants(pid)))
+        return 0.0
 
     def run(self) -> None:
         while not self.stopped.is_set():
@@ -71,14 +69,15 @@ class Sampler(threading.Thread):
             time.sleep(0.2)
 
 
-def run_path(path: str, rounds: int, banks: int, work: Path) -> dict:
+def run_deploy(rounds: int, banks: int, work: Path) -> dict:
+    path = "deploy"
     flwr_home = work / f"flwr-{path}"
     command = [
         str(BIN / "fedfraud"), "--app-dir", str(APP_DIR), "--flwr-home", str(flwr_home),
         "--set", f"num-server-rounds={rounds}", "--set", f"num-banks={banks}",
         "--set", f"min-banks={banks}", "--set", f"data-dir='{work / 'data'}'",
         "--set", f"runs-dir='{work / f'runs-{path}'}'",
-        "deploy", "--certs", str(work / "certs"), *(["--cold"] if path == "cold" else []),
+        "deploy", "--certs", str(work / "certs"),
     ]
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     sampler = Sampler(f"FLWR_HOME={flwr_home}")
@@ -108,12 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--banks", type=int, default=10)
-    parser.add_argument("--paths", default="warm,cold", help="comma-separated: warm, cold")
     args = parser.parse_args()
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for path in args.paths.split(","):
-            results[path] = run_path(path, args.rounds, args.banks, Path(tmp))
+        results = {"deploy": run_deploy(args.rounds, args.banks, Path(tmp))}
     print(f"\n{args.banks} banks, {args.rounds} rounds, TLS + bank authentication")
     print(f"{'path':6} {'wall s':>8} {'first round s':>14} {'warm round s (median)':>22} "
           f"{'peak MB':>8} {'idle bank MB':>13}")

@@ -1,18 +1,22 @@
 """The bank's ClientApp: thin Flower handlers in front of ``client.bank.Bank``.
 
-Where the bank's work runs depends on the node config:
-- ``worker=<socket>`` (deployment): the bank's warm worker process, started beside its
-  SuperNode, already holds its data and torch; this module then never imports torch,
-  so the per-message ClientApp process Flower starts stays cheap.
-- otherwise (simulation, or ``shard=<path>`` alone): in this process, with the bank's
-  fitted scaler kept in ``context.state``.
+The node config says which bank this is; the bank sets it, never the server:
+- deployment (``shard``, ``state``, ``policy``): the bank's own files. The bank's
+  policy is checked before any row is read (a run asking for less privacy than it
+  allows is refused with the reason), and a failure reaches the server only as a
+  category ("bank 3: data error, see the bank's log"); the details stay in the log.
+- simulation (``partition-id``): the partition's shard under ``data-dir``.
+The fitted scaler is kept in ``context.state`` between messages.
 
-Either way a reply holds only model weights and counts: no row, no per-row score. With
-secure aggregation on, Flower's ``secaggplus_mod`` masks the weights before they leave.
+A reply holds only model weights and counts: no row, no per-row score. With secure
+aggregation on, Flower's ``secaggplus_mod`` masks the weights before they leave.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
+from logging import ERROR
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,21 +25,54 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (
-    Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays,
+    Code, FitRes, Status, log, ndarrays_to_parameters, parameters_to_ndarrays,
 )
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common import keys
 from common.config import Config
 from common.data import bank_file
+from common.schema import BankDataError
 
 LEGACY_PARAMETERS = "fitins.parameters"
 
 if TYPE_CHECKING:
     from client.bank import Arrays, Bank
-    from client.worker import WorkerBank
+    from client.policy import Policy
 
 app = ClientApp()
+
+
+class BankRefused(RuntimeError):
+    """What the server learns when a deployed bank does not answer: the bank and a
+    category (or the policy's reasons, which name settings only)."""
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def errors_stay_home(handler: Handler) -> Handler:
+    """A deployed bank's failure goes to its own log in full and to the server only as
+    a category: error texts can hold cell values and column names."""
+
+    @wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        if "policy" not in context.node_config:  # simulation: one party's machine
+            return handler(msg, context)
+        bank = f"bank {context.node_config.get('bank-id', '?')}"
+        try:
+            return handler(msg, context)
+        except BankRefused:
+            raise
+        except BankDataError as err:
+            log(ERROR, "%s: data error: %s", bank, err)
+            raise BankRefused(f"{bank}: data error, see the bank's log") from None
+        except Exception as err:  # noqa: BLE001 - same rule for any failure
+            log(ERROR, "%s: %s", bank, err, exc_info=err)
+            raise BankRefused(f"{bank}: failed ({type(err).__name__}), see the bank's "
+                              "log") from None
+
+    return guarded
 
 
 def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -49,8 +86,9 @@ def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) ->
 
 
 @app.train(mods=[secure_only])
+@errors_stay_home
 def train_handler(msg: Message, context: Context) -> Message:
-    config = Config.from_run_config(context.run_config)
+    config, _ = allowed_config(context)
     if LEGACY_PARAMETERS in msg.content.array_records:  # SecAgg+ speaks Flower's legacy
         return legacy_train(msg, context, config)
     settings = msg.content[keys.CONFIG]
@@ -64,10 +102,13 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@errors_stay_home
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    config = Config.from_run_config(context.run_config)
-    # Evaluate messages carry only the final model (server/strategy.py): audit it too.
-    metrics = bank_for(context, config).evaluate(numpy_arrays(msg), config, True)
+    config, policy = allowed_config(context)
+    # Evaluate messages carry only the final model (server/strategy.py): audit it too,
+    # unless the bank's policy keeps the membership audit to itself.
+    audit = policy is None or policy.membership_audit
+    metrics = bank_for(context, config).evaluate(numpy_arrays(msg), config, audit)
     return reply(msg, {keys.METRICS: MetricRecord(metrics)})
 
 
@@ -92,15 +133,32 @@ def reply(msg: Message, records: dict[str, Any]) -> Message:
     return Message(content=RecordDict(records), reply_to=msg)
 
 
-def bank_for(context: Context, config: Config) -> Bank | WorkerBank:
-    """The bank this node serves: its warm worker if it has one, else built here."""
-    node = context.node_config
-    if "worker" in node:
-        from client.worker import WorkerBank
+def bank_policy(context: Context) -> Policy | None:
+    """The deployed bank's own policy (its path set by the bank's node config)."""
+    if "policy" not in context.node_config:
+        return None
+    from client.policy import Policy
 
-        return WorkerBank(Path(str(node["worker"])))
+    return Policy.load(Path(str(context.node_config["policy"])))
+
+
+def allowed_config(context: Context) -> tuple[Config, Policy | None]:
+    """The run's config and the bank's policy, if the policy allows the config
+    (checked before any row is read); else the run is refused with its reasons."""
+    config = Config.from_run_config(context.run_config)
+    policy = bank_policy(context)
+    if policy is not None and (why := policy.refusals(config)):
+        bank = f"bank {context.node_config.get('bank-id', '?')}"
+        log(ERROR, "%s refuses this run: %s", bank, "; ".join(why))
+        raise BankRefused(f"{bank} refuses this run: {'; '.join(why)}")
+    return config, policy
+
+
+def bank_for(context: Context, config: Config) -> Bank:
+    """The bank this node serves, with its scaler from ``context.state`` if fitted."""
     from client.bank import Bank
 
+    node = context.node_config
     if "shard" in node:
         bank_id, shard = int(node["bank-id"]), Path(str(node["shard"]))
     else:  # simulation: one virtual node per partition

@@ -1,8 +1,7 @@
 """One bank: its own data (read once), its own scaler, and what it does in a round.
 
-Plain numpy in, plain numpy and numbers out, so the same code serves the ClientApp
-in-process (simulation) and the bank's warm worker (deployment). This is the only
-client module that imports torch.
+Plain numpy in, plain numpy and numbers out. This is the only client module that
+imports torch.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ class Bank:
         self.features = self.schema.features
         self.state_dir = state_dir or shard.parent  # the bank's own, writable folder
         self.id = bank_id
-        self.settings = (config.label_column, config.val_fraction, config.seed)
         self.scaler: Scaler = scaler or fit_scaler(split.x_train)
         self.x_train, self.y_train = standardize(split.x_train, *self.scaler), split.y_train
         self.x_val, self.y_val = standardize(split.x_val, *self.scaler), split.y_val
@@ -45,10 +43,6 @@ class Bank:
         path = scaler_file(self.state_dir)
         save_scaler(path, *self.scaler, self.schema)
         return path
-
-    def serves(self, config: Config) -> bool:
-        """Whether this bank's data was read and split the way ``config`` asks."""
-        return self.settings == (config.label_column, config.val_fraction, config.seed)
 
     def _model(self, arrays: Arrays) -> FraudNet:
         model = FraudNet(ModelSpec(in_features=self.x_train.shape[1]))

@@ -35,7 +35,7 @@ def train(
     ``proximal_mu`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the weights
     the model came with, i.e. the global model). ``privacy`` trains with DP-SGD.
     Shuffling, sampling, noise and dropout follow ``seed`` alone, so a bank's update is
-    the same in any process (simulation actor, ClientApp process or warm worker).
+    the same in any process (simulation actor or a bank executor's task).
     """
     features, labels = torch.from_numpy(x), torch.from_numpy(y).float()
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)

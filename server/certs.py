@@ -1,15 +1,13 @@
-"""TLS material for the SuperLink and one authentication key pair per bank.
+"""The operator's TLS material: a CA and the SuperLink's certificate.
 
-    fedfraud certs  ->  certs/ca.crt, ca.key                    the CA (ca.key: keep offline)
+    fedfraud certs  ->  certs/ca.crt          the CA certificate: public, every bank gets it
+                        certs/ca.key          the CA's key (keep offline; never leaves)
                         certs/server/ca.crt, server.pem, server.key   the SuperLink's
-                        certs/bank_00/ca.crt, bank.key, bank.key.pub  each bank's, ...
-
-One folder per party, so each can be given (mounted) only its own files.
 
 The CA signs the SuperLink's certificate, whose SAN covers every name the banks may
-dial (localhost, 127.0.0.1 and the compose service name). Bank keys are ECDSA P-384 in
-OpenSSH format, what ``flower-supernode --auth-supernode-private-key`` and
-``flwr supernode register`` expect. Private keys are written 0600; the folder is
+dial (localhost, 127.0.0.1 and the compose service name). Banks make their own key
+pairs (``fedfraud-bank init``, client/identity.py); the operator only ever sees their
+public keys. Private keys are created 0600 from the first byte; the folder is
 git-ignored.
 """
 
@@ -24,25 +22,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.files import write_private
+
 SERVER_NAMES = ("localhost", "127.0.0.1", "superlink")  # superlink: the compose service
 VALID_DAYS = 365
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server/server.pem", "server/server.key"
 SERVER_CA = "server/ca.crt"
 
 
-def bank_key(bank: int) -> str:
-    return f"bank_{bank:02d}/bank.key"
-
-
-def bank_ca(bank: int) -> str:
-    return f"bank_{bank:02d}/ca.crt"
-
-
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
     if private:
-        path.chmod(0o600)
+        write_private(path, data)
+    else:
+        path.write_bytes(data)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -66,9 +59,9 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def make_certificates(out_dir: Path, num_banks: int,
+def make_certificates(out_dir: Path,
                       server_names: tuple[str, ...] = SERVER_NAMES) -> Path:
-    """Write a CA, the SuperLink's certificate and key, and each bank's key pair."""
+    """Write a CA and the SuperLink's certificate and key."""
     out_dir.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     expires = now + dt.timedelta(days=VALID_DAYS)
@@ -106,13 +99,4 @@ def make_certificates(out_dir: Path, num_banks: int,
     _write(out_dir / SERVER_CERT, server_cert.public_bytes(pem))
     _write(out_dir / SERVER_KEY, _pem_key(server_key), private=True)
 
-    for bank in range(num_banks):
-        _write(out_dir / bank_ca(bank), ca_pem)
-        key = ec.generate_private_key(ec.SECP384R1())
-        _write(out_dir / bank_key(bank),
-               key.private_bytes(pem, serialization.PrivateFormat.OpenSSH,
-                                 serialization.NoEncryption()), private=True)
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                               serialization.PublicFormat.OpenSSH)
-        _write(out_dir / f"{bank_key(bank)}.pub", public + f" bank-{bank}\n".encode())
     return out_dir

@@ -1,16 +1,14 @@
-"""``fedfraud``: prepare the banks' data and run the federation.
+"""``fedfraud``: the operator's command (a bank runs ``fedfraud-bank``, client/cli.py).
 
-    fedfraud prepare            write one shard per bank + the server's test set
+    fedfraud prepare            write one shard per bank + the server's test set (demo)
     fedfraud fetch-ulb          download the ULB credit-card data (a CSV, from PyPI)
     fedfraud simulate           the ten-bank network in Flower's simulation engine
-    fedfraud certs              a CA, the SuperLink's certificate, one key per bank
-    fedfraud deploy             a SuperLink and one SuperNode (+ warm worker) per bank
-                                as real processes on this machine, gRPC + TLS + auth
-    fedfraud bank               one bank (SuperNode + warm worker), e.g. in a container
+    fedfraud certs              the operator's CA and the SuperLink's certificate
+    fedfraud deploy             a SuperLink and ten banks (each its own
+                                ``fedfraud-bank run``) as real processes on this
+                                machine: gRPC + TLS + bank authentication
     fedfraud register-banks     allow the banks' public keys on a SuperLink
     fedfraud submit             wait for the banks, run the app, check it completed
-    fedfraud bank-worker        one bank's warm worker (bank and deploy start these)
-    fedfraud score              a bank scores its own transactions with a run's model
 
 Settings default to the app's ``[tool.flwr.app.config]``; ``--set key=value`` (TOML
 values, repeatable) overrides any of them for one run.
@@ -20,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from common.config import Config, read_app_config
 from common.data import MANIFEST, SYNTHETIC_SOURCE, bank_file, data_settings, prepare
+from server.certs import CA_CERT
 
 if TYPE_CHECKING:
     from server.launch import Tls
@@ -83,54 +82,67 @@ def simulate(app_dir: Path, config: Config, flwr_home: Path) -> int:
 
 
 def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
-           fleet_port: int, control_port: int, warm: bool) -> int:
-    """SuperLink + one SuperNode (and warm worker) per bank on 127.0.0.1, then a run."""
-    import tempfile
-
-    from server.launch import (
-        free_port, services, start_bank, start_deployment_superlink, start_worker,
-    )
+           fleet_port: int, control_port: int) -> int:
+    """SuperLink + ten banks on 127.0.0.1, then a run. Each bank is its own program
+    (``fedfraud-bank``), in its own folder: it writes its policy and makes its key
+    pair there; the operator reads only the public key."""
+    from common.processes import BIN, free_port, services
+    from server.launch import start_deployment_superlink
 
     data_dir = ensure_prepared(config)
-    tls = ensure_certificates(certs, config.num_banks)
-    # Unix socket paths must stay short (108 bytes): a fresh folder under /tmp.
-    with services(flwr_home) as started, tempfile.TemporaryDirectory(
-        prefix="fedfraud-") as socket_dir:
+    tls = ensure_certificates(certs)
+    banks = [bank_dir(data_dir, bank) for bank in range(config.num_banks)]
+    for bank, folder in enumerate(banks):
+        if not (folder / "keys" / "bank.key.pub").exists():
+            subprocess.run([str(BIN / "fedfraud-bank"), "init", "--bank-id", str(bank),
+                            "--bank-dir", str(folder), "--app-dir", str(app_dir)],
+                           check=True, stdout=subprocess.DEVNULL)
+    with services(flwr_home) as started:
         fleet_port, control_port = fleet_port or free_port(), control_port or free_port()
         start_deployment_superlink(started, tls, fleet_port, control_port)
         print(f"fedfraud: SuperLink up (Fleet gRPC on 127.0.0.1:{fleet_port}, "
-              f"{'TLS + bank authentication' if tls else 'INSECURE'})", flush=True)
+              f"{'TLS + bank authentication' if tls else 'INSECURE'}; control API on "
+              f"127.0.0.1:{control_port}, for the operator only)", flush=True)
         control = f"127.0.0.1:{control_port}"
-        register_banks(started.env, flwr_home, control, tls, config.num_banks)
-        for bank in range(config.num_banks):
-            shard = data_dir / bank_file(bank)
-            worker = start_worker(started, bank, shard, Path(socket_dir)) if warm else None
-            start_bank(started, bank, shard, f"127.0.0.1:{fleet_port}", tls, worker)
+        register_banks(started.env, flwr_home, control, tls,
+                       [folder / "keys" / "bank.key.pub" for folder in banks])
+        for bank, folder in enumerate(banks):
+            transport = ["--ca", str(tls.certs / CA_CERT)] if tls else ["--insecure"]
+            started.start(f"bank_{bank:02d}", [
+                str(BIN / "fedfraud-bank"), "run", "--bank-id", str(bank),
+                "--bank-dir", str(folder), "--app-dir", str(app_dir),
+                "--superlink", f"127.0.0.1:{fleet_port}", *transport,
+                "--flwr-home", str(flwr_home / f"bank_{bank:02d}")])
         return submit(app_dir, config, started.env, flwr_home, control, tls,
                       config.num_banks)
 
 
-def ensure_certificates(certs: Path | None, num_banks: int) -> Tls | None:
-    from server.certs import CA_CERT, make_certificates
+def bank_dir(data_dir: Path, bank: int) -> Path:
+    return data_dir / Path(bank_file(bank)).parent
+
+
+def ensure_certificates(certs: Path | None) -> Tls | None:
+    from server.certs import make_certificates
     from server.launch import Tls
 
     if certs is None:
         return None
     if not (certs / CA_CERT).exists():
-        print(f"fedfraud: writing certificates and bank keys to {certs}", flush=True)
-        make_certificates(certs, num_banks)
+        print(f"fedfraud: writing the CA and the SuperLink's certificate to {certs}",
+              flush=True)
+        make_certificates(certs)
     return Tls(certs)
 
 
 def register_banks(env: dict[str, str], flwr_home: Path, control: str, tls: Tls | None,
-                   num_banks: int) -> None:
-    """Let exactly these banks' keys join (with TLS; without, anyone may join)."""
+                   public_keys: list[Path]) -> None:
+    """Let exactly these banks' public keys join (with TLS; without, anyone may)."""
     from server.launch import register_bank, write_connection
 
     write_connection(flwr_home, CONNECTION, control, tls)
     if tls is not None:
-        for bank in range(num_banks):
-            register_bank(env, CONNECTION, tls, bank)
+        for public_key in public_keys:
+            register_bank(env, CONNECTION, public_key)
 
 
 def submit(app_dir: Path, config: Config, env: dict[str, str], flwr_home: Path,
@@ -143,28 +155,6 @@ def submit(app_dir: Path, config: Config, env: dict[str, str], flwr_home: Path,
     print(f"fedfraud: {wait_banks} banks online; submitting the run", flush=True)
     run_id, status = submit_and_wait(app_dir, CONNECTION, env, config.as_run_config())
     return report_outcome(run_id, status, Path(config.runs_dir))
-
-
-def run_bank(bank: int, shard: Path, superlink: str, tls: Tls | None,
-             state_dir: Path | None, flwr_home: Path) -> int:
-    """One bank on its own machine or container: its warm worker and its SuperNode."""
-    import signal
-    import tempfile
-    import time
-
-    from server.launch import services, start_bank, start_worker
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop children on the way out
-    with services(flwr_home) as started, tempfile.TemporaryDirectory(
-        prefix="fedfraud-") as socket_dir:
-        worker = start_worker(started, bank, shard, Path(socket_dir), state_dir)
-        start_bank(started, bank, shard, superlink, tls, worker, state_dir)
-        print(f"fedfraud: bank {bank} serving {shard} via {superlink}", flush=True)
-        while all(process.poll() is None for process in started.processes):
-            time.sleep(1)
-        failed = [p.args[0] for p in started.processes if p.poll() is not None]
-        print(f"fedfraud: bank {bank}: {failed} stopped; see {started.log_dir}", flush=True)
-        return 1
 
 
 def report_outcome(run_id: int, status: str, runs_dir: Path) -> int:
@@ -194,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("simulate", help="run the federation in Flower's simulation")
     fetch = commands.add_parser("fetch-ulb", help="download the ULB credit-card CSV")
     fetch.add_argument("--out", type=Path, default=Path("data/raw/creditcard.csv"))
-    certs = commands.add_parser("certs", help="write TLS certificates and bank keys")
+    certs = commands.add_parser("certs", help="write the CA and the SuperLink's certificate")
     certs.add_argument("--out", type=Path, default=None,
                        help="output folder (default: APP_DIR/certs)")
 
@@ -206,64 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     deploy_cmd = commands.add_parser("deploy", help="run the federation as real processes")
     transport(deploy_cmd)
-    deploy_cmd.add_argument("--cold", action="store_true",
-                            help="no warm bank workers: every message loads torch and "
-                                 "the bank's data anew (Flower's default; slow)")
     deploy_cmd.add_argument("--fleet-port", type=int, default=0,
                             help="the banks' gRPC port (default: a free one)")
     deploy_cmd.add_argument("--control-port", type=int, default=0,
-                            help="the SuperLink's HTTP port for flwr (default: a free one)")
-    bank = commands.add_parser("bank", help="run one bank: its SuperNode and warm worker")
-    transport(bank)
-    bank.add_argument("--bank-id", type=int, required=True)
-    bank.add_argument("--shard", type=Path, required=True, help="the bank's transactions")
-    bank.add_argument("--superlink", required=True, help="the Fleet API, HOST:PORT")
-    bank.add_argument("--state", type=Path, default=None,
-                      help="the bank's writable folder for its scaler (default: the "
-                           "shard's folder)")
+                            help="the SuperLink's HTTP port for flwr, bound to 127.0.0.1 "
+                                 "(default: a free one)")
     register = commands.add_parser("register-banks", help="allow the banks' public keys")
     transport(register)
     register.add_argument("--control", required=True, help="the SuperLink's HOST:PORT")
+    register.add_argument("--keys", type=Path, required=True,
+                          help="folder of the banks' public keys (*.pub, as the banks "
+                               "sent them); waits until --set num-banks of them are there")
     submit_cmd = commands.add_parser("submit", help="wait for the banks, run, check")
     transport(submit_cmd)
     submit_cmd.add_argument("--control", required=True, help="the SuperLink's HOST:PORT")
-    worker = commands.add_parser("bank-worker", help="a bank's warm worker (used by bank)")
-    worker.add_argument("--bank-id", type=int, required=True)
-    worker.add_argument("--shard", type=Path, required=True)
-    worker.add_argument("--socket", type=Path, required=True)
-    worker.add_argument("--state", type=Path, default=None)
-    score = commands.add_parser("score", help="score a bank's transactions (CSV/Parquet)")
-    score.add_argument("--run", type=Path, default=Path("runs/latest"),
-                       help="run folder with model.ts and model_card.json")
-    score.add_argument("--scaler", type=Path, required=True,
-                       help="the bank's own scaler (scaler.json in its folder)")
-    score.add_argument("--input", type=Path, required=True)
-    score.add_argument("--output", type=Path, required=True)
-    score.add_argument("--threshold", type=float, default=None,
-                       help="flag at this probability (default: the run's threshold)")
-    score.add_argument("--id-column", default="id")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "score":
-        from client.score import Scorer, score_file
-
-        summary = score_file(Scorer.load(args.run, args.scaler), args.input, args.output,
-                             args.threshold, args.id_column)
-        print(f"fedfraud: scored {summary['rows']} rows, flagged {summary['flagged']} at "
-              f"{summary['threshold']:.4f} -> {summary['output']}")
-        return 0
     if args.command == "fetch-ulb":
         from common.data import fetch_ulb
 
         print(f"fedfraud: ULB credit-card data in {fetch_ulb(args.out)}")
-        return 0
-    if args.command == "bank-worker":
-        from client.worker import serve
-
-        serve(args.bank_id, args.shard.resolve(), args.socket, args.state)
         return 0
     app_dir = args.app_dir.resolve()
     config = settings(app_dir, args.overrides)
@@ -277,28 +232,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "certs":
         from server.certs import make_certificates
 
-        out = make_certificates(args.out or app_dir / "certs", config.num_banks)
-        print(f"fedfraud: certificates in {out}")
+        out = make_certificates(args.out or app_dir / "certs")
+        print(f"fedfraud: certificates in {out}; give the banks only {out / CA_CERT}")
         return 0
     if args.command == "deploy":
         return deploy(app_dir, config, flwr_home, certs, args.fleet_port,
-                      args.control_port, warm=not args.cold)
-    if args.command == "bank":
-        from server.launch import Tls
+                      args.control_port)
+    from common.processes import flower_env
+    from server.launch import Tls
 
-        return run_bank(args.bank_id, args.shard.resolve(), args.superlink,
-                        Tls(certs) if certs else None, args.state, flwr_home)
-    if args.command in ("register-banks", "submit"):
-        from server.launch import Tls, flower_env
-
-        tls = Tls(certs) if certs else None
-        if args.command == "register-banks":
-            register_banks(flower_env(flwr_home), flwr_home, args.control, tls,
-                           config.num_banks)
-            return 0
+    tls = Tls(certs) if certs else None
+    if args.command == "register-banks":
+        keys = wait_for_public_keys(args.keys, config.num_banks)
+        register_banks(flower_env(flwr_home), flwr_home, args.control, tls, keys)
+        print(f"fedfraud: registered {len(keys)} banks' public keys")
+        return 0
+    if args.command == "submit":
         return submit(app_dir, config, flower_env(flwr_home), flwr_home, args.control,
                       tls, config.num_banks)
     return simulate(app_dir, config, flwr_home)
+
+
+def wait_for_public_keys(folder: Path, count: int) -> list[Path]:
+    """The banks' public keys as they arrive (each bank makes its pair at start)."""
+    import time
+
+    deadline = time.monotonic() + BANKS_ONLINE_DEADLINE_S
+    while len(found := sorted(folder.glob("**/*.pub"))) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(found)} of {count} bank keys in {folder}")
+        time.sleep(0.5)
+    return found
 
 
 if __name__ == "__main__":

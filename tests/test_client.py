@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import re
 import time
-from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client
 from pathlib import Path
 
 import numpy as np
@@ -96,45 +95,75 @@ def test_missing_shard_error_names_bank_and_file(prepared, tmp_path: Path) -> No
         app(train_message(), bank_context(config))
 
 
-def test_warm_worker_replies_exactly_what_the_bank_computes_in_process(
-    prepared, tmp_path: Path
+def deployed_context(config: Config, bank_dir: Path, shard: Path, bank: int = 5,
+                     policy: str = "") -> Context:
+    """A bank as ``fedfraud-bank run`` configures its SuperNode: its own files."""
+    (bank_dir / "policy.toml").write_text(policy)
+    return Context(run_id=1, node_id=5, node_config={
+        "bank-id": bank, "shard": str(shard), "state": str(bank_dir),
+        "policy": str(bank_dir / "policy.toml")}, state=RecordDict(),
+        run_config=config.as_run_config())
+
+
+@pytest.mark.parametrize("overrides, policy, reason", [
+    ({"attack": "scale", "attackers": "5"}, "", "attack settings are for simulations"),
+    ({"attackers": "1"}, "", "attack settings are for simulations"),
+    ({"dp-epsilon": 20.0}, "", "dp-epsilon 20.0 > max-epsilon-per-run 8.0"),
+    ({}, "require-dp = true", "requires differential privacy"),
+    ({"val-fraction": 0.99}, "", "val-fraction 0.99 outside [0.05, 0.3]"),
+    ({"num-server-rounds": 500}, "", "num-server-rounds 500 > max-rounds 50"),
+    ({"dp-epsilon": 1.0, "dp-delta": 0.01}, "", "dp-delta 0.01 > max-delta"),
+])
+def test_a_deployed_bank_refuses_a_run_its_policy_does_not_allow(
+    prepared, tmp_path: Path, overrides: dict, policy: str, reason: str,
 ) -> None:
-    from server.launch import Services, flower_env, start_worker, stop
+    from client.app import BankRefused
 
-    started = Services(flower_env(tmp_path), tmp_path, [])
-    try:
-        socket = start_worker(started, 5, Path(prepared.data_dir) / bank_file(5), tmp_path)
-        warm_context = Context(run_id=1, node_id=5, node_config={"worker": str(socket)},
-                               state=RecordDict(), run_config=prepared.as_run_config())
+    config = Config.from_run_config({**prepared.as_run_config(), **overrides})
+    shard = tmp_path / "never-read.csv"  # refused before any row is read
+    context = deployed_context(config, tmp_path, shard, policy=policy)
 
-        with pytest.raises(AuthenticationError):  # without the bank's key: refused
-            Client(str(socket), family="AF_UNIX", authkey=b"not the bank's key")
-        warm = app(train_message(), warm_context)  # and the worker still serves
-        local = app(train_message(), bank_context(prepared))
-    finally:
-        stop(*started.processes)
-
-    assert list(warm.content.keys()) == list(local.content.keys())
-    for name, array in local.content[keys.ARRAYS].items():
-        np.testing.assert_allclose(warm.content[keys.ARRAYS][name].numpy(), array.numpy(),
-                                   rtol=1e-5, atol=1e-6)
-    warm_metrics, local_metrics = warm.content[keys.METRICS], local.content[keys.METRICS]
-    assert sorted(warm_metrics.keys()) == sorted(local_metrics.keys())
-    assert warm_metrics[keys.HIST_FRAUD] == local_metrics[keys.HIST_FRAUD]
-    assert warm_context.state.get(keys.SCALER) is None  # the scaler stays in the worker
-    assert all(p.poll() is not None for p in started.processes)
+    with pytest.raises(BankRefused, match=f"bank 5 refuses this run: .*{re.escape(reason)}"):
+        app(train_message(), context)
+    assert not shard.exists() and not (tmp_path / "scaler.json").exists()
 
 
-def test_worker_errors_reach_the_clientapp_naming_bank_and_file(prepared, tmp_path) -> None:
-    from client.worker import WorkerError
-    from server.launch import Services, flower_env, start_worker, stop
+def test_a_deployed_bank_trains_when_its_policy_allows_the_run(prepared, tmp_path) -> None:
+    shard = Path(prepared.data_dir) / bank_file(5)
+    reply = app(train_message(), deployed_context(prepared, tmp_path, shard))
+    assert reply.content[keys.METRICS][keys.BANK_ID] == 5
+    assert (tmp_path / "scaler.json").exists()  # kept in the bank's own state folder
 
-    started = Services(flower_env(tmp_path), tmp_path, [])
-    try:
-        socket = start_worker(started, 4, tmp_path / "missing.csv", tmp_path)
-        context = Context(run_id=1, node_id=4, node_config={"worker": str(socket)},
-                          state=RecordDict(), run_config=prepared.as_run_config())
-        with pytest.raises(WorkerError, match="bank 4: .*missing.csv: file not found"):
-            app(train_message(), context)
-    finally:
-        stop(*started.processes)
+
+def test_a_deployed_bank_keeps_the_membership_audit_unless_its_policy_opts_in(
+    prepared, tmp_path: Path,
+) -> None:
+    shard = Path(prepared.data_dir) / bank_file(5)
+    evaluate = message("evaluate", RecordDict({
+        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})}))
+
+    default = app(evaluate, deployed_context(prepared, tmp_path, shard))
+    opted_in = app(evaluate, deployed_context(prepared, tmp_path, shard,
+                                              policy="membership-audit = true"))
+
+    assert keys.HIST_MEMBER not in default.content[keys.METRICS]
+    assert keys.HIST_MEMBER in opted_in.content[keys.METRICS]
+
+
+def test_a_deployed_banks_data_error_reaches_the_server_as_a_category_only(
+    prepared, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from client.app import BankRefused
+
+    shard = tmp_path / "transactions.csv"
+    shard.write_text("f00,secret_column,Class\n1.5,ACCT-991-PIN-4411,1\n2.5,7,0\n")
+
+    with pytest.raises(BankRefused) as refused:
+        app(train_message(), deployed_context(prepared, tmp_path, shard))
+
+    # What Flower sends the server is the exception's type and text: nothing of the file.
+    sent = str(type(refused.value)) + str(refused.value)
+    assert "bank 5: data error, see the bank's log" in sent
+    for secret in ("secret_column", "ACCT-991", "f00", str(shard), "Class"):
+        assert secret not in sent
+    assert "secret_column" in caplog.text  # the details stay in the bank's own log

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -20,10 +21,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from common.data import bank_file
+from common.processes import (
+    Services, descendants, free_port, processes_with_env, services,
+)
 from server.certs import CA_CERT, make_certificates
 from server.launch import (
-    Services, Tls, flwr_json, free_port, processes_with_env, register_bank, services,
-    start_bank, start_deployment_superlink, write_connection,
+    Tls, flwr_json, register_bank, start_deployment_superlink, submit_and_wait,
+    write_connection,
 )
 from tests.conftest import APP_DIR
 
@@ -35,7 +40,7 @@ SETTINGS_FRAME = 0x4
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_certificates(tmp_path_factory.mktemp("certs"), num_banks=2)
+    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture
@@ -49,6 +54,43 @@ def superlink(certs: Path, tmp_path: Path) -> Iterator[tuple[Services, int, Tls]
         write_connection(flwr_home, "test", f"127.0.0.1:{control_port}", tls)
         yield started, fleet_port, tls
     assert wait_until_gone(f"FLWR_HOME={flwr_home}")
+
+
+def bank_folder(prepared, tmp_path: Path, bank: int) -> Path:
+    """A bank's own folder: a copy of its prepared shard and schema, its policy and
+    key pair made by the bank's own command."""
+    folder = tmp_path / f"bank_{bank:02d}"
+    folder.mkdir()
+    source = Path(prepared.data_dir) / bank_file(bank)
+    for name in (source.name, "schema.json"):
+        (folder / name).write_bytes((source.parent / name).read_bytes())
+    subprocess.run([str(BIN / "fedfraud-bank"), "init", "--bank-id", str(bank),
+                    "--bank-dir", str(folder), "--app-dir", str(APP_DIR)], check=True,
+                   capture_output=True)
+    return folder
+
+
+def start_bank(started: Services, tmp_path: Path, folder: Path, bank: int,
+               fleet_port: int, tls: Tls) -> Path:
+    """``fedfraud-bank run`` for one bank; returns the folder of its own logs."""
+    home = tmp_path / f"bank-home-{bank}"
+    started.start(f"bank_{bank:02d}", [
+        str(BIN / "fedfraud-bank"), "run", "--bank-id", str(bank), "--bank-dir",
+        str(folder), "--app-dir", str(APP_DIR), "--superlink", f"127.0.0.1:{fleet_port}",
+        "--ca", str(tls.certs / CA_CERT), "--flwr-home", str(home)])
+    return home / "logs"
+
+
+def wait_for(predicate, deadline_s: float, what: str) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def online(started: Services) -> int:
+    nodes = flwr_json(started.env, "supernode", "list", "test").get("nodes", [])
+    return sum(node["status"] == "online" for node in nodes)
 
 
 def wait_until_gone(marker: str, deadline_s: float = 15.0) -> bool:
@@ -111,20 +153,80 @@ def test_plaintext_client_gets_nothing_from_the_tls_port(superlink) -> None:
                                 grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def test_unregistered_bank_is_refused_and_registered_bank_joins(superlink, prepared) -> None:
+def test_unregistered_bank_is_refused_and_registered_bank_joins(superlink, prepared,
+                                                               tmp_path: Path) -> None:
     started, fleet_port, tls = superlink
-    shard = Path(prepared.data_dir) / "bank_00.csv"
-    register_bank(started.env, "test", tls, 0)  # bank 1's key is never registered
+    folders = [bank_folder(prepared, tmp_path, bank) for bank in (0, 1)]
+    # Each bank made its own pair; the operator registers bank 0's public key only.
+    register_bank(started.env, "test", folders[0] / "keys" / "bank.key.pub")
 
-    good = start_bank(started, 0, shard, f"127.0.0.1:{fleet_port}", tls)
-    bad = start_bank(started, 1, shard, f"127.0.0.1:{fleet_port}", tls)
+    start_bank(started, tmp_path, folders[0], 0, fleet_port, tls)
+    refused_logs = start_bank(started, tmp_path, folders[1], 1, fleet_port, tls)
 
-    assert bad.wait(timeout=120) != 0
-    log = (started.log_dir / "bank_01.log").read_text()
-    assert "Failed to activate" in log or "UNAUTHENTICATED" in log or "PERMISSION" in log
+    wait_for(lambda: "Failed to activate" in (refused_logs / "supernode.log").read_text(
+        errors="replace") if (refused_logs / "supernode.log").exists() else False, 120,
+        "bank 1's SuperNode to be refused")
+    wait_for(lambda: online(started) == 1, 120, "bank 0 online")
+    time.sleep(3)
     nodes = flwr_json(started.env, "supernode", "list", "test")["nodes"]
     assert [node["status"] for node in nodes] == ["online"]
-    assert good.poll() is None
+
+
+EVIL_CLIENTAPP = """
+from pathlib import Path
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def steal(msg: Message, context: Context) -> Message:
+    rows = Path(str(context.node_config["shard"])).read_text()
+    Path({loot!r}).joinpath(str(context.node_config["bank-id"])).write_text(rows)
+    return Message(RecordDict({{"metrics": MetricRecord({{"rows": len(rows)}})}}),
+                   reply_to=msg)
+"""
+
+
+def test_an_app_that_is_not_the_approved_one_reads_no_row_at_any_bank(
+    superlink, prepared, tmp_path: Path,
+) -> None:
+    started, fleet_port, tls = superlink
+    loot = tmp_path / "loot"
+    loot.mkdir()
+    # The submitter's own app: fedfraud's, with a ClientApp that reads the bank's shard
+    # and sends it back (and drops a copy where this test can see it).
+    evil = tmp_path / "evil-app"
+    for part in ("common", "client", "server"):
+        shutil.copytree(APP_DIR / part, evil / part,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    (evil / "evil.py").write_text(EVIL_CLIENTAPP.format(loot=str(loot)))
+    (evil / "pyproject.toml").write_text(
+        (APP_DIR / "pyproject.toml").read_text()
+        .replace('clientapp = "client.app:app"', 'clientapp = "evil:app"')
+        .replace('fab-include = [', 'fab-include = ["evil.py", '))
+    logs = []
+    for bank in (0, 1):
+        folder = bank_folder(prepared, tmp_path, bank)
+        register_bank(started.env, "test", folder / "keys" / "bank.key.pub")
+        logs.append(start_bank(started, tmp_path, folder, bank, fleet_port, tls))
+    wait_for(lambda: online(started) == 2, 180, "two banks online")
+
+    run_config = {**prepared.as_run_config(), "num-banks": 2, "min-banks": 2,
+                  "num-server-rounds": 1, "baselines": False,
+                  "runs-dir": str(tmp_path / "runs")}
+    submit_and_wait(evil, "test", started.env, run_config, timeout_s=300)
+
+    assert list(loot.iterdir()) == []  # no bank ran the submitted ClientApp
+    from client.policy import app_digest
+
+    digest = app_digest(evil)
+    for bank, log_dir in enumerate(logs):
+        text = (log_dir / "executor.log").read_text(errors="replace")
+        assert f"bank {bank}: refused app bundle sha256 {digest}" in text, text[-3000:]
+        assert not (log_dir.parent / "apps").exists() or not any(
+            digest[:8] in path.name for path in (log_dir.parent / "apps").iterdir())
 
 
 def run_deploy(tmp_path: Path, certs: Path | None, rounds: int, *extra: str,
@@ -161,7 +263,7 @@ def run_deploy(tmp_path: Path, certs: Path | None, rounds: int, *extra: str,
 def test_ten_banks_over_tls_with_secure_aggregation_and_dp_complete_two_rounds(
     tmp_path: Path,
 ) -> None:
-    certs = make_certificates(tmp_path / "certs", num_banks=10)
+    certs = make_certificates(tmp_path / "certs")
 
     code, output = run_deploy(tmp_path, certs, 2, "--set", "secure-aggregation=true",
                               "--set", "dp-epsilon=3.0")
@@ -195,9 +297,15 @@ def test_a_bank_dying_mid_run_does_not_sink_it(tmp_path: Path) -> None:
     def kill_bank_in_round_two(line: str, flwr_home: Path) -> None:
         if "round 1/" in line and not killed:  # round 2 has just started
             for pid in processes_with_env(f"FLWR_HOME={flwr_home}"):
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                if b"flower-supernode" in cmdline and f"bank-id={victim} ".encode() in cmdline:
-                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"fedfraud-bank" in cmdline[1] and b"run" in cmdline and \
+                        cmdline[cmdline.index(b"--bank-id") + 1] == str(victim).encode():
+                    # The whole bank: its command, SuperNode, executor and tasks.
+                    for member in (pid, *descendants(pid)):
+                        try:
+                            os.killpg(os.getpgid(member), signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                     killed.append(pid)
 
     code, output = run_deploy(tmp_path, None, 3, "--set", "min-banks=5",

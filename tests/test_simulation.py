@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.launch import processes_with_env
+from common.processes import processes_with_env
 from tests.conftest import APP_DIR
 
 BIN = Path(sys.executable).parent
@@ -112,7 +112,7 @@ def test_secure_aggregation_matches_fedavg_and_never_shows_a_banks_weights(
     # Bank 0's round-1 weights, recomputed here: the plain server received exactly
     # them; the secure server received no weights from any bank, only masked vectors.
     config = app_config(data_dir=str(tmp_path / "data"))
-    torch.set_num_threads(1)  # as the banks run (server/launch.py): same float sums
+    torch.set_num_threads(1)  # as the banks run (client/executor.py): same float sums
     torch.manual_seed(config.seed)
     initial = {k: v.numpy() for k, v in FraudNet(ModelSpec(30)).state_dict().items()}
     trained, _ = Bank(0, tmp_path / "data" / bank_file(0), config).train(

@@ -1,0 +1,155 @@
+"""``fedfraud-bank``: what a bank runs, on its own machine, next to its own data.
+
+    fedfraud-bank init      its policy (policy.toml, from the documented default) and
+                            its key pair; prints the public key to hand the operator
+    fedfraud-bank approve   add an app bundle (.fab) the bank reviewed to its policy
+    fedfraud-bank run       its SuperNode and task executor (approved apps only)
+    fedfraud-bank score     score its own transactions with a run's exported model
+    fedfraud-bank executor  the task executor alone (``run`` starts it)
+
+The bank's folder (``--bank-dir``) holds its transactions (transactions.csv), the
+federation's schema.json and its policy.toml; ``--state`` (default: the bank's folder)
+is where it writes its scaler, its privacy ledger and its key pair (keys/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from client.policy import DEFAULT_POLICY, POLICY_FILE, Policy, PolicyError, fab_digest
+from common.schema import BankDataError
+
+
+def bank_files(args: argparse.Namespace) -> object:
+    from client.node import BankFiles
+
+    bank_dir = args.bank_dir.resolve()
+    return BankFiles(args.bank_id, bank_dir, (args.state or bank_dir).resolve(),
+                     args.app_dir.resolve())
+
+
+def init(args: argparse.Namespace) -> int:
+    from client.identity import ensure_key_pair
+
+    bank = bank_files(args)
+    bank.bank_dir.mkdir(parents=True, exist_ok=True)
+    if not bank.policy.exists():
+        bank.policy.write_text(DEFAULT_POLICY)
+    Policy.load(bank.policy)  # an existing policy must still be valid
+    public = ensure_key_pair(bank.key_dir, bank.bank_id)
+    print(f"fedfraud-bank: {bank.name}: policy {bank.policy}; give the operator only "
+          f"the public key {public}")
+    return 0
+
+
+def approve(args: argparse.Namespace) -> int:
+    path = args.bank_dir / POLICY_FILE
+    policy = Policy.load(path)
+    digests = [fab_digest(fab.read_bytes()) for fab in args.fab]
+    added = [d for d in digests if d not in policy.approved_apps]
+    approved = [*policy.approved_apps, *added]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("approved-apps")]
+    lines.insert(0, "approved-apps = [" + ", ".join(f'"{d}"' for d in approved) + "]")
+    path.write_text("\n".join(lines) + "\n")
+    Policy.load(path)
+    print(f"fedfraud-bank: approved {', '.join(added) or 'nothing new'} in {path}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from client.node import run as run_bank
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop children on the way out
+    bank = bank_files(args)
+    Policy.load(bank.policy).approved(bank.app_dir)  # refuse to start on a bad policy
+    ca = None if args.insecure else args.ca
+    if ca is None and not args.insecure:
+        raise PolicyError("--ca (the operator's CA certificate) or --insecure is needed")
+    return run_bank(bank, args.superlink, ca, args.flwr_home.resolve(), args.outbox)
+
+
+def executor(args: argparse.Namespace) -> int:
+    from client.executor import serve
+
+    bank = bank_files(args)
+    approved = Policy.load(bank.policy).approved(bank.app_dir)
+    serve(args.runtime, args.secret_file.read_bytes(), approved, bank.name)
+    return 0
+
+
+def score(args: argparse.Namespace) -> int:
+    from client.score import Scorer, score_file
+
+    summary = score_file(Scorer.load(args.run, args.scaler), args.input, args.output,
+                         args.threshold, args.id_column)
+    print(f"fedfraud-bank: scored {summary['rows']} rows, flagged {summary['flagged']} "
+          f"at {summary['threshold']:.4f} -> {summary['output']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedfraud-bank", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def bank(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--bank-id", type=int, required=True)
+        command.add_argument("--bank-dir", type=Path, required=True,
+                             help="the bank's folder: transactions.csv, schema.json, "
+                                  "policy.toml")
+        command.add_argument("--state", type=Path, default=None,
+                             help="where the bank writes its scaler, privacy ledger and "
+                                  "keys (default: the bank's folder)")
+        command.add_argument("--app-dir", type=Path, default=Path.cwd(),
+                             help="the app the bank installed (policy: 'installed')")
+        return command
+
+    bank("init", "write the bank's policy and key pair")
+    approve_cmd = commands.add_parser("approve", help="approve app bundles (.fab)")
+    approve_cmd.add_argument("--bank-dir", type=Path, required=True)
+    approve_cmd.add_argument("fab", type=Path, nargs="+")
+    run_cmd = bank("run", "serve the bank: its SuperNode and executor")
+    run_cmd.add_argument("--superlink", required=True, help="the Fleet API, HOST:PORT")
+    run_cmd.add_argument("--ca", type=Path, default=None,
+                         help="the operator's CA certificate (TLS)")
+    run_cmd.add_argument("--insecure", action="store_true",
+                         help="development only: no TLS, no bank authentication")
+    run_cmd.add_argument("--outbox", type=Path, default=None,
+                         help="copy the bank's public key here for the operator")
+    run_cmd.add_argument("--flwr-home", type=Path, default=Path(".flwr"))
+    executor_cmd = bank("executor", "the task executor alone (run starts it)")
+    executor_cmd.add_argument("--runtime", required=True, help="SuperNode Runtime API")
+    executor_cmd.add_argument("--secret-file", type=Path, required=True)
+    score_cmd = commands.add_parser("score", help="score transactions (CSV/Parquet)")
+    score_cmd.add_argument("--run", type=Path, default=Path("runs/latest"),
+                           help="run folder with model.ts and model_card.json")
+    score_cmd.add_argument("--scaler", type=Path, required=True,
+                           help="the bank's own scaler (scaler.json in its folder)")
+    score_cmd.add_argument("--input", type=Path, required=True)
+    score_cmd.add_argument("--output", type=Path, required=True)
+    score_cmd.add_argument("--threshold", type=float, default=None,
+                           help="flag at this probability (default: the run's threshold)")
+    score_cmd.add_argument("--id-column", default="id")
+    return parser
+
+
+COMMANDS = {"init": init, "approve": approve, "run": run, "executor": executor,
+            "score": score}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (BankDataError, PolicyError) as err:  # one line, never a traceback
+        print(f"fedfraud-bank: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Start and stop real processes: Flower's and fedfraud's own, operator's and bank's.
+
+Every process starts in its own session and is stopped by killing its whole process
+group (and its descendants' groups), so nothing is left behind. ``FLWR_HOME`` is
+project-local; telemetry, the update check and runtime dependency installation are off.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent  # flwr, flower-superlink, ... of this environment
+STOP_GRACE_S = 10.0
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Ten banks share this machine's cores: one torch thread each, or they thrash.
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def free_port() -> int:
+    """A port nobody listens on now, so two runs on one machine do not collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, deadline_s: float, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with code {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {deadline_s} s")
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (Flower's SuperExec starts its own session,
+    so killing the parent's process group alone would leave it behind)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """PIDs of live processes whose environment contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _signal_groups(groups: set[int], sig: signal.Signals) -> None:
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop(*processes: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """SIGTERM the processes' groups and their descendants' groups, all at once;
+    SIGKILL whatever still lives after the grace period."""
+    tree = [pid for process in processes for pid in (process.pid, *descendants(process.pid))]
+    groups: set[int] = set()
+    for pid in tree:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    groups.discard(os.getpgid(0))  # never our own group
+    _signal_groups(groups, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+        time.sleep(0.1)
+    _signal_groups(groups, signal.SIGKILL)
+    for process in processes:
+        process.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Services:
+    """Processes started for one run, stopped together."""
+
+    env: dict[str, str]
+    log_dir: Path
+    processes: list[subprocess.Popen[bytes]]
+
+    def start(self, name: str, command: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
+        process = subprocess.Popen(
+            list(command), env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+        self.processes.append(process)
+        return process
+
+
+@contextmanager
+def services(flwr_home: Path) -> Iterator[Services]:
+    log_dir = flwr_home / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = Services(flower_env(flwr_home), log_dir, [])
+    try:
+        yield started
+    finally:
+        stop(*started.processes)

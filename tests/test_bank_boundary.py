@@ -1,0 +1,169 @@
+"""The bank's side of the trust boundary: its policy, its keys, its app check, and the
+Flower internals the executor relies on (these fail when a Flower upgrade moves them)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.executor import AppNotApproved, only_approved
+from client.identity import PRIVATE_KEY, PUBLIC_KEY, ensure_key_pair
+from client.policy import DEFAULT_POLICY, INSTALLED, Policy, PolicyError, app_digest
+from common.files import write_private
+from server.certs import make_certificates
+from tests.conftest import APP_DIR, app_config
+
+BIN = Path(sys.executable).parent
+
+
+def test_the_default_policy_is_the_documented_file_and_allows_the_default_run() -> None:
+    policy = Policy.from_toml(DEFAULT_POLICY, "default")
+    assert policy.approved_apps == (INSTALLED,)
+    assert not policy.require_dp and not policy.membership_audit
+    assert policy.refusals(app_config()) == []
+    # every key (or pair of bounds) is documented by the comment right above it
+    lines = DEFAULT_POLICY.splitlines()
+    for number, line in enumerate(lines):
+        if " = " in line and not line.startswith("#"):
+            above = lines[number - 1]
+            assert above.startswith("#") or " = " in above, line
+
+
+@pytest.mark.parametrize("text, error", [
+    ("approved-apps = 'x'", "approved-apps has the wrong type"),
+    ("max-rounds = true", "max-rounds has the wrong type"),
+    ("let-the-server-decide = true", "unknown keys"),
+    ("min-val-fraction = 0.5\nmax-val-fraction = 0.2", "min-val-fraction"),
+    ("[[", "not valid TOML"),
+])
+def test_a_broken_policy_is_an_error_naming_the_file(text: str, error: str) -> None:
+    with pytest.raises(PolicyError, match=f"bank-3/policy.toml: .*{error}"):
+        Policy.from_toml(text, "bank-3/policy.toml")
+
+
+def test_installed_resolves_to_the_bundle_flower_builds_from_the_bank_s_own_copy(
+    tmp_path: Path,
+) -> None:
+    policy = Policy.from_toml('approved-apps = ["installed", "ABC123"]', "p")
+
+    approved = policy.approved(APP_DIR)
+
+    assert approved == {app_digest(APP_DIR), "abc123"}
+    # The bundle holds the code and pyproject only: a run folder, data or docs lying in
+    # the app folder do not change what the bank approved.
+    copy = tmp_path / "app"
+    for part in ("common", "client", "server"):
+        (copy / part).mkdir(parents=True)
+        for source in (APP_DIR / part).glob("*.py"):
+            (copy / part / source.name).write_bytes(source.read_bytes())
+    (copy / "pyproject.toml").write_bytes((APP_DIR / "pyproject.toml").read_bytes())
+    (copy / "runs" / "1").mkdir(parents=True)
+    (copy / "runs" / "1" / "metrics.json").write_text("{}")
+    (copy / "NOTES.md").write_text("notes")
+    assert app_digest(copy) == app_digest(APP_DIR)
+    (copy / "client" / "app.py").write_text((copy / "client" / "app.py").read_text() + "#")
+    assert app_digest(copy) != app_digest(APP_DIR)
+
+
+def test_only_approved_bundles_are_installed() -> None:
+    installed: list[bytes] = []
+
+    def install(fab: bytes, *args: object, **kwargs: object) -> Path:
+        installed.append(fab)
+        return Path("/installed")
+
+    import hashlib
+
+    good = b"the approved bundle"
+    guard = only_approved(install, frozenset({hashlib.sha256(good).hexdigest()}), "bank 3")
+
+    assert guard(good, skip_prompt=True) == Path("/installed")
+    with pytest.raises(AppNotApproved, match="bank 3 refuses app bundle sha256 [0-9a-f]{64}"):
+        guard(b"the approved bundle, altered")
+    assert installed == [good]
+
+
+def test_flower_runtime_still_installs_the_bundle_where_the_executor_checks_it() -> None:
+    """The executor swaps ``install_from_fab`` in Flower's ClientApp runtime: it must
+    still be that module's name for it, called after the task input is pulled and
+    before the app is loaded and run."""
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    source = inspect.getsource(runtime.run_clientapp)
+    order = [source.index(call) for call in (
+        "pull_task_input(client)", "install_from_fab(fab.content", "load_client_app_fn(",
+        "client_app(message=message")]
+    assert order == sorted(order)
+    assert "from flwr.cli.install import install_from_fab" in inspect.getsource(runtime)
+    # A refusal raised there becomes an error reply to the server (not a silent hang).
+    assert "reply_message = Message(Error(code=e_code, reason=reason)" in source
+
+
+def test_flower_loads_an_already_imported_clientapp_module_as_it_is() -> None:
+    """Tasks run in children forked from the executor, which imported the bank's
+    ClientApp once: Flower must reuse that module, not import it anew per task."""
+    from flwr.supercore import object_ref
+
+    assert "if module_str not in sys.modules" in inspect.getsource(object_ref.load_app)
+
+
+def test_flower_runtime_api_serves_process_isolation_with_superexec_auth() -> None:
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec import run_superexec
+
+    AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    from client.executor import AUTH_METHODS
+
+    assert AUTH_METHODS == run_superexec._SUPEREXEC_AUTH_METHODS
+    help_text = subprocess.run([str(BIN / "flower-supernode"), "--help"],
+                               capture_output=True, text=True).stdout
+    for flag in ("--isolation {subprocess,process}", "--superexec-auth-secret-file"):
+        assert flag in help_text
+
+
+def test_private_files_are_0600_from_their_first_byte(tmp_path: Path) -> None:
+    old = os.umask(0)  # even a permissive umask must not leave a readable moment
+    try:
+        write_private(tmp_path / "secret", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError):  # never silently replaced
+        write_private(tmp_path / "secret", b"y")
+
+
+def test_a_bank_makes_its_own_key_pair_and_the_operator_holds_none(tmp_path: Path) -> None:
+    bank_dir = tmp_path / "bank_03"
+    result = subprocess.run([str(BIN / "fedfraud-bank"), "init", "--bank-id", "3",
+                             "--bank-dir", str(bank_dir), "--app-dir", str(APP_DIR)],
+                            capture_output=True, text=True, check=True)
+
+    private, public = bank_dir / "keys" / PRIVATE_KEY, bank_dir / "keys" / PUBLIC_KEY
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert str(public) in result.stdout and Policy.load(bank_dir / "policy.toml")
+    assert ensure_key_pair(bank_dir / "keys", 3) == public  # made once, kept
+    # The operator's folder: its CA and the SuperLink's certificate, no bank's key.
+    operator = make_certificates(tmp_path / "operator")
+    files = sorted(str(p.relative_to(operator)) for p in operator.rglob("*") if p.is_file())
+    assert files == ["ca.crt", "ca.key", "server/ca.crt", "server/server.key",
+                     "server/server.pem"]
+    for key in ("ca.key", "server/server.key"):
+        assert stat.S_IMODE((operator / key).stat().st_mode) == 0o600
+
+
+def test_bank_commands_fail_in_one_line_naming_the_policy_file(tmp_path: Path) -> None:
+    (tmp_path / "policy.toml").write_text("max-rounds = 'many'\n")
+    result = subprocess.run(
+        [str(BIN / "fedfraud-bank"), "run", "--bank-id", "1", "--bank-dir", str(tmp_path),
+         "--superlink", "127.0.0.1:1", "--insecure"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"fedfraud-bank: {tmp_path / 'policy.toml'}: max-rounds has the wrong type ('many')"]
