@@ -1,8 +1,9 @@
 """The risk report: asked of OpenAI's Responses API, built offline when that fails.
 
-Only aggregates go out by default; ``report-share-bank-details`` adds per-bank sizes
-and fraud rates. The exact request is saved beside report.md before it is sent. The
-report never fails a run: any problem yields the offline report, which says so.
+Only aggregates go out by default; ``report-share-bank-details`` adds everything per
+bank (sizes, fraud rates, local-only vs federated, epsilon, attack AUC, refusals). The
+exact request is saved beside report.md before it is sent. The report never fails a
+run: any problem yields the offline report, which says so.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ REPORT_FILE, HTML_FILE = "report.md", "report.html"
 
 
 def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str, Any]:
-    """What the report may say: aggregates, plus per-bank details only if allowed."""
+    """What the report may say: aggregates only, unless ``share_bank_details``.
+
+    Per-bank numbers can identify a bank or reveal its size to the language model's
+    provider: a bank's local-only AUC/AP, its spent epsilon and noise multiplier (which
+    follow from its row count), its membership-attack AUC, which bank's update was
+    refused. Without the flag only counts, maxima and pooled values go out, picked by
+    an allow-list so that a field added to metrics.json later stays home by default.
+    """
     final = metrics["final"]
     keep = ("auc", "ap", "recall_at_1pct_fpr", "precision", "recall", "f1", "threshold",
             "tp", "fp", "fn", "tn", "loss")
@@ -53,25 +61,69 @@ def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str,
         central = baselines["centralized"]
         facts["centralized_reference_test_metrics"] = {
             key: central[key] for key in keep if key in central}
-        facts["local_only_vs_federated_per_bank"] = [
-            {"bank": entry["bank"], **{
-                f"{model}_{where}_{key}": round(metrics_[key], 4)
-                for where, models in (("own_validation", entry["own_validation"]),
-                                      ("test", entry["test"]))
-                for model, metrics_ in models.items() if metrics_
-                for key in ("auc", "ap") if metrics_[key] is not None}}
-            for entry in baselines["local_only"]
-        ]
+        facts["federated_vs_local_only_bank_counts"] = federation_counts(
+            baselines["local_only"])
+    privacy, audit = metrics.get("privacy"), metrics.get("membership_audit")
+    strategy = metrics.get("strategy")
     if share_bank_details:
         facts["per_bank"] = [
             {"bank": bank["id"], "n_train": bank["n_train"],
              "fraud_rate": bank["n_fraud"] / max(1, bank["n_train"] + bank["n_val"])}
             for bank in metrics["banks"] if "n_train" in bank
         ]
-    for key in ("strategy", "privacy", "membership_audit"):
-        if metrics.get(key):
-            facts[key] = metrics[key]
+        if baselines:
+            facts["local_only_vs_federated_per_bank"] = [
+                {"bank": entry["bank"], **{
+                    f"{model}_{where}_{key}": round(metrics_[key], 4)
+                    for where, models in (("own_validation", entry["own_validation"]),
+                                          ("test", entry["test"]))
+                    for model, metrics_ in models.items() if metrics_
+                    for key in ("auc", "ap") if metrics_[key] is not None}}
+                for entry in baselines["local_only"]
+            ]
+        for key, value in (("strategy", strategy), ("privacy", privacy),
+                           ("membership_audit", audit)):
+            if value:
+                facts[key] = value
+        return facts
+    if strategy:
+        facts["strategy"] = {
+            "name": strategy["name"], "attack": strategy["attack"],
+            "attacking_banks": len(strategy.get("attackers", [])),
+            "refused_updates": len(strategy.get("refused_updates", []))}
+    if privacy:
+        facts["privacy"] = {key: privacy[key] for key in PRIVACY_AGGREGATES if key in privacy}
+    if audit:
+        facts["membership_audit"] = {key: audit[key] for key in ("attack", "attack_auc")
+                                     if key in audit}
     return facts
+
+
+# The privacy record's run-wide settings and maxima: nothing about any one bank.
+PRIVACY_AGGREGATES = ("secure_aggregation", "differential_privacy", "mechanism",
+                      "target_epsilon", "delta", "max_grad_norm", "max_epsilon_spent",
+                      "scope")
+
+
+def federation_counts(local_only: list[dict[str, Any]]) -> dict[str, Any]:
+    """At how many banks the federated model beat, tied (to 4 decimals) or lost to the
+    bank's local-only model, per data set and metric: whether federation paid, without
+    any one bank's numbers. A bank is counted only where both values are defined."""
+    counts: dict[str, Any] = {}
+    for where in ("own_validation", "test"):
+        for key in ("auc", "ap"):
+            pairs = []
+            for entry in local_only:
+                local = entry[where]["local_only"] or {}
+                federated = entry[where]["federated"] or {}
+                if local.get(key) is not None and federated.get(key) is not None:
+                    pairs.append((round(local[key], 4), round(federated[key], 4)))
+            counts[f"{where}_{key}"] = {
+                "banks_compared": len(pairs),
+                "federated_better": sum(1 for local, fed in pairs if fed > local),
+                "tied": sum(1 for local, fed in pairs if fed == local),
+                "local_only_better": sum(1 for local, fed in pairs if fed < local)}
+    return counts
 
 
 def build_request(metrics: dict[str, Any], config: Config) -> dict[str, Any]:

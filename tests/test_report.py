@@ -140,10 +140,84 @@ def test_bank_details_stay_out_unless_allowed(tmp_path: Path, monkeypatch, key) 
     default, shared = (json.loads(r["body"]["input"].split("\n", 1)[1]) for r in api.requests)
     assert "per_bank" not in default and "n_train" not in json.dumps(default)
     assert shared["per_bank"][0] == {"bank": 0, "n_train": 900, "fraud_rate": 31 / 1060}
-    # Whether federation paid is always in the facts; undefined metrics are left out.
+    # Whether federation paid is always in the facts, as counts; per bank only if
+    # allowed, where undefined metrics are left out.
     assert default["centralized_reference_test_metrics"]["auc"] == 0.89
-    assert default["local_only_vs_federated_per_bank"][0]["local_only_own_validation_ap"] == 0.6
-    assert "local_only_own_validation_auc" not in default["local_only_vs_federated_per_bank"][1]
+    assert default["federated_vs_local_only_bank_counts"]["own_validation_ap"] == {
+        "banks_compared": 1, "federated_better": 1, "tied": 0, "local_only_better": 0}
+    assert "local_only_vs_federated_per_bank" not in default
+    assert shared["local_only_vs_federated_per_bank"][0]["local_only_own_validation_ap"] == 0.6
+    assert "local_only_own_validation_auc" not in shared["local_only_vs_federated_per_bank"][1]
+
+
+def metrics_with_bank_numbers() -> dict:
+    """sample_metrics() with a distinctive number for everything said about one bank
+    (none of them occurs elsewhere in the facts) and the run's privacy records."""
+    metrics = sample_metrics()
+    fed_val = {**metrics["baselines"]["local_only"][0]["own_validation"]["federated"],
+               "auc": 0.9071, "ap": 0.8029}
+    metrics["baselines"]["local_only"][0]["own_validation"] = {
+        "local_only": {**fed_val, "auc": 0.9317, "ap": 0.6143}, "federated": fed_val}
+    metrics["baselines"]["local_only"][0]["test"]["local_only"].update(auc=0.8123, ap=0.4177)
+    metrics["baselines"]["local_only"][1]["test"]["local_only"].update(auc=0.88, ap=0.0537)
+    metrics["strategy"] = {"name": "fedavg", "attack": "nan", "attackers": [1],
+                           "refused_updates": [{"round": 2, "bank": 1,
+                                                "why": "non-finite values in arrays/w"}]}
+    metrics["privacy"] = {
+        "secure_aggregation": False, "differential_privacy": True,
+        "mechanism": "DP-SGD", "target_epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0,
+        "max_epsilon_spent": 2.9871,
+        "banks": [{"bank": 0, "round": 2, "epsilon": 2.9871, "delta": 1e-5,
+                   "noise_multiplier": 1.2345},
+                  {"bank": 1, "round": 2, "epsilon": 2.6543, "delta": 1e-5,
+                   "noise_multiplier": 4.3219}],
+        "scope": "the banks' training rows"}
+    metrics["membership_audit"] = {"attack": "loss threshold", "attack_auc": 0.5031,
+                                   "banks": [{"bank": 0, "attack_auc": 0.5123},
+                                             {"bank": 1, "attack_auc": 0.5467}]}
+    return metrics
+
+
+# Everything above that belongs to one bank (bank 0's epsilon is also the maximum).
+BANK_NUMBERS = ("0.9071", "0.8029", "0.9317", "0.6143", "0.8123", "0.4177", "0.0537",
+                "2.6543", "1.2345", "4.3219", "0.5123", "0.5467", "arrays/w",
+                "noise_multiplier", "local_only_vs_federated_per_bank", "per_bank")
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_per_bank_numbers_reach_the_model_only_if_allowed(
+    tmp_path: Path, monkeypatch, share: bool,
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # the request is saved anyway
+    config = app_config(report_share_bank_details=share)
+    write_report(tmp_path, metrics_with_bank_numbers(), config, {"ROC curves": "roc.png"})
+    text = (tmp_path / REQUEST_FILE).read_text()
+
+    for number in BANK_NUMBERS:
+        assert (number in text) is share, number
+    facts = json.loads(json.loads(text)["input"].split("\n", 1)[1])
+    if share:
+        assert facts["privacy"]["banks"][1]["noise_multiplier"] == 4.3219
+        assert facts["strategy"]["refused_updates"][0]["bank"] == 1
+        return
+    # The aggregates: counted by hand from metrics_with_bank_numbers().
+    assert facts["federated_vs_local_only_bank_counts"] == {
+        "own_validation_auc": {"banks_compared": 1, "federated_better": 0, "tied": 0,
+                               "local_only_better": 1},
+        "own_validation_ap": {"banks_compared": 1, "federated_better": 1, "tied": 0,
+                              "local_only_better": 0},
+        "test_auc": {"banks_compared": 2, "federated_better": 1, "tied": 1,
+                     "local_only_better": 0},
+        "test_ap": {"banks_compared": 2, "federated_better": 2, "tied": 0,
+                    "local_only_better": 0},
+    }
+    assert facts["privacy"] == {
+        "secure_aggregation": False, "differential_privacy": True, "mechanism": "DP-SGD",
+        "target_epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0,
+        "max_epsilon_spent": 2.9871, "scope": "the banks' training rows"}
+    assert facts["membership_audit"] == {"attack": "loss threshold", "attack_auc": 0.5031}
+    assert facts["strategy"] == {"name": "fedavg", "attack": "nan", "attacking_banks": 1,
+                                 "refused_updates": 1}
 
 
 @pytest.mark.parametrize("status", [429, 500])
