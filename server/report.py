@@ -8,8 +8,11 @@ run: any problem yields the offline report, which says so.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+from collections.abc import Collection
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -310,22 +313,111 @@ def write_report(run_dir: Path, metrics: dict[str, Any], config: Config,
     ])
     path = run_dir / REPORT_FILE
     path.write_text(head + body)
-    write_html(run_dir / HTML_FILE, title, head, body)
+    write_html(run_dir / HTML_FILE, title, head, body, figures.values())
     return path
 
 
-def write_html(path: Path, title: str, head: str, analysis: str) -> None:
+def write_html(path: Path, title: str, head: str, analysis: str,
+               images: Collection[str] = ()) -> None:
     """The report as one page (figures by relative path). The analyst's text may come
-    from a model: any HTML in it is shown as text, never run."""
-    import html
-
+    from a model: any HTML in it is shown as text, never run, and the rendered page
+    keeps only allow-listed tags, attributes, link schemes and the run's own
+    ``images`` (see ``sanitize_html``)."""
     import markdown
 
-    body = markdown.markdown(head + analysis.replace("<", "&lt;"), extensions=["tables"])
+    body = sanitize_html(markdown.markdown(head + analysis.replace("<", "&lt;"),
+                                           extensions=["tables"]), images)
     path.write_text(
         f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
         f"<body>\n{body}\n</body></html>\n")
+
+
+# What Markdown (with tables) renders from text without raw HTML; anything else goes.
+ALLOWED_TAGS = frozenset({
+    "a", "blockquote", "br", "code", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
+    "img", "li", "ol", "p", "pre", "strong", "table", "tbody", "td", "th", "thead", "tr",
+    "ul"})
+VOID_TAGS = frozenset({"br", "hr", "img"})
+ALLOWED_ATTRIBUTES = {"a": ("href", "title"), "img": ("src", "alt", "title"),
+                      "td": ("style",), "th": ("style",)}
+CELL_STYLES = frozenset({"text-align: left;", "text-align: center;", "text-align: right;"})
+LINK_SCHEMES = frozenset({"http", "https", "mailto"})
+DROP_CONTENT_TAGS = frozenset({"script", "style"})  # their text is code, not prose
+
+
+def link_is_safe(url: str) -> bool:
+    """http, https, mailto or relative. Judged on the decoded value (the parser
+    has already turned entities like ``&#106;`` into characters) with every space and
+    control character removed, as browsers drop some of them inside a scheme; whatever
+    precedes the first ``:`` that comes before any ``/``, ``?`` or ``#`` is a scheme and
+    must be one of LINK_SCHEMES, so an obfuscated scheme fails rather than slips by."""
+    squeezed = "".join(ch for ch in url if ch.isprintable() and not ch.isspace())
+    head = squeezed.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    return ":" not in head or head.split(":", 1)[0].lower() in LINK_SCHEMES
+
+
+class _Sanitizer(HTMLParser):
+    """Rebuilds HTML from the allow-lists above: other tags are dropped (their text
+    kept, escaped), other attributes (e.g. ``onerror``) dropped, a link with another
+    scheme loses its tag, an image other than the run's own figures disappears."""
+
+    def __init__(self, images: Collection[str]) -> None:
+        super().__init__(convert_charrefs=True)
+        self.images = frozenset(images)
+        self.out: list[str] = []
+        self.links: list[bool] = []  # per open <a>: was its tag kept
+        self.dropping = 0  # inside <script> or <style>
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in DROP_CONTENT_TAGS:
+            self.dropping += 1
+        if tag not in ALLOWED_TAGS:
+            return
+        allowed = ALLOWED_ATTRIBUTES.get(tag, ())
+        kept = [(name, value) for name, value in attrs
+                if name in allowed and value is not None]
+        if tag in ("td", "th"):
+            kept = [(n, v) for n, v in kept if n != "style" or v.strip() in CELL_STYLES]
+        values = dict(kept)
+        if tag == "img" and values.get("src") not in self.images:
+            return
+        if tag == "a":
+            safe = "href" not in values or link_is_safe(values["href"])
+            self.links.append(safe)
+            if not safe:
+                return
+        text = "".join(f' {name}="{html.escape(value)}"' for name, value in kept)
+        self.out.append(f"<{tag}{text}{' /' if tag in VOID_TAGS else ''}>")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID_TAGS:
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in DROP_CONTENT_TAGS:
+            self.dropping = max(0, self.dropping - 1)
+        if tag not in ALLOWED_TAGS or tag in VOID_TAGS:
+            return
+        if tag == "a" and not (self.links.pop() if self.links else False):
+            return
+        self.out.append(f"</{tag}>")
+
+    def handle_data(self, data: str) -> None:
+        if not self.dropping:
+            self.out.append(html.escape(data, quote=False))
+
+    # Comments, doctypes and processing instructions: HTMLParser's defaults drop them.
+
+
+def sanitize_html(fragment: str, images: Collection[str]) -> str:
+    """``fragment`` with only allow-listed markup left (stdlib parser: no bleach or nh3
+    in the environment, and a regex over Markdown would miss what Markdown renders)."""
+    sanitizer = _Sanitizer(images)
+    sanitizer.feed(fragment)
+    sanitizer.close()
+    return "".join(sanitizer.out)
 
 
 STYLE = (

@@ -6,12 +6,15 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from server.report import HTML_FILE, REPORT_FILE, REQUEST_FILE, write_report
+from server.report import (
+    HTML_FILE, REPORT_FILE, REQUEST_FILE, link_is_safe, sanitize_html, write_report,
+)
 from tests.conftest import app_config
 
 REPORT_TEXT = "## Executive summary\nThe federated model works."
@@ -269,3 +272,73 @@ def test_no_key_means_offline_without_any_request(tmp_path: Path, monkeypatch) -
     assert api.requests == []
     assert "no OPENAI_API_KEY set" in report
     assert (tmp_path / REQUEST_FILE).exists()  # what would have been sent
+
+
+class Elements(HTMLParser):
+    """Every element of a page with its attributes, as a browser's parser sees them
+    (entities decoded)."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.found: list[tuple[str, dict[str, str | None]]] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.found.append((tag, dict(attrs)))
+
+
+ACTIVE_TEXT = "\n".join([
+    "## Risks",
+    "[plain js](javascript:alert(1)) [mixed case](JaVaScRiPt:alert(2))",
+    "[entity](&#106;avascript:alert(3)) [hex tab](java&#x09;script:alert(4))",
+    "[spaced]( java\tscript:alert(5)) [data link](data:text/html;base64,PHNjcmlwdD4=)",
+    "[vb](vbscript:msgbox(6)) [file](file:///etc/passwd)",
+    "![remote](https://remote.example/img.png) ![data img](data:image/png;base64,AAAA)",
+    '![quote](roc.png" onerror="alert(7)) <img src=x onerror=alert(8)>',
+    "",
+    "[the guide](https://example.com/guide) [top](#risks) ![our roc](roc.png)",
+])
+
+
+def test_html_report_keeps_only_safe_links_and_the_runs_own_figures(
+    tmp_path: Path, monkeypatch, key,
+) -> None:
+    with FakeResponsesAPI([], text=ACTIVE_TEXT) as api:
+        report = run_report(tmp_path, api.url, monkeypatch)
+    page = (tmp_path / HTML_FILE).read_text()
+    elements = Elements(page).found
+
+    assert "javascript:alert(1)" in report  # report.md keeps the text as written
+    hrefs = [attrs.get("href") for tag, attrs in elements if tag == "a"]
+    assert hrefs == ["https://example.com/guide", "#risks"]
+    images = [attrs.get("src") for tag, attrs in elements if tag == "img"]
+    assert images == ["roc.png", "roc.png"]  # the run's figure and the model's use of it
+    assert not [name for _, attrs in elements for name in attrs if name.startswith("on")]
+    for gone in ("javascript", "vbscript", "data:", "file:", "remote.example", "<img src=x"):
+        assert gone not in page.lower(), gone
+    # The text of a refused link stays, as text.
+    assert "plain js" in page and "data link" in page and "the guide</a>" in page
+
+
+@pytest.mark.parametrize(("href", "safe"), [
+    ("https://example.com/a?b=c:d", True), ("HTTP://example.com", True),
+    ("mailto:risk@bank.example", True), ("figures/roc.png", True), ("#top", True),
+    ("?q=a:b", True), ("//cdn.example/x", True),
+    ("javascript:alert(1)", False), ("JaVaScRiPt:alert(1)", False),
+    ("\x00javascript:x", False), ("java\nscript:x", False), (" \tjavascript:x", False),
+    ("\xa0javascript:x", False), ("data:text/html,x", False), ("vbscript:x", False),
+    ("file:///etc/passwd", False), ("blob:https://x/1", False),
+])
+def test_link_schemes_are_allow_listed(href: str, safe: bool) -> None:
+    assert link_is_safe(href) is safe
+
+
+def test_sanitizer_drops_markup_outside_the_allow_lists() -> None:
+    fragment = ('<p onclick="x()">a<script>bad()</script><iframe src="https://x">b'
+                '</iframe><img src="roc.png" onerror="x()"><img src="other.png">'
+                '<a href="&#106;avascript:x" onmouseover="y()">c</a>'
+                '<td style="background:url(x)">d</td><th style="text-align: right;">e</th>'
+                '&lt;b&gt;</p>')
+    assert sanitize_html(fragment, ["roc.png"]) == (
+        '<p>ab<img src="roc.png" />c<td>d</td><th style="text-align: right;">e</th>'
+        '&lt;b&gt;</p>')
