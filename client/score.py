@@ -6,8 +6,9 @@
 Nothing leaves the bank: the model comes to the data. The input's columns are read
 with the bank's preprocessing (the federation's schema and the bank's scaler, both in
 its scaler.json), exactly as in training: a missing value becomes the bank's mean. A
-missing or unexpected column, text in a numeric column, or an empty file stops with an
-error naming the file and the column.
+missing or unexpected column, text in a numeric column, a value that is not a finite
+float32 number (inf, or 1e39, which overflows it), or an empty file stops with an error
+naming the file and the column, rather than a score that saturates without a word.
 """
 
 from __future__ import annotations

@@ -171,6 +171,10 @@ def prepare(
         origin = {"file": str(source), "rows": len(frame)}
     y = frame[label_column].to_numpy(np.int64)
     schema = Schema.infer(frame, label_column)
+    # Every bank would refuse its shard (e.g. an inf): refuse the source before any
+    # shard is written, naming the file and the column.
+    schema.encode(frame.drop(columns=[label_column]),
+                  lambda why: BankDataError(f"data source: {source}: {why}"))
     keep, y_keep, test_rows, y_test = hold_out(np.arange(len(y)), y, test_fraction, seed)
     parts = [keep[rows] for rows in dirichlet_partition(y_keep, num_banks, alpha, seed)]
     banks = []

@@ -1,14 +1,18 @@
 """The risk report: asked of OpenAI's Responses API, built offline when that fails.
 
-Only aggregates go out by default; ``report-share-bank-details`` adds per-bank sizes
-and fraud rates. The exact request is saved beside report.md before it is sent. The
-report never fails a run: any problem yields the offline report, which says so.
+Only aggregates go out by default; ``report-share-bank-details`` adds everything per
+bank (sizes, fraud rates, local-only vs federated, epsilon, attack AUC, refusals). The
+exact request is saved beside report.md before it is sent. The report never fails a
+run: any problem yields the offline report, which says so.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
+from collections.abc import Collection
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,14 @@ REPORT_FILE, HTML_FILE = "report.md", "report.html"
 
 
 def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str, Any]:
-    """What the report may say: aggregates, plus per-bank details only if allowed."""
+    """What the report may say: aggregates only, unless ``share_bank_details``.
+
+    Per-bank numbers can identify a bank or reveal its size to the language model's
+    provider: a bank's local-only AUC/AP, its spent epsilon and noise multiplier (which
+    follow from its row count), its membership-attack AUC, which bank's update was
+    refused. Without the flag only counts, maxima and pooled values go out, picked by
+    an allow-list so that a field added to metrics.json later stays home by default.
+    """
     final = metrics["final"]
     keep = ("auc", "ap", "recall_at_1pct_fpr", "precision", "recall", "f1", "threshold",
             "tp", "fp", "fn", "tn", "loss")
@@ -53,25 +64,69 @@ def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str,
         central = baselines["centralized"]
         facts["centralized_reference_test_metrics"] = {
             key: central[key] for key in keep if key in central}
-        facts["local_only_vs_federated_per_bank"] = [
-            {"bank": entry["bank"], **{
-                f"{model}_{where}_{key}": round(metrics_[key], 4)
-                for where, models in (("own_validation", entry["own_validation"]),
-                                      ("test", entry["test"]))
-                for model, metrics_ in models.items() if metrics_
-                for key in ("auc", "ap") if metrics_[key] is not None}}
-            for entry in baselines["local_only"]
-        ]
+        facts["federated_vs_local_only_bank_counts"] = federation_counts(
+            baselines["local_only"])
+    privacy, audit = metrics.get("privacy"), metrics.get("membership_audit")
+    strategy = metrics.get("strategy")
     if share_bank_details:
         facts["per_bank"] = [
             {"bank": bank["id"], "n_train": bank["n_train"],
              "fraud_rate": bank["n_fraud"] / max(1, bank["n_train"] + bank["n_val"])}
             for bank in metrics["banks"] if "n_train" in bank
         ]
-    for key in ("strategy", "privacy", "membership_audit"):
-        if metrics.get(key):
-            facts[key] = metrics[key]
+        if baselines:
+            facts["local_only_vs_federated_per_bank"] = [
+                {"bank": entry["bank"], **{
+                    f"{model}_{where}_{key}": round(metrics_[key], 4)
+                    for where, models in (("own_validation", entry["own_validation"]),
+                                          ("test", entry["test"]))
+                    for model, metrics_ in models.items() if metrics_
+                    for key in ("auc", "ap") if metrics_[key] is not None}}
+                for entry in baselines["local_only"]
+            ]
+        for key, value in (("strategy", strategy), ("privacy", privacy),
+                           ("membership_audit", audit)):
+            if value:
+                facts[key] = value
+        return facts
+    if strategy:
+        facts["strategy"] = {
+            "name": strategy["name"], "attack": strategy["attack"],
+            "attacking_banks": len(strategy.get("attackers", [])),
+            "refused_updates": len(strategy.get("refused_updates", []))}
+    if privacy:
+        facts["privacy"] = {key: privacy[key] for key in PRIVACY_AGGREGATES if key in privacy}
+    if audit:
+        facts["membership_audit"] = {key: audit[key] for key in ("attack", "attack_auc")
+                                     if key in audit}
     return facts
+
+
+# The privacy record's run-wide settings and maxima: nothing about any one bank.
+PRIVACY_AGGREGATES = ("secure_aggregation", "differential_privacy", "mechanism",
+                      "target_epsilon", "delta", "max_grad_norm", "max_epsilon_spent",
+                      "scope")
+
+
+def federation_counts(local_only: list[dict[str, Any]]) -> dict[str, Any]:
+    """At how many banks the federated model beat, tied (to 4 decimals) or lost to the
+    bank's local-only model, per data set and metric: whether federation paid, without
+    any one bank's numbers. A bank is counted only where both values are defined."""
+    counts: dict[str, Any] = {}
+    for where in ("own_validation", "test"):
+        for key in ("auc", "ap"):
+            pairs = []
+            for entry in local_only:
+                local = entry[where]["local_only"] or {}
+                federated = entry[where]["federated"] or {}
+                if local.get(key) is not None and federated.get(key) is not None:
+                    pairs.append((round(local[key], 4), round(federated[key], 4)))
+            counts[f"{where}_{key}"] = {
+                "banks_compared": len(pairs),
+                "federated_better": sum(1 for local, fed in pairs if fed > local),
+                "tied": sum(1 for local, fed in pairs if fed == local),
+                "local_only_better": sum(1 for local, fed in pairs if fed < local)}
+    return counts
 
 
 def build_request(metrics: dict[str, Any], config: Config) -> dict[str, Any]:
@@ -258,22 +313,111 @@ def write_report(run_dir: Path, metrics: dict[str, Any], config: Config,
     ])
     path = run_dir / REPORT_FILE
     path.write_text(head + body)
-    write_html(run_dir / HTML_FILE, title, head, body)
+    write_html(run_dir / HTML_FILE, title, head, body, figures.values())
     return path
 
 
-def write_html(path: Path, title: str, head: str, analysis: str) -> None:
+def write_html(path: Path, title: str, head: str, analysis: str,
+               images: Collection[str] = ()) -> None:
     """The report as one page (figures by relative path). The analyst's text may come
-    from a model: any HTML in it is shown as text, never run."""
-    import html
-
+    from a model: any HTML in it is shown as text, never run, and the rendered page
+    keeps only allow-listed tags, attributes, link schemes and the run's own
+    ``images`` (see ``sanitize_html``)."""
     import markdown
 
-    body = markdown.markdown(head + analysis.replace("<", "&lt;"), extensions=["tables"])
+    body = sanitize_html(markdown.markdown(head + analysis.replace("<", "&lt;"),
+                                           extensions=["tables"]), images)
     path.write_text(
         f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
         f"<body>\n{body}\n</body></html>\n")
+
+
+# What Markdown (with tables) renders from text without raw HTML; anything else goes.
+ALLOWED_TAGS = frozenset({
+    "a", "blockquote", "br", "code", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
+    "img", "li", "ol", "p", "pre", "strong", "table", "tbody", "td", "th", "thead", "tr",
+    "ul"})
+VOID_TAGS = frozenset({"br", "hr", "img"})
+ALLOWED_ATTRIBUTES = {"a": ("href", "title"), "img": ("src", "alt", "title"),
+                      "td": ("style",), "th": ("style",)}
+CELL_STYLES = frozenset({"text-align: left;", "text-align: center;", "text-align: right;"})
+LINK_SCHEMES = frozenset({"http", "https", "mailto"})
+DROP_CONTENT_TAGS = frozenset({"script", "style"})  # their text is code, not prose
+
+
+def link_is_safe(url: str) -> bool:
+    """http, https, mailto or relative. Judged on the decoded value (the parser
+    has already turned entities like ``&#106;`` into characters) with every space and
+    control character removed, as browsers drop some of them inside a scheme; whatever
+    precedes the first ``:`` that comes before any ``/``, ``?`` or ``#`` is a scheme and
+    must be one of LINK_SCHEMES, so an obfuscated scheme fails rather than slips by."""
+    squeezed = "".join(ch for ch in url if ch.isprintable() and not ch.isspace())
+    head = squeezed.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    return ":" not in head or head.split(":", 1)[0].lower() in LINK_SCHEMES
+
+
+class _Sanitizer(HTMLParser):
+    """Rebuilds HTML from the allow-lists above: other tags are dropped (their text
+    kept, escaped), other attributes (e.g. ``onerror``) dropped, a link with another
+    scheme loses its tag, an image other than the run's own figures disappears."""
+
+    def __init__(self, images: Collection[str]) -> None:
+        super().__init__(convert_charrefs=True)
+        self.images = frozenset(images)
+        self.out: list[str] = []
+        self.links: list[bool] = []  # per open <a>: was its tag kept
+        self.dropping = 0  # inside <script> or <style>
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in DROP_CONTENT_TAGS:
+            self.dropping += 1
+        if tag not in ALLOWED_TAGS:
+            return
+        allowed = ALLOWED_ATTRIBUTES.get(tag, ())
+        kept = [(name, value) for name, value in attrs
+                if name in allowed and value is not None]
+        if tag in ("td", "th"):
+            kept = [(n, v) for n, v in kept if n != "style" or v.strip() in CELL_STYLES]
+        values = dict(kept)
+        if tag == "img" and values.get("src") not in self.images:
+            return
+        if tag == "a":
+            safe = "href" not in values or link_is_safe(values["href"])
+            self.links.append(safe)
+            if not safe:
+                return
+        text = "".join(f' {name}="{html.escape(value)}"' for name, value in kept)
+        self.out.append(f"<{tag}{text}{' /' if tag in VOID_TAGS else ''}>")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID_TAGS:
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in DROP_CONTENT_TAGS:
+            self.dropping = max(0, self.dropping - 1)
+        if tag not in ALLOWED_TAGS or tag in VOID_TAGS:
+            return
+        if tag == "a" and not (self.links.pop() if self.links else False):
+            return
+        self.out.append(f"</{tag}>")
+
+    def handle_data(self, data: str) -> None:
+        if not self.dropping:
+            self.out.append(html.escape(data, quote=False))
+
+    # Comments, doctypes and processing instructions: HTMLParser's defaults drop them.
+
+
+def sanitize_html(fragment: str, images: Collection[str]) -> str:
+    """``fragment`` with only allow-listed markup left (stdlib parser: no bleach or nh3
+    in the environment, and a regex over Markdown would miss what Markdown renders)."""
+    sanitizer = _Sanitizer(images)
+    sanitizer.feed(fragment)
+    sanitizer.close()
+    return "".join(sanitizer.out)
 
 
 STYLE = (

@@ -148,6 +148,45 @@ def test_loader_refuses_files_that_break_the_shared_schema(
     assert why in str(err.value)
 
 
+@pytest.mark.parametrize(("cell", "shown"), [
+    ("inf", "'inf'"), ("-inf", "'-inf'"), ("-Infinity", "'-inf'"),
+    ("1e39", "'1e+39'"),  # a float64, but beyond float32: it would become inf
+])
+def test_loader_refuses_values_that_are_not_finite(
+    tmp_path: Path, cell: str, shown: str,
+) -> None:
+    path = write(tmp_path / "transactions.csv",
+                 f"amount,channel,Class\n1,pos,0\n2,web,1\n{cell},web,0\n")
+    with pytest.raises(BankDataError) as err:
+        load_transactions(path, "Class", "bank 5", SCHEMA)
+    assert str(err.value) == (f"bank 5: {path}: column 'amount' holds a value that is not "
+                              f"a finite float32 number (row 3: {shown})")
+
+
+def test_loader_keeps_a_blank_cell_missing_and_large_finite_values(tmp_path: Path) -> None:
+    path = write(tmp_path / "transactions.csv", "amount,Class\n1,0\n,1\n3.4e38,0\n")
+    x, _, _ = load_transactions(path, "Class", "bank 5")
+    assert x[0, 0] == 1 and np.isnan(x[1, 0])
+    assert x[2, 0] == np.float32(3.4e38)  # just below float32's largest, 3.4028235e38
+
+
+def test_prepare_refuses_a_source_with_infinite_values_before_writing(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "pooled.csv"
+    amount = np.arange(1, 201, dtype=float)
+    amount[[3, 150]] = [np.nan, np.inf]  # a gap is fine; the inf is not
+    pd.DataFrame({"amount": amount, "fraud": [0, 1] * 100}).to_csv(source, index=False)
+
+    with pytest.raises(BankDataError) as err:
+        prepare(tmp_path / "data", str(source), seed=1, num_banks=2, alpha=1.0,
+                test_fraction=0.2, label_column="fraud")
+
+    assert str(err.value) == (f"data source: {source}: column 'amount' holds a value "
+                              "that is not a finite float32 number (row 151: 'inf')")
+    assert not (tmp_path / "data").exists()  # no shard, schema or manifest written
+
+
 def test_loader_missing_file(tmp_path: Path) -> None:
     with pytest.raises(BankDataError, match="bank 7: .*nope.csv: file not found"):
         load_transactions(tmp_path / "nope.csv", "Class", "bank 7")

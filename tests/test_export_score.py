@@ -120,6 +120,13 @@ def test_parquet_and_the_runs_threshold(scorer: Scorer, tmp_path: Path) -> None:
     (lambda f: f.assign(amount=1.0), "unexpected ['amount']"),
     (lambda f: f.assign(f03=["x"] + [1.0] * 4), "column 'f03' must be numeric (row 1: 'x')"),
     (lambda f: f.iloc[:0], "no rows"),
+    # Not finite as float32 (1e39 overflows it): refused, not scored as 0 or 1.
+    (lambda f: f.assign(f03=[1.0, 2.0, float("inf"), 1.0, 1.0]),
+     "column 'f03' holds a value that is not a finite float32 number (row 3: 'inf')"),
+    (lambda f: f.assign(f11=[1.0, 2.0, 3.0, 4.0, -float("inf")]),
+     "column 'f11' holds a value that is not a finite float32 number (row 5: '-inf')"),
+    (lambda f: f.assign(f03=[1e39, 2.0, 3.0, 4.0, 5.0]),
+     "column 'f03' holds a value that is not a finite float32 number (row 1: '1e+39')"),
 ])
 def test_bad_input_names_the_file_and_the_column(scorer: Scorer, tmp_path: Path,
                                                  change, message: str) -> None:
@@ -128,6 +135,7 @@ def test_bad_input_names_the_file_and_the_column(scorer: Scorer, tmp_path: Path,
     with pytest.raises(ScoreInputError) as err:
         score_file(scorer, path, tmp_path / "out.csv")
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "out.csv").exists()
 
 
 def test_a_missing_value_is_scored_as_the_banks_mean(scorer: Scorer, tmp_path: Path) -> None:
@@ -147,3 +155,17 @@ def test_empty_file(scorer: Scorer, tmp_path: Path) -> None:
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ScoreInputError, match="empty.csv: empty file"):
         score_file(scorer, tmp_path / "empty.csv", tmp_path / "out.csv")
+
+
+def test_the_score_command_refuses_an_infinite_value(exported, scorer: Scorer,
+                                                     tmp_path: Path) -> None:
+    from server.cli import main
+
+    run_dir, _, bank = exported  # the scorer fixture has written the bank's scaler.json
+    path = tmp_path / "new.csv"
+    transactions(4).assign(f07=[1.0, 1e39, 1.0, 1.0]).to_csv(path, index=False)
+    with pytest.raises(ScoreInputError) as err:
+        main(["score", "--run", str(run_dir), "--scaler", str(scaler_file(bank.state_dir)),
+              "--input", str(path), "--output", str(tmp_path / "out.csv")])
+    assert str(err.value) == (f"{path}: column 'f07' holds a value that is not a finite "
+                              "float32 number (row 2: '1e+39')")

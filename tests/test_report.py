@@ -6,12 +6,15 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from server.report import HTML_FILE, REPORT_FILE, REQUEST_FILE, write_report
+from server.report import (
+    HTML_FILE, REPORT_FILE, REQUEST_FILE, link_is_safe, sanitize_html, write_report,
+)
 from tests.conftest import app_config
 
 REPORT_TEXT = "## Executive summary\nThe federated model works."
@@ -140,10 +143,84 @@ def test_bank_details_stay_out_unless_allowed(tmp_path: Path, monkeypatch, key) 
     default, shared = (json.loads(r["body"]["input"].split("\n", 1)[1]) for r in api.requests)
     assert "per_bank" not in default and "n_train" not in json.dumps(default)
     assert shared["per_bank"][0] == {"bank": 0, "n_train": 900, "fraud_rate": 31 / 1060}
-    # Whether federation paid is always in the facts; undefined metrics are left out.
+    # Whether federation paid is always in the facts, as counts; per bank only if
+    # allowed, where undefined metrics are left out.
     assert default["centralized_reference_test_metrics"]["auc"] == 0.89
-    assert default["local_only_vs_federated_per_bank"][0]["local_only_own_validation_ap"] == 0.6
-    assert "local_only_own_validation_auc" not in default["local_only_vs_federated_per_bank"][1]
+    assert default["federated_vs_local_only_bank_counts"]["own_validation_ap"] == {
+        "banks_compared": 1, "federated_better": 1, "tied": 0, "local_only_better": 0}
+    assert "local_only_vs_federated_per_bank" not in default
+    assert shared["local_only_vs_federated_per_bank"][0]["local_only_own_validation_ap"] == 0.6
+    assert "local_only_own_validation_auc" not in shared["local_only_vs_federated_per_bank"][1]
+
+
+def metrics_with_bank_numbers() -> dict:
+    """sample_metrics() with a distinctive number for everything said about one bank
+    (none of them occurs elsewhere in the facts) and the run's privacy records."""
+    metrics = sample_metrics()
+    fed_val = {**metrics["baselines"]["local_only"][0]["own_validation"]["federated"],
+               "auc": 0.9071, "ap": 0.8029}
+    metrics["baselines"]["local_only"][0]["own_validation"] = {
+        "local_only": {**fed_val, "auc": 0.9317, "ap": 0.6143}, "federated": fed_val}
+    metrics["baselines"]["local_only"][0]["test"]["local_only"].update(auc=0.8123, ap=0.4177)
+    metrics["baselines"]["local_only"][1]["test"]["local_only"].update(auc=0.88, ap=0.0537)
+    metrics["strategy"] = {"name": "fedavg", "attack": "nan", "attackers": [1],
+                           "refused_updates": [{"round": 2, "bank": 1,
+                                                "why": "non-finite values in arrays/w"}]}
+    metrics["privacy"] = {
+        "secure_aggregation": False, "differential_privacy": True,
+        "mechanism": "DP-SGD", "target_epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0,
+        "max_epsilon_spent": 2.9871,
+        "banks": [{"bank": 0, "round": 2, "epsilon": 2.9871, "delta": 1e-5,
+                   "noise_multiplier": 1.2345},
+                  {"bank": 1, "round": 2, "epsilon": 2.6543, "delta": 1e-5,
+                   "noise_multiplier": 4.3219}],
+        "scope": "the banks' training rows"}
+    metrics["membership_audit"] = {"attack": "loss threshold", "attack_auc": 0.5031,
+                                   "banks": [{"bank": 0, "attack_auc": 0.5123},
+                                             {"bank": 1, "attack_auc": 0.5467}]}
+    return metrics
+
+
+# Everything above that belongs to one bank (bank 0's epsilon is also the maximum).
+BANK_NUMBERS = ("0.9071", "0.8029", "0.9317", "0.6143", "0.8123", "0.4177", "0.0537",
+                "2.6543", "1.2345", "4.3219", "0.5123", "0.5467", "arrays/w",
+                "noise_multiplier", "local_only_vs_federated_per_bank", "per_bank")
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_per_bank_numbers_reach_the_model_only_if_allowed(
+    tmp_path: Path, monkeypatch, share: bool,
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # the request is saved anyway
+    config = app_config(report_share_bank_details=share)
+    write_report(tmp_path, metrics_with_bank_numbers(), config, {"ROC curves": "roc.png"})
+    text = (tmp_path / REQUEST_FILE).read_text()
+
+    for number in BANK_NUMBERS:
+        assert (number in text) is share, number
+    facts = json.loads(json.loads(text)["input"].split("\n", 1)[1])
+    if share:
+        assert facts["privacy"]["banks"][1]["noise_multiplier"] == 4.3219
+        assert facts["strategy"]["refused_updates"][0]["bank"] == 1
+        return
+    # The aggregates: counted by hand from metrics_with_bank_numbers().
+    assert facts["federated_vs_local_only_bank_counts"] == {
+        "own_validation_auc": {"banks_compared": 1, "federated_better": 0, "tied": 0,
+                               "local_only_better": 1},
+        "own_validation_ap": {"banks_compared": 1, "federated_better": 1, "tied": 0,
+                              "local_only_better": 0},
+        "test_auc": {"banks_compared": 2, "federated_better": 1, "tied": 1,
+                     "local_only_better": 0},
+        "test_ap": {"banks_compared": 2, "federated_better": 2, "tied": 0,
+                    "local_only_better": 0},
+    }
+    assert facts["privacy"] == {
+        "secure_aggregation": False, "differential_privacy": True, "mechanism": "DP-SGD",
+        "target_epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0,
+        "max_epsilon_spent": 2.9871, "scope": "the banks' training rows"}
+    assert facts["membership_audit"] == {"attack": "loss threshold", "attack_auc": 0.5031}
+    assert facts["strategy"] == {"name": "fedavg", "attack": "nan", "attacking_banks": 1,
+                                 "refused_updates": 1}
 
 
 @pytest.mark.parametrize("status", [429, 500])
@@ -195,3 +272,73 @@ def test_no_key_means_offline_without_any_request(tmp_path: Path, monkeypatch) -
     assert api.requests == []
     assert "no OPENAI_API_KEY set" in report
     assert (tmp_path / REQUEST_FILE).exists()  # what would have been sent
+
+
+class Elements(HTMLParser):
+    """Every element of a page with its attributes, as a browser's parser sees them
+    (entities decoded)."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.found: list[tuple[str, dict[str, str | None]]] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.found.append((tag, dict(attrs)))
+
+
+ACTIVE_TEXT = "\n".join([
+    "## Risks",
+    "[plain js](javascript:alert(1)) [mixed case](JaVaScRiPt:alert(2))",
+    "[entity](&#106;avascript:alert(3)) [hex tab](java&#x09;script:alert(4))",
+    "[spaced]( java\tscript:alert(5)) [data link](data:text/html;base64,PHNjcmlwdD4=)",
+    "[vb](vbscript:msgbox(6)) [file](file:///etc/passwd)",
+    "![remote](https://remote.example/img.png) ![data img](data:image/png;base64,AAAA)",
+    '![quote](roc.png" onerror="alert(7)) <img src=x onerror=alert(8)>',
+    "",
+    "[the guide](https://example.com/guide) [top](#risks) ![our roc](roc.png)",
+])
+
+
+def test_html_report_keeps_only_safe_links_and_the_runs_own_figures(
+    tmp_path: Path, monkeypatch, key,
+) -> None:
+    with FakeResponsesAPI([], text=ACTIVE_TEXT) as api:
+        report = run_report(tmp_path, api.url, monkeypatch)
+    page = (tmp_path / HTML_FILE).read_text()
+    elements = Elements(page).found
+
+    assert "javascript:alert(1)" in report  # report.md keeps the text as written
+    hrefs = [attrs.get("href") for tag, attrs in elements if tag == "a"]
+    assert hrefs == ["https://example.com/guide", "#risks"]
+    images = [attrs.get("src") for tag, attrs in elements if tag == "img"]
+    assert images == ["roc.png", "roc.png"]  # the run's figure and the model's use of it
+    assert not [name for _, attrs in elements for name in attrs if name.startswith("on")]
+    for gone in ("javascript", "vbscript", "data:", "file:", "remote.example", "<img src=x"):
+        assert gone not in page.lower(), gone
+    # The text of a refused link stays, as text.
+    assert "plain js" in page and "data link" in page and "the guide</a>" in page
+
+
+@pytest.mark.parametrize(("href", "safe"), [
+    ("https://example.com/a?b=c:d", True), ("HTTP://example.com", True),
+    ("mailto:risk@bank.example", True), ("figures/roc.png", True), ("#top", True),
+    ("?q=a:b", True), ("//cdn.example/x", True),
+    ("javascript:alert(1)", False), ("JaVaScRiPt:alert(1)", False),
+    ("\x00javascript:x", False), ("java\nscript:x", False), (" \tjavascript:x", False),
+    ("\xa0javascript:x", False), ("data:text/html,x", False), ("vbscript:x", False),
+    ("file:///etc/passwd", False), ("blob:https://x/1", False),
+])
+def test_link_schemes_are_allow_listed(href: str, safe: bool) -> None:
+    assert link_is_safe(href) is safe
+
+
+def test_sanitizer_drops_markup_outside_the_allow_lists() -> None:
+    fragment = ('<p onclick="x()">a<script>bad()</script><iframe src="https://x">b'
+                '</iframe><img src="roc.png" onerror="x()"><img src="other.png">'
+                '<a href="&#106;avascript:x" onmouseover="y()">c</a>'
+                '<td style="background:url(x)">d</td><th style="text-align: right;">e</th>'
+                '&lt;b&gt;</p>')
+    assert sanitize_html(fragment, ["roc.png"]) == (
+        '<p>ab<img src="roc.png" />c<td>d</td><th style="text-align: right;">e</th>'
+        '&lt;b&gt;</p>')
