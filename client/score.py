@@ -26,7 +26,7 @@ from common.model import CARD_JSON_FILE, TORCHSCRIPT_FILE
 from common.schema import Schema
 
 
-class ScoreInputError(ValueError):
+class ScoreInputError(BankDataError):
     """The transactions to score cannot be used; the message names file and column."""
 
 

@@ -157,15 +157,19 @@ def test_empty_file(scorer: Scorer, tmp_path: Path) -> None:
         score_file(scorer, tmp_path / "empty.csv", tmp_path / "out.csv")
 
 
-def test_the_score_command_refuses_an_infinite_value(exported, scorer: Scorer,
-                                                     tmp_path: Path) -> None:
-    from server.cli import main
+def test_the_score_command_refuses_an_infinite_value_in_one_line(
+    exported, scorer: Scorer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from client.cli import main
 
     run_dir, _, bank = exported  # the scorer fixture has written the bank's scaler.json
     path = tmp_path / "new.csv"
     transactions(4).assign(f07=[1.0, 1e39, 1.0, 1.0]).to_csv(path, index=False)
-    with pytest.raises(ScoreInputError) as err:
-        main(["score", "--run", str(run_dir), "--scaler", str(scaler_file(bank.state_dir)),
-              "--input", str(path), "--output", str(tmp_path / "out.csv")])
-    assert str(err.value) == (f"{path}: column 'f07' holds a value that is not a finite "
-                              "float32 number (row 2: '1e+39')")
+    code = main(["score", "--run", str(run_dir), "--scaler",
+                 str(scaler_file(bank.state_dir)), "--input", str(path),
+                 "--output", str(tmp_path / "out.csv")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fedfraud-bank: {path}: column 'f07' holds a value that is not a finite "
+        "float32 number (row 2: '1e+39')"]
+    assert not (tmp_path / "out.csv").exists()
