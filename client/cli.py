@@ -2,6 +2,7 @@
 
     fedfraud-bank init      its policy (policy.toml, from the documented default) and
                             its key pair; prints the public key to hand the operator
+    fedfraud-bank policy    its policy alone (``run`` makes the key pair if missing)
     fedfraud-bank approve   add an app bundle (.fab) the bank reviewed to its policy
     fedfraud-bank run       its SuperNode and task executor (approved apps only)
     fedfraud-bank score     score its own transactions with a run's exported model
@@ -18,12 +19,16 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client.policy import DEFAULT_POLICY, POLICY_FILE, Policy, PolicyError, fab_digest
 from common.schema import BankDataError
 
+if TYPE_CHECKING:
+    from client.node import BankFiles
 
-def bank_files(args: argparse.Namespace) -> object:
+
+def bank_files(args: argparse.Namespace) -> BankFiles:
     from client.node import BankFiles
 
     bank_dir = args.bank_dir.resolve()
@@ -31,14 +36,20 @@ def bank_files(args: argparse.Namespace) -> object:
                      args.app_dir.resolve())
 
 
-def init(args: argparse.Namespace) -> int:
-    from client.identity import ensure_key_pair
-
+def policy(args: argparse.Namespace) -> int:
     bank = bank_files(args)
     bank.bank_dir.mkdir(parents=True, exist_ok=True)
     if not bank.policy.exists():
         bank.policy.write_text(DEFAULT_POLICY)
     Policy.load(bank.policy)  # an existing policy must still be valid
+    return 0
+
+
+def init(args: argparse.Namespace) -> int:
+    from client.identity import ensure_key_pair
+
+    policy(args)
+    bank = bank_files(args)
     public = ensure_key_pair(bank.key_dir, bank.bank_id)
     print(f"fedfraud-bank: {bank.name}: policy {bank.policy}; give the operator only "
           f"the public key {public}")
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     bank("init", "write the bank's policy and key pair")
+    bank("policy", "write the bank's policy (the documented default) if missing")
     approve_cmd = commands.add_parser("approve", help="approve app bundles (.fab)")
     approve_cmd.add_argument("--bank-dir", type=Path, required=True)
     approve_cmd.add_argument("fab", type=Path, nargs="+")
@@ -138,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"init": init, "approve": approve, "run": run, "executor": executor,
+COMMANDS = {"init": init, "policy": policy, "approve": approve, "run": run, "executor": executor,
             "score": score}
 
 

@@ -11,6 +11,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}  # `make test` made it; it has PyYAML
 CACHE=${FEDFRAUD_E2E_CACHE:-/var/cache/fedfraud-e2e}
 DEADLINE_S=${FEDFRAUD_E2E_DEADLINE_S:-2400}
 ROUNDS=10
@@ -98,6 +99,9 @@ compose build >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
 say "built in $(( $(date +%s) - build_started )) s; image $(docker image inspect \
     --format '{{.Size}}' fedfraud:latest | awk '{printf "%.0f MB", $1 / 1e6}')"
 
+compose config >"$WORK/compose-config.yml"
+"$PYTHON" "$REPO/tests/test_compose.py" "$WORK/compose-config.yml"
+
 up_started=$(date +%s)
 compose up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log"; compose logs; exit 1; }
 say "network up; waiting for the run (deadline ${DEADLINE_S} s)"
@@ -142,4 +146,27 @@ print(f"compose-e2e: run ok: {banks} banks, {rounds} rounds, AUC {f['auc']:.3f},
       f"AP {f['ap']:.3f}, recall@1%FPR {f['recall_at_1pct_fpr']:.3f}; "
       f"rounds {' '.join(f'{s:.1f}' for s in metrics['timing']['round_s'])} s")
 EOF
+say "a bank container attacks the operator's side"
+compose exec -T bank-0 python - <<'EOF' || { say "FAILED: a bank reached the control API"; exit 1; }
+import socket
+for port in (9093, 9094, 8000):  # the control API and Flower's other default ports
+    try:
+        socket.create_connection(("superlink", port), 3).close()
+    except OSError:
+        continue
+    raise SystemExit(f"superlink:{port} answers a bank")
+print("compose-e2e: the SuperLink's control API is out of a bank's reach")
+EOF
+probe='mkdir -p /tmp/probe/server && cp /ca.crt /tmp/probe/server/ca.crt &&
+    cp /outbox/bank.key.pub /tmp/probe/fake.pub && timeout 120 fedfraud --flwr-home /tmp/probe'
+if compose exec -T bank-0 sh -c "$probe --set num-banks=1 register-banks --certs /tmp/probe \
+        --control superlink:9093 --keys /tmp/probe" >"$WORK/probe.log" 2>&1; then
+    say "FAILED: a bank registered a key"; cat "$WORK/probe.log"; exit 1
+fi
+if compose exec -T bank-0 sh -c "$probe submit --certs /tmp/probe --control superlink:9093" \
+        >>"$WORK/probe.log" 2>&1; then
+    say "FAILED: a bank submitted a run"; cat "$WORK/probe.log"; exit 1
+fi
+say "registering a key and submitting a run from a bank both fail"
+
 say "passed: run $(( $(date +%s) - up_started )) s after up, total $(( $(date +%s) - STARTED )) s, peak memory of the network ${peak_mb} MB"
