@@ -167,7 +167,8 @@ def bank_for(context: Context, config: Config) -> Bank:
     state_dir = Path(str(node["state"])) if "state" in node else None
     stored = context.state.get(keys.SCALER)
     scaler = tuple(stored.to_numpy_ndarrays()) if stored is not None else None
-    bank = Bank(bank_id, shard, config, scaler, state_dir)  # type: ignore[arg-type]
+    bank = Bank(bank_id, shard, config, scaler, state_dir,  # type: ignore[arg-type]
+                secret_randomness="policy" in node)
     if stored is None:  # fitted just now
         context.state[keys.SCALER] = ArrayRecord(list(bank.scaler))
         bank.keep_scaler()

@@ -6,6 +6,7 @@ imports torch.
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,19 @@ Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's tr
 
 
 class Bank:
+    """``secret_randomness``: a deployed bank draws its training randomness (DP-SGD
+    noise, Poisson sampling, shuffling) from the OS and never sends it, so the server
+    cannot replay or cancel its noise; a simulation seeds it from the run config, so
+    runs reproduce."""
+
     def __init__(self, bank_id: int, shard: Path, config: Config,
-                 scaler: Scaler | None = None, state_dir: Path | None = None) -> None:
+                 scaler: Scaler | None = None, state_dir: Path | None = None,
+                 secret_randomness: bool = False) -> None:
         split, self.schema = read_bank(bank_id, shard, config)
         self.features = self.schema.features
         self.state_dir = state_dir or shard.parent  # the bank's own, writable folder
         self.id = bank_id
+        self.secret_randomness = secret_randomness
         self.scaler: Scaler = scaler or fit_scaler(split.x_train)
         self.x_train, self.y_train = standardize(split.x_train, *self.scaler), split.y_train
         self.x_val, self.y_val = standardize(split.x_val, *self.scaler), split.y_val
@@ -87,7 +95,9 @@ class Bank:
             model, self.x_train, self.y_train,
             epochs=config.local_epochs, batch_size=batch_size,
             learning_rate=learning_rate, pos_weight=config.pos_weight,
-            seed=config.seed + 1000 * server_round + self.id, proximal_mu=proximal_mu,
+            seed=(secrets.randbits(63) if self.secret_randomness
+                  else config.seed + 1000 * server_round + self.id),
+            proximal_mu=proximal_mu,
             privacy=privacy,
         )
         metrics.update({

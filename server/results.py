@@ -111,7 +111,7 @@ def compare_banks(local_only: list[dict[str, Any]], banks: list[dict[str, Any]],
     } for entry in local_only]
 
 
-def privacy_record(config: Config, result: Result) -> dict[str, Any]:
+def privacy_record(config: Config, result: Result, mode: str) -> dict[str, Any]:
     """The DP settings and each bank's spent epsilon, as it last reported it."""
     record: dict[str, Any] = {"secure_aggregation": config.secure_aggregation,
                               "differential_privacy": config.differential_privacy}
@@ -129,6 +129,11 @@ def privacy_record(config: Config, result: Result) -> dict[str, Any]:
     return {**record, "mechanism": "DP-SGD per bank, per transaction (Opacus, RDP "
             "accountant)", "target_epsilon": config.dp_epsilon, "delta": config.dp_delta,
             "max_grad_norm": config.dp_max_grad_norm,
+            "noise": ("secret: each bank draws its DP-SGD noise and sampling from its own "
+                      "OS randomness and never sends it" if mode == "deployment" else
+                      "reproducible: seeded from the run config (simulation only; the "
+                      "server knows the seed, so this noise protects nothing against "
+                      "it)"),
             "max_epsilon_spent": max((b["epsilon"] for b in spent.values()), default=None),
             "banks": [spent[bank] for bank in sorted(spent)],
             "scope": "the banks' training rows; validation counts and histograms are "
@@ -184,7 +189,7 @@ def build_metrics(
         "strategy": {"name": config.strategy, "attack": config.attack,
                      "attackers": sorted(config.attacker_ids),
                      "refused_updates": strategy.refused},
-        "privacy": privacy_record(config, result),
+        "privacy": privacy_record(config, result, mode),
         "membership_audit": membership_audit(strategy.final_bank_metrics),
         "sent_by_banks": ledger_summary(strategy.ledger),
         "timing": {"total_s": total_s, "round_s": [row["seconds"] for row in rows]},

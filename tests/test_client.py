@@ -167,3 +167,21 @@ def test_a_deployed_banks_data_error_reaches_the_server_as_a_category_only(
     for secret in ("secret_column", "ACCT-991", "f00", str(shard), "Class"):
         assert secret not in sent
     assert "secret_column" in caplog.text  # the details stay in the bank's own log
+
+
+def test_a_deployed_bank_s_dp_noise_is_secret_and_a_simulated_bank_s_reproducible(
+    prepared, tmp_path: Path,
+) -> None:
+    config = Config.from_run_config({**prepared.as_run_config(), "dp-epsilon": 3.0})
+    shard = Path(prepared.data_dir) / bank_file(5)
+
+    def weights(context: Context) -> np.ndarray:
+        return app(train_message(), context).content[keys.ARRAYS]["net.0.weight"].numpy()
+
+    deployed = [weights(deployed_context(config, tmp_path, shard)) for _ in range(2)]
+    simulated = [weights(bank_context(config)) for _ in range(2)]
+
+    # The same run config twice: a deployed bank's noise differs (the server cannot
+    # replay or cancel it); a simulation reproduces bit for bit.
+    assert np.abs(deployed[0] - deployed[1]).max() > 1e-3
+    np.testing.assert_array_equal(simulated[0], simulated[1])
