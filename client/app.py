@@ -88,15 +88,14 @@ def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) ->
 @app.train(mods=[secure_only])
 @errors_stay_home
 def train_handler(msg: Message, context: Context) -> Message:
-    config, _ = allowed_config(context)
+    config, policy = allowed_config(context)
     if LEGACY_PARAMETERS in msg.content.array_records:  # SecAgg+ speaks Flower's legacy
-        return legacy_train(msg, context, config)
+        return legacy_train(msg, context, config, policy)
     settings = msg.content[keys.CONFIG]
-    arrays, metrics = bank_for(context, config).train(
-        numpy_arrays(msg), config, int(settings[keys.SERVER_ROUND]),
+    arrays, metrics = train_within_budget(
+        context, config, policy, numpy_arrays(msg), int(settings[keys.SERVER_ROUND]),
         bool(settings.get(keys.EVALUATE_INCOMING, False)),
-        float(settings.get(keys.PROXIMAL_MU, 0.0)),
-    )
+        float(settings.get(keys.PROXIMAL_MU, 0.0)))
     record = ArrayRecord({name: Array(value) for name, value in arrays.items()})
     return reply(msg, {keys.ARRAYS: record, keys.METRICS: MetricRecord(metrics)})
 
@@ -112,14 +111,42 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     return reply(msg, {keys.METRICS: MetricRecord(metrics)})
 
 
-def legacy_train(msg: Message, context: Context, config: Config) -> Message:
+def train_within_budget(context: Context, config: Config, policy: Policy | None,
+                        arrays: Arrays, server_round: int, evaluate_incoming: bool,
+                        proximal_mu: float = 0.0) -> tuple[Arrays, dict[str, Any]]:
+    """The bank trains; a deployed bank with DP first checks its own privacy ledger:
+    it refuses a round that would take this run past its epsilon (the run's target,
+    capped by the policy) or the bank's lifetime past ``max-epsilon-total``."""
+    bank = bank_for(context, config)
+    if policy is None or not config.differential_privacy:
+        return bank.train(arrays, config, server_round, evaluate_incoming, proximal_mu)
+    from client.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger.load(bank.state_dir)
+    before = ledger.rounds(context.run_id)
+    after = bank.epsilon_after(config, before + 1)
+    run_budget = min(config.dp_epsilon, policy.max_epsilon_per_run)
+    lifetime = ledger.spent_elsewhere(context.run_id) + after
+    if after > run_budget * (1 + 1e-6) or lifetime > policy.max_epsilon_total:
+        log(ERROR, "bank %d: privacy budget spent: epsilon %.3f after round %d of this "
+            "run (budget %.3f), %.3f over its lifetime (max %.3f)", bank.id, after,
+            before + 1, run_budget, lifetime, policy.max_epsilon_total)
+        raise BankRefused(f"bank {bank.id}: privacy budget spent")
+    trained = bank.train(arrays, config, server_round, evaluate_incoming, proximal_mu,
+                         rounds_before=before)
+    ledger.record(context.run_id, before + 1, after, config.dp_delta)
+    return trained
+
+
+def legacy_train(msg: Message, context: Context, config: Config,
+                 policy: Policy | None) -> Message:
     """The same training, in the legacy FitIns/FitRes shape SecAgg+ needs. One vote per
     bank (``num_examples`` 1); the reply's metrics are scalars only."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     names = str(fitins.config[keys.ARRAY_NAMES]).split(",")
     arrays = dict(zip(names, parameters_to_ndarrays(fitins.parameters)))
-    trained, metrics = bank_for(context, config).train(
-        arrays, config, int(fitins.config[keys.SERVER_ROUND]), False)
+    trained, metrics = train_within_budget(
+        context, config, policy, arrays, int(fitins.config[keys.SERVER_ROUND]), False)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
         [trained[name] for name in names]), num_examples=1, metrics=metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -79,13 +79,20 @@ class Bank:
             metrics.update({keys.HIST_NONMEMBER: outside, keys.HIST_MEMBER: inside})
         return metrics
 
+    def epsilon_after(self, config: Config, rounds: int) -> float:
+        """Epsilon this bank has spent after ``rounds`` rounds of DP-SGD in a run."""
+        rows = len(self.y_train)
+        return epsilon_spent(config, rows, privacy_for(config, rows), rounds)
+
     def train(self, arrays: Arrays, config: Config, server_round: int,
               evaluate_incoming: bool, proximal_mu: float = 0.0,
-              ) -> tuple[Arrays, dict[str, Any]]:
+              rounds_before: int | None = None) -> tuple[Arrays, dict[str, Any]]:
         """Train the global model locally (with DP-SGD when ``dp-epsilon`` > 0, with
         FedProx's term when the server sends ``proximal_mu``). With
         ``evaluate_incoming`` the reply also carries the incoming model's validation
-        metrics, which saves the separate evaluate message of the round."""
+        metrics, which saves the separate evaluate message of the round.
+        ``rounds_before``: the rounds this bank itself trained in the run so far (its
+        ledger's count), for its epsilon; a simulation takes the server's round."""
         metrics = self.evaluate(arrays, config) if evaluate_incoming else {}
         model = self._model(arrays)
         rows = len(self.y_train)
@@ -107,7 +114,8 @@ class Bank:
             keys.N_FRAUD: int(self.y_train.sum() + self.y_val.sum()),
         })
         if privacy is not None:
-            metrics[keys.DP_EPSILON] = epsilon_spent(config, rows, privacy, server_round)
+            rounds = (server_round - 1 if rounds_before is None else rounds_before) + 1
+            metrics[keys.DP_EPSILON] = epsilon_spent(config, rows, privacy, rounds)
             metrics[keys.DP_NOISE] = privacy.noise_multiplier
         trained = {name: t.detach().numpy() for name, t in model.state_dict().items()}
         if self.id in config.attacker_ids and config.attack != "none":

@@ -185,3 +185,53 @@ def test_a_deployed_bank_s_dp_noise_is_secret_and_a_simulated_bank_s_reproducibl
     # replay or cancel it); a simulation reproduces bit for bit.
     assert np.abs(deployed[0] - deployed[1]).max() > 1e-3
     np.testing.assert_array_equal(simulated[0], simulated[1])
+
+
+def dp_train_message(server_round: int) -> Message:
+    settings = ConfigRecord({keys.SERVER_ROUND: server_round, keys.EVALUATE_INCOMING: False})
+    return message("train", RecordDict({keys.ARRAYS: global_arrays(), keys.CONFIG: settings}))
+
+
+def test_a_deployed_bank_counts_its_own_dp_rounds_and_stops_at_the_run_s_budget(
+    prepared, tmp_path: Path,
+) -> None:
+    from client.app import BankRefused
+    from client.ledger import PrivacyLedger
+
+    config = Config.from_run_config({**prepared.as_run_config(), "dp-epsilon": 3.0,
+                                     "num-server-rounds": 2})
+    context = deployed_context(config, tmp_path, Path(prepared.data_dir) / bank_file(5))
+
+    # The server claims round 1 three times: the bank counts what it trained itself.
+    spent = [app(dp_train_message(1), context).content[keys.METRICS][keys.DP_EPSILON]
+             for _ in range(2)]
+    with pytest.raises(BankRefused, match="bank 5: privacy budget spent"):
+        app(dp_train_message(1), context)
+
+    assert spent[0] < spent[1] <= 3.0 + 1e-6 and spent[1] > 2.9
+    ledger = PrivacyLedger.load(tmp_path)
+    assert ledger.rounds(1) == 2 and ledger.runs["1"]["epsilon"] == pytest.approx(spent[1])
+
+
+def test_a_deployed_bank_refuses_training_past_its_lifetime_budget(
+    prepared, tmp_path: Path,
+) -> None:
+    from client.app import BankRefused
+    from client.ledger import PrivacyLedger
+
+    PrivacyLedger.load(tmp_path).record(run_id=41, rounds=10, epsilon=28.0, delta=1e-5)
+    config = Config.from_run_config({**prepared.as_run_config(), "dp-epsilon": 3.0})
+    context = deployed_context(config, tmp_path, Path(prepared.data_dir) / bank_file(5),
+                               policy="max-epsilon-total = 30.0")
+
+    app(dp_train_message(1), context)  # round 1 of 10 costs well under 2
+    for _ in range(9):  # ... but the rounds add up past 30 before the run's 3 are spent
+        try:
+            app(dp_train_message(1), context)
+        except BankRefused as refused:
+            assert "privacy budget spent" in str(refused)
+            break
+    else:
+        raise AssertionError("the bank trained past its lifetime budget")
+    ledger = PrivacyLedger.load(tmp_path)
+    assert ledger.spent_elsewhere(run_id=99) <= 30.0
