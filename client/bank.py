@@ -29,10 +29,10 @@ Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's tr
 
 
 class Bank:
-    """``secret_randomness``: a deployed bank draws its training randomness (DP-SGD
-    noise, Poisson sampling, shuffling) from the OS and never sends it, so the server
-    cannot replay or cancel its noise; a simulation seeds it from the run config, so
-    runs reproduce."""
+    """``secret_randomness``: a deployed bank training with DP draws its randomness
+    (DP-SGD noise, Poisson sampling, dropout) from the OS and never sends it, so the
+    server cannot replay or cancel its noise. Otherwise training is seeded from the run
+    config, so a run reproduces (and a deployment gives the simulation's numbers)."""
 
     def __init__(self, bank_id: int, shard: Path, config: Config,
                  scaler: Scaler | None = None, state_dir: Path | None = None,
@@ -102,7 +102,7 @@ class Bank:
             model, self.x_train, self.y_train,
             epochs=config.local_epochs, batch_size=batch_size,
             learning_rate=learning_rate, pos_weight=config.pos_weight,
-            seed=(secrets.randbits(63) if self.secret_randomness
+            seed=(secrets.randbits(63) if self.secret_randomness and privacy
                   else config.seed + 1000 * server_round + self.id),
             proximal_mu=proximal_mu,
             privacy=privacy,

@@ -1,6 +1,7 @@
 """One bank's processes: Flower's SuperNode and the bank's own task executor.
 
-The SuperNode (``--isolation process``) keeps the bank's gRPC link to the SuperLink
+The SuperNode (Flower's, started as ``client.supernode``: without its fixed idle
+waits; ``--isolation process``) keeps the bank's gRPC link to the SuperLink
 (TLS, the bank's own key) and serves its Runtime API on 127.0.0.1 only, behind a
 SuperExec auth secret made here (0600, in a private temporary folder); the executor
 (client/executor.py) is the only process that takes tasks from it, and it runs only
@@ -64,7 +65,7 @@ def supernode_command(bank: BankFiles, superlink: str, ca: Path | None,
     transport = (["--insecure"] if ca is None else
                  ["--root-certificates", str(ca),
                   "--auth-supernode-private-key", str(bank.key_dir / PRIVATE_KEY)])
-    return [str(BIN / "flower-supernode"), *transport, "--superlink", superlink,
+    return [sys.executable, "-m", "client.supernode", *transport, "--superlink", superlink,
             "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
             "--superexec-auth-secret-file", str(secret),
             "--node-config", bank.node_config()]

@@ -21,6 +21,7 @@ from common.model import FraudNet, ModelSpec
 from server.baselines import compute_baselines
 from server.evaluation import TestSetEvaluation
 from server.export import export_model
+from server.grid import PromptGrid
 from server.plots import draw_figures
 from server.report import write_report
 from server.results import (
@@ -30,6 +31,7 @@ from server.secure import run_secure
 from server.strategy import make_strategy
 
 app = ServerApp()
+BANKS_DEADLINE_S = 60.0  # how long a run waits for min-banks banks to connect
 
 
 @app.main()
@@ -48,11 +50,13 @@ def main(grid: Grid, context: Context) -> None:
     evaluation = TestSetEvaluation(x_test, y_test, spec, config.num_server_rounds)
 
     strategy = make_strategy(config)
+    wait_for_banks(grid, config.min_banks)
     if config.secure_aggregation:
-        result = run_secure(grid, context, config, initial, evaluation, strategy)
+        result = run_secure(PromptGrid(grid), context, config, initial, evaluation,
+                            strategy)
     else:
         result = strategy.start(
-            grid=grid,
+            grid=PromptGrid(grid),
             initial_arrays=ArrayRecord(initial),
             num_rounds=config.num_server_rounds,
             train_config=ConfigRecord({keys.EVALUATE_INCOMING: True}),
@@ -95,6 +99,21 @@ def main(grid: Grid, context: Context) -> None:
     point_latest(run_dir)
     write_report(run_dir, metrics, config, figures)
     log(INFO, "fedfraud run folder: %s", run_dir)
+
+
+def wait_for_banks(grid: Grid, count: int, deadline_s: float = BANKS_DEADLINE_S) -> None:
+    """Until ``count`` banks are connected; else fail with the fix in the message
+    (Flower's strategies would wait forever, e.g. in a plain ``flwr run .``, whose
+    local simulation has two SuperNodes)."""
+    deadline = time.monotonic() + deadline_s
+    while (connected := len(list(grid.get_node_ids()))) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"fedfraud: only {connected} of the {count} banks (min-banks) connected "
+                f"after {deadline_s:.0f} s. In Flower's local simulation ask for them: "
+                f'flwr run . --federation-config "num-supernodes={count}" (or make '
+                "demo); in a deployment, start the banks or lower min-banks")
+        time.sleep(0.5)
 
 
 def run_mode(grid: Grid) -> str:
