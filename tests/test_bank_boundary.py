@@ -167,3 +167,22 @@ def test_bank_commands_fail_in_one_line_naming_the_policy_file(tmp_path: Path) -
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"fedfraud-bank: {tmp_path / 'policy.toml'}: max-rounds has the wrong type ('many')"]
+
+
+def test_flower_supernode_still_idles_through_its_module_s_time_sleep() -> None:
+    """client/supernode.py caps the sleeps of this one module: they must still be
+    there (a 3 s idle pull, 0.5 s reply waits) and go through its ``time``."""
+    import time
+
+    from flwr.supernode import start_client_internal as internal
+
+    from client.supernode import PROMPT_S, prompt_time
+
+    source = inspect.getsource(internal)
+    assert internal.time is time and "import time" in source
+    assert source.count("time.sleep(3)") == 1 and source.count("time.sleep(0.5)") == 2
+    clock = prompt_time()
+    started = time.monotonic()
+    clock.sleep(3)
+    assert time.monotonic() - started < PROMPT_S + 0.5
+    assert clock.monotonic is time.monotonic and clock.time is time.time

@@ -1,0 +1,53 @@
+"""The ServerApp's prompt grid and its wait for banks, against a scripted grid."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from server.app import wait_for_banks
+from server.grid import POLL_S, PromptGrid
+
+
+class ScriptedGrid:
+    """Replies to pushed messages arrive at set times after the push."""
+
+    def __init__(self, delays: dict[str, float], nodes: int = 10) -> None:
+        self.delays, self.nodes, self.pulls = delays, nodes, 0
+
+    def push_messages(self, messages: list[str]) -> list[str]:
+        self.pushed = time.monotonic()
+        return list(messages)
+
+    def pull_messages(self, ids: set[str]) -> list[SimpleNamespace]:
+        self.pulls += 1
+        now = time.monotonic() - self.pushed
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+                for i in sorted(ids) if self.delays[i] <= now]
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(self.nodes))
+
+
+def test_replies_are_collected_as_soon_as_they_arrive() -> None:
+    grid = ScriptedGrid({"a": 0.0, "b": 0.2, "c": 0.35})
+    started = time.monotonic()
+
+    replies = PromptGrid(grid).send_and_receive(["a", "b", "c"], timeout=10)
+
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
+    assert time.monotonic() - started < 0.35 + 2 * POLL_S + 0.2  # not Flower's 3 s steps
+
+
+def test_a_missing_reply_ends_at_the_timeout_with_the_others() -> None:
+    replies = PromptGrid(ScriptedGrid({"a": 0.0, "b": 99.0})).send_and_receive(
+        ["a", "b"], timeout=0.3)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+
+
+def test_too_few_banks_fail_fast_with_the_fix_in_the_message() -> None:
+    with pytest.raises(RuntimeError, match='only 2 of the 10 banks .*num-supernodes=10'):
+        wait_for_banks(ScriptedGrid({}, nodes=2), 10, deadline_s=0.2)
+    wait_for_banks(ScriptedGrid({}, nodes=10), 10, deadline_s=0.2)
