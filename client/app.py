@@ -92,10 +92,12 @@ def train_handler(msg: Message, context: Context) -> Message:
     if LEGACY_PARAMETERS in msg.content.array_records:  # SecAgg+ speaks Flower's legacy
         return legacy_train(msg, context, config, policy)
     settings = msg.content[keys.CONFIG]
+    evaluate_incoming = bool(settings.get(keys.EVALUATE_INCOMING, False)) and may_evaluate(
+        context, config, policy)
     arrays, metrics = train_within_budget(
         context, config, policy, numpy_arrays(msg), int(settings[keys.SERVER_ROUND]),
-        bool(settings.get(keys.EVALUATE_INCOMING, False)),
-        float(settings.get(keys.PROXIMAL_MU, 0.0)))
+        evaluate_incoming, float(settings.get(keys.PROXIMAL_MU, 0.0)))
+    metrics = disclosed(metrics, policy)
     record = ArrayRecord({name: Array(value) for name, value in arrays.items()})
     return reply(msg, {keys.ARRAYS: record, keys.METRICS: MetricRecord(metrics)})
 
@@ -107,8 +109,41 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     # Evaluate messages carry only the final model (server/strategy.py): audit it too,
     # unless the bank's policy keeps the membership audit to itself.
     audit = policy is None or policy.membership_audit
-    metrics = bank_for(context, config).evaluate(numpy_arrays(msg), config, audit)
+    if not may_evaluate(context, config, policy):
+        raise BankRefused(f"bank {context.node_config['bank-id']}: this run's evaluations "
+                          "are spent")
+    metrics = disclosed(bank_for(context, config).evaluate(numpy_arrays(msg), config, audit),
+                        policy)
     return reply(msg, {keys.METRICS: MetricRecord(metrics)})
+
+
+def may_evaluate(context: Context, config: Config, policy: Policy | None) -> bool:
+    """A deployed bank answers at most ``num-server-rounds`` + 1 evaluations per run
+    (one per round and the final model's), counted in its own ledger: every answer
+    shows the server how the model it chose scores the bank's validation rows."""
+    if policy is None:
+        return True
+    from client.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger.load(Path(str(context.node_config["state"])))
+    answered = ledger.evaluations(context.run_id)
+    if answered > config.num_server_rounds:
+        log(ERROR, "bank %s: refused evaluation %d of run %d (allowance %d)",
+            context.node_config["bank-id"], answered + 1, context.run_id,
+            config.num_server_rounds + 1)
+        return False
+    ledger.record(context.run_id, evaluations=answered + 1)
+    return True
+
+
+def disclosed(metrics: dict[str, Any], policy: Policy | None) -> dict[str, Any]:
+    """A deployed bank's histograms at its policy's resolution."""
+    if policy is None:
+        return metrics
+    from common.metrics import coarsen
+
+    return {key: coarsen(value, policy.histogram_resolution) if key in keys.HIST_KEYS
+            else value for key, value in metrics.items()}
 
 
 def train_within_budget(context: Context, config: Config, policy: Policy | None,
@@ -134,7 +169,7 @@ def train_within_budget(context: Context, config: Config, policy: Policy | None,
         raise BankRefused(f"bank {bank.id}: privacy budget spent")
     trained = bank.train(arrays, config, server_round, evaluate_incoming, proximal_mu,
                          rounds_before=before)
-    ledger.record(context.run_id, before + 1, after, config.dp_delta)
+    ledger.record(context.run_id, rounds=before + 1, epsilon=after, delta=config.dp_delta)
     return trained
 
 

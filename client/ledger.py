@@ -1,4 +1,5 @@
-"""The bank's own privacy ledger: epsilon spent per run and in total, across runs.
+"""The bank's own privacy ledger: epsilon spent per run and in total, across runs, and
+the evaluations it answered per run.
 
 Kept in the bank's state folder (``privacy_ledger.json``), written by the bank only.
 Epsilon is computed from the rounds of DP-SGD the bank itself trained in a run (its
@@ -34,15 +35,20 @@ class PrivacyLedger:
         """DP rounds this bank has trained in run ``run_id`` so far."""
         return int(self.runs.get(str(run_id), {}).get("rounds", 0))
 
+    def evaluations(self, run_id: int) -> int:
+        """Evaluation replies this bank has sent in run ``run_id``."""
+        return int(self.runs.get(str(run_id), {}).get("evaluations", 0))
+
     def spent_elsewhere(self, run_id: int) -> float:
         """Epsilon spent by every other run."""
-        return sum(float(run["epsilon"]) for key, run in self.runs.items()
+        return sum(float(run.get("epsilon", 0.0)) for key, run in self.runs.items()
                    if key != str(run_id))
 
-    def record(self, run_id: int, rounds: int, epsilon: float, delta: float) -> None:
-        """Write the run's new totals (atomically: a crash leaves the old ledger)."""
-        self.runs[str(run_id)] = {"rounds": rounds, "epsilon": epsilon, "delta": delta}
-        total = sum(float(run["epsilon"]) for run in self.runs.values())
+    def record(self, run_id: int, **totals: float) -> None:
+        """Write the run's new totals (``rounds``, ``epsilon``, ``delta``,
+        ``evaluations``), atomically: a crash leaves the old ledger."""
+        self.runs.setdefault(str(run_id), {}).update(totals)
+        total = sum(float(run.get("epsilon", 0.0)) for run in self.runs.values())
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"total_epsilon": total, "runs": self.runs}, indent=1))
         os.replace(tmp, self.path)

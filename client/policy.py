@@ -55,6 +55,12 @@ max-rounds = 50
 min-val-fraction = 0.05
 max-val-fraction = 0.3
 
+# What a bank's validation histograms may say: their bins' width in logits (a
+# multiple of 0.05). Every evaluation reply carries histograms of the bank's validation
+# scores for the model the server sent; the finer they are, the more a crafted model
+# can read back about single rows. 0.25 still places the threshold well.
+histogram-resolution = 0.25
+
 # The membership audit (loss histograms of training vs validation rows) tells the
 # server how well the final model remembers members; opt in only if the bank wants it.
 membership-audit = false
@@ -75,6 +81,7 @@ class Policy:
     max_rounds: int
     min_val_fraction: float
     max_val_fraction: float
+    histogram_resolution: float
     membership_audit: bool
 
     @classmethod
@@ -101,6 +108,8 @@ class Policy:
         policy = cls(**typed)
         if not 0 < policy.min_val_fraction <= policy.max_val_fraction < 1:
             raise PolicyError(f"{source}: need 0 < min-val-fraction <= max-val-fraction < 1")
+        if not 0.05 <= policy.histogram_resolution <= 32:
+            raise PolicyError(f"{source}: histogram-resolution must be 0.05 to 32 logits")
         return policy
 
     @classmethod

@@ -64,6 +64,20 @@ def confusion(y: np.ndarray, logits: np.ndarray, threshold: float) -> Confusion:
     )
 
 
+BIN_WIDTH = float(SCORE_EDGES[1] - SCORE_EDGES[0])  # 0.05 logit
+
+
+def coarsen(histogram: list[int], width: float) -> list[int]:
+    """The same histogram at a coarser resolution (a multiple of ``BIN_WIDTH``): each
+    group of bins is counted in its first bin, so the length (and every consumer of
+    ``SCORE_EDGES``) stays as it is, and sums over banks stay exact."""
+    group = max(1, round(width / BIN_WIDTH))
+    counts = np.asarray(histogram, dtype=np.int64)
+    coarse = np.zeros_like(counts)
+    coarse[::group] = np.add.reduceat(counts, np.arange(0, len(counts), group))
+    return coarse.tolist()
+
+
 def score_histograms(y: np.ndarray, logits: np.ndarray) -> tuple[list[int], list[int]]:
     """Per-class counts of logits in the ``SCORE_EDGES`` bins: (legit, fraud)."""
     clipped = np.clip(logits, SCORE_EDGES[0], np.nextafter(SCORE_EDGES[-1], -np.inf))

@@ -235,3 +235,37 @@ def test_a_deployed_bank_refuses_training_past_its_lifetime_budget(
         raise AssertionError("the bank trained past its lifetime budget")
     ledger = PrivacyLedger.load(tmp_path)
     assert ledger.spent_elsewhere(run_id=99) <= 30.0
+
+
+def test_a_deployed_bank_answers_at_most_rounds_plus_one_evaluations_per_run(
+    prepared, tmp_path: Path,
+) -> None:
+    from client.app import BankRefused
+
+    config = Config.from_run_config({**prepared.as_run_config(), "num-server-rounds": 2})
+    context = deployed_context(config, tmp_path, Path(prepared.data_dir) / bank_file(5))
+    evaluate = message("evaluate", RecordDict({
+        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 2})}))
+
+    replies = [app(train_message(), context) for _ in range(2)]  # each evaluates first
+    app(evaluate, context)  # the final model's: the third of 2 + 1
+    with pytest.raises(BankRefused, match="bank 5: this run's evaluations are spent"):
+        app(evaluate, context)
+    late = app(train_message(), context)  # training goes on, without evaluating
+
+    assert all(keys.HIST_FRAUD in reply.content[keys.METRICS] for reply in replies)
+    assert keys.HIST_FRAUD not in late.content[keys.METRICS]
+
+
+def test_a_deployed_bank_s_histograms_have_its_policy_s_resolution(prepared,
+                                                                    tmp_path: Path) -> None:
+    shard = Path(prepared.data_dir) / bank_file(5)
+    fine = app(train_message(), bank_context(prepared)).content[keys.METRICS]
+    coarse = app(train_message(), deployed_context(
+        prepared, tmp_path, shard, policy="histogram-resolution = 0.5")).content[keys.METRICS]
+
+    for key in (keys.HIST_LEGIT, keys.HIST_FRAUD):
+        assert sum(coarse[key]) == sum(fine[key]) and len(coarse[key]) == len(fine[key])
+        assert all(count == 0 for i, count in enumerate(coarse[key]) if i % 10)
+        assert coarse[key][::10] == [sum(fine[key][i:i + 10])
+                                     for i in range(0, len(fine[key]), 10)]
