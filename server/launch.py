@@ -61,9 +61,19 @@ def start_deployment_superlink(started: Services, tls: Tls | None, fleet_port: i
 
 
 def flwr_json(env: dict[str, str], *args: str) -> dict[str, Any]:
+    """A ``flwr`` command's JSON answer; raises when it reports a failure (``flwr``
+    exits 0 with ``"success": false``, e.g. when the SuperLink cannot be reached)."""
     out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env,
                          capture_output=True, text=True, timeout=60, check=True).stdout
-    return dict(json.loads(out[out.index("{"):]))
+    answer = dict(json.loads(out[out.index("{"):]))
+    if answer.get("success") is False:
+        raise FlowerCommandError(f"flwr {args[0]} {args[1]}: "
+                                 f"{answer.get('error-message', 'failed').strip()}")
+    return answer
+
+
+class FlowerCommandError(RuntimeError):
+    """A ``flwr`` command reported a failure."""
 
 
 def register_bank(env: dict[str, str], connection: str, public_key: Path) -> None:

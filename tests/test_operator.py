@@ -1,4 +1,4 @@
-"""The ServerApp's prompt grid and its wait for banks, against a scripted grid."""
+"""The operator's side: the prompt grid, the wait for banks, failing flwr commands."""
 
 from __future__ import annotations
 
@@ -51,3 +51,17 @@ def test_too_few_banks_fail_fast_with_the_fix_in_the_message() -> None:
     with pytest.raises(RuntimeError, match='only 2 of the 10 banks .*num-supernodes=10'):
         wait_for_banks(ScriptedGrid({}, nodes=2), 10, deadline_s=0.2)
     wait_for_banks(ScriptedGrid({}, nodes=10), 10, deadline_s=0.2)
+
+
+def test_a_flwr_command_that_reports_failure_raises(tmp_path) -> None:
+    """``flwr`` exits 0 with {"success": false} when the SuperLink is unreachable: a
+    bank's registration must not look like it succeeded."""
+    from common.processes import flower_env, free_port
+    from server.launch import FlowerCommandError, flwr_json, write_connection
+
+    from client.identity import ensure_key_pair
+
+    write_connection(tmp_path, "nowhere", f"127.0.0.1:{free_port()}")
+    public = ensure_key_pair(tmp_path / "keys", 0)
+    with pytest.raises(FlowerCommandError, match="unavailable"):
+        flwr_json(flower_env(tmp_path), "supernode", "register", str(public), "nowhere")
