@@ -17,6 +17,7 @@ from typing import Any
 BANK_WEIGHTINGS = ("equal", "samples")
 STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum")
 ATTACKS = ("none", "scale", "sign-flip", "nan", "inf")
+SERVER_TEST_SETS = ("simulation", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Config:
     alpha: float
     val_fraction: float
     test_fraction: float
+    server_test_set: str
     label_column: str
     data_source: str
     data_dir: str
@@ -74,7 +76,9 @@ class Config:
     def __post_init__(self) -> None:
         for key, value, allowed in (("bank-weighting", self.bank_weighting, BANK_WEIGHTINGS),
                                     ("strategy", self.strategy, STRATEGIES),
-                                    ("attack", self.attack, ATTACKS)):
+                                    ("attack", self.attack, ATTACKS),
+                                    ("server-test-set", self.server_test_set,
+                                     SERVER_TEST_SETS)):
             if value not in allowed:
                 raise ValueError(f"run config: {key} must be one of {allowed}")
         self.attacker_ids  # noqa: B018 - validates the list

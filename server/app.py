@@ -18,6 +18,7 @@ from common.data import (
 )
 from common.metrics import PooledCurve
 from common.model import FraudNet, ModelSpec
+from common.schema import SCHEMA_FILE, Schema
 from server.baselines import compute_baselines
 from server.evaluation import TestSetEvaluation
 from server.export import export_model
@@ -38,11 +39,20 @@ BANKS_DEADLINE_S = 60.0  # how long a run waits for min-banks banks to connect
 def main(grid: Grid, context: Context) -> None:
     started = time.monotonic()
     config = Config.from_run_config(context.run_config)
-    x_test, y_test, schema = load_transactions(
-        Path(config.data_dir) / TEST_FILE, config.label_column, "server test set"
-    )
-    # The server standardizes its own held-out data with its own scaler, as each bank does.
-    x_test = standardize(x_test, *fit_scaler(x_test))
+    mode = run_mode(grid)
+    x_test, y_test = None, None
+    if config.server_test_set == "always" or (config.server_test_set == "simulation"
+                                              and mode == "simulation"):
+        x_test, y_test, schema = load_transactions(
+            Path(config.data_dir) / TEST_FILE, config.label_column, "server test set")
+        # The server standardizes its held-out data with its own scaler, as banks do.
+        x_test = standardize(x_test, *fit_scaler(x_test))
+    elif config.secure_aggregation:
+        raise ValueError("fedfraud: with secure-aggregation no bank sends validation "
+                         "histograms, so the server needs its test set: set "
+                         "server-test-set = 'always'")
+    else:  # the federation's agreed schema only: no row at the operator
+        schema = Schema.load((Path(config.data_dir) / TEST_FILE).with_name(SCHEMA_FILE))
     features = schema.features
     spec = ModelSpec(in_features=len(features))
     torch.manual_seed(config.seed)
@@ -64,16 +74,17 @@ def main(grid: Grid, context: Context) -> None:
         )
 
     federation_s = time.monotonic() - started
-    mode = run_mode(grid)
-    last = max(evaluation.logits)
-    curves = {"federated, test set": PooledCurve.from_scores(y_test,
-                                                             evaluation.logits[last])}
+    last = max(evaluation.seconds)
+    curves = {}
+    if y_test is not None:
+        curves["federated, test set"] = PooledCurve.from_scores(y_test,
+                                                                evaluation.logits[last])
     validation = validation_record(result, last)
     if validation is not None:
         curves["federated, banks' pooled validation"] = PooledCurve.from_histograms(
             validation[keys.HIST_LEGIT], validation[keys.HIST_FRAUD])
     baselines, why_not = None, "baselines = false"
-    if config.baselines and mode == "simulation":
+    if config.baselines and mode == "simulation" and y_test is not None:
         log(INFO, "fedfraud: training the centralized and local-only references")
         try:
             baselines, central_logits = compute_baselines(config, spec, initial, x_test,
@@ -83,7 +94,8 @@ def main(grid: Grid, context: Context) -> None:
             log(WARNING, "fedfraud: no baselines: %s", err)
             why_not = str(err)
     elif config.baselines:
-        why_not = "deployment: no party holds every bank's rows"
+        why_not = ("deployment: no party holds every bank's rows" if mode != "simulation"
+                   else "no server test set (server-test-set)")
 
     run_dir = new_run_dir(Path(config.runs_dir), context.run_id)
     metrics = build_metrics(str(context.run_id), mode, config, result, evaluation,

@@ -68,11 +68,12 @@ class TestSetEvaluation:
     """FedAvg's ``evaluate_fn``: scores the server's held-out test set every round.
 
     Keeps each round's logits and wall time so that thresholded metrics can be
-    computed once the banks' pooled validation data has chosen the threshold.
+    computed once the banks' pooled validation data has chosen the threshold. Without
+    a test set (``x`` None: a deployment, see ``server-test-set``) it only keeps time.
     """
 
-    x: np.ndarray
-    y: np.ndarray
+    x: np.ndarray | None
+    y: np.ndarray | None
     spec: ModelSpec
     num_rounds: int
     logits: dict[int, np.ndarray] = field(default_factory=dict)
@@ -82,13 +83,18 @@ class TestSetEvaluation:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         from sklearn.metrics import average_precision_score, roc_auc_score
 
+        now = time.monotonic()
+        self.seconds[server_round] = now - self._clock
+        self._clock = now
+        if self.x is None or self.y is None:
+            if server_round:
+                log(INFO, "fedfraud round %d/%d: %.1f s", server_round, self.num_rounds,
+                    self.seconds[server_round])
+            return MetricRecord({})
         model = FraudNet(self.spec)
         model.load_state_dict(arrays.to_torch_state_dict())
         logits = score(model, self.x)
-        now = time.monotonic()
         self.logits[server_round] = logits
-        self.seconds[server_round] = now - self._clock
-        self._clock = now
         auc, ap = roc_auc_score(self.y, logits), average_precision_score(self.y, logits)
         if server_round:
             log(INFO, "fedfraud round %d/%d: AUC %.3f  AP %.3f  %.1f s", server_round,

@@ -52,6 +52,7 @@ def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str,
         "banks": len(metrics["banks"]),
         "training_rows_total": sum(bank.get("n_train", 0) for bank in metrics["banks"]),
         "test_set": metrics["test_set"],
+        "evaluated_on": evaluated_on(metrics),
         "final_test_metrics": {key: final[key] for key in keep if key in final},
         "threshold_chosen_on": "pooled validation data of the banks (max F1)",
         "auc_ap_by_round": [
@@ -154,12 +155,12 @@ def ask_openai(request: dict[str, Any], config: Config) -> str:
 
 def offline_report(metrics: dict[str, Any], reason: str) -> str:
     """A plain report from the same numbers, saying that it is offline and why."""
-    final, banks, test = metrics["final"], metrics["banks"], metrics["test_set"]
+    final, banks = metrics["final"], metrics["banks"]
     first, last = metrics["history"][0], metrics["history"][-1]
     flagged = final["tp"] + final["fp"]
     risks = [
-        f"At the chosen threshold {final['fn']} of {test['frauds']} test frauds are missed "
-        f"and {final['fp']} legitimate transactions are flagged.",
+        f"At the chosen threshold {final['fn']} of {final['fn'] + final['tp']} frauds are "
+        f"missed and {final['fp']} legitimate transactions are flagged.",
         "The threshold was chosen on the banks' pooled validation data; a bank whose "
         "fraud mix differs from the pool may see other precision and recall.",
         *privacy_lines(metrics),
@@ -170,9 +171,8 @@ def offline_report(metrics: dict[str, Any], reason: str) -> str:
         "",
         "## Executive summary",
         f"{len(banks)} banks trained one fraud model together for {len(metrics['history'])} "
-        f"rounds without sharing transactions. On the server's held-out test set "
-        f"({test['rows']} transactions, {test['frauds']} frauds) the model reaches "
-        f"AUC {final['auc']:.3f} and average precision {final['ap']:.3f}; at a 1 % "
+        f"rounds without sharing transactions. On {evaluated_on(metrics)} the model "
+        f"reaches AUC {final['auc']:.3f} and average precision {final['ap']:.3f}; at a 1 % "
         f"false-positive rate it catches {final['recall_at_1pct_fpr']:.0%} of frauds.",
         "",
         "## Metric interpretation",
@@ -195,6 +195,14 @@ def offline_report(metrics: dict[str, Any], reason: str) -> str:
         "- Generate the narrative report with a language model once a key is configured.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def evaluated_on(metrics: dict[str, Any]) -> str:
+    test = metrics["test_set"]
+    if test is None:
+        return "the banks' pooled validation rows (no row is held at the server)"
+    return (f"the server's held-out test set ({test['rows']} transactions, "
+            f"{test['frauds']} frauds)")
 
 
 def privacy_lines(metrics: dict[str, Any]) -> list[str]:
@@ -266,7 +274,8 @@ def results_tables(metrics: dict[str, Any]) -> str:
         "| model, data | AUC | AP | recall @ 1 % FPR | threshold | precision | recall "
         "| F1 | TP | FP | FN | TN |",  # n/a: no fraud in those rows
         "|---|" + "---|" * 11,
-        _row("federated, test set", final),
+        _row("federated, test set" if metrics["test_set"] else
+             "federated, banks' pooled validation", final),
         _row("federated, banks' pooled validation", final.get("validation")),
     ]
     if baselines:
@@ -305,8 +314,8 @@ def write_report(run_dir: Path, metrics: dict[str, Any], config: Config,
     head = "\n".join([
         f"# {title}", "",
         f"{len(metrics['banks'])} banks, {len(metrics['history'])} rounds, "
-        f"{metrics['mode']}; test set: {metrics['test_set']['rows']} transactions, "
-        f"{metrics['test_set']['frauds']} frauds. All numbers: metrics.json.", "",
+        f"{metrics['mode']}; evaluated on {evaluated_on(metrics)}. All numbers: "
+        "metrics.json.", "",
         "## Results", "", results_tables(metrics),
         *[f"![{caption}]({name})\n" for caption, name in figures.items()],
         "## Analysis", "", "",

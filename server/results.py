@@ -49,9 +49,10 @@ def validation_record(result: Result, server_round: int) -> MetricRecord | None:
 def history(result: Result, evaluation: TestSetEvaluation,
             fallback_threshold: float) -> list[dict[str, Any]]:
     """One row per round: test-set metrics at the threshold the banks' pooled
-    validation data chose for that round's model (never chosen on the test set)."""
+    validation data chose for that round's model (never chosen on the test set).
+    Without a test set the row holds the pooled validation metrics themselves."""
     rows, threshold = [], fallback_threshold
-    for server_round in sorted(r for r in evaluation.logits if r > 0):
+    for server_round in sorted(r for r in evaluation.seconds if r > 0):
         train = result.train_metrics_clientapp.get(server_round)
         validation = validation_record(result, server_round)
         curve = None
@@ -59,9 +60,15 @@ def history(result: Result, evaluation: TestSetEvaluation,
             curve = PooledCurve.from_histograms(validation[keys.HIST_LEGIT],
                                                 validation[keys.HIST_FRAUD])
             threshold = curve.best_f1_threshold()
+        if server_round in evaluation.logits:
+            headline = summarize(evaluation.y, evaluation.logits[server_round], threshold)
+        elif curve is not None:
+            headline = curve.summary(threshold)
+        else:  # no test set and no validation histograms (SecAgg+): nothing to show
+            headline = {}
         row = {
             "round": server_round,
-            **summarize(evaluation.y, evaluation.logits[server_round], threshold),
+            **headline,
             "seconds": evaluation.seconds[server_round],
             "banks_trained": list(train[keys.BANK_IDS]) if train else [],
             "banks_evaluated": list(validation[keys.BANK_IDS]) if validation else [],
@@ -74,18 +81,20 @@ def history(result: Result, evaluation: TestSetEvaluation,
 
 def bank_table(result: Result, final_bank_metrics: dict[int, MetricRecord],
                threshold: float) -> list[dict[str, Any]]:
-    """Each bank's sizes as it last reported them, and the final model's metrics on
-    its own validation data at the run's threshold (from its counts and histograms)."""
+    """Each bank's sizes as it last reported them (none with SecAgg+), and the final
+    model's metrics on its own validation data at the run's threshold (from its counts
+    and histograms)."""
     banks: dict[int, dict[str, Any]] = {}
     for server_round in sorted(result.train_metrics_clientapp):
         record = result.train_metrics_clientapp[server_round]
         for i, bank in enumerate(record[keys.BANK_IDS]):
-            banks[int(bank)] = {
-                "id": int(bank),
-                "n_train": int(record[keys.N_TRAIN][i]),
-                "n_val": int(record[keys.N_VAL][i]),
-                "n_fraud": int(record[keys.N_FRAUD][i]),
-            }
+            banks[int(bank)] = {"id": int(bank)}
+            if keys.N_TRAIN in record:
+                banks[int(bank)].update({
+                    "n_train": int(record[keys.N_TRAIN][i]),
+                    "n_val": int(record[keys.N_VAL][i]),
+                    "n_fraud": int(record[keys.N_FRAUD][i]),
+                })
     for bank, record in final_bank_metrics.items():
         curve = PooledCurve.from_histograms(record[keys.HIST_LEGIT], record[keys.HIST_FRAUD])
         banks.setdefault(bank, {"id": bank})["federated_own_validation"] = (
@@ -126,6 +135,9 @@ def privacy_record(config: Config, result: Result, mode: str) -> dict[str, Any]:
                                     "epsilon": metrics[keys.DP_EPSILON][i],
                                     "delta": config.dp_delta,
                                     "noise_multiplier": metrics[keys.DP_NOISE][i]}
+    if config.secure_aggregation:
+        record["banks_note"] = ("with SecAgg+ no bank reports its epsilon in the clear; "
+                                "each keeps it in its own ledger")
     return {**record, "mechanism": "DP-SGD per bank, per transaction (Opacus, RDP "
             "accountant)", "target_epsilon": config.dp_epsilon, "delta": config.dp_delta,
             "max_grad_norm": config.dp_max_grad_norm,
@@ -182,7 +194,12 @@ def build_metrics(
         "versions": {"flwr": flwr.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "banks": banks,
-        "test_set": {"rows": int(len(evaluation.y)), "frauds": int(evaluation.y.sum())},
+        "test_set": ({"rows": int(len(evaluation.y)), "frauds": int(evaluation.y.sum())}
+                     if evaluation.y is not None else None),
+        "evaluated_on": ("the server's held-out test set" if evaluation.y is not None
+                         else "the banks' pooled validation rows (the threshold is "
+                              "chosen on the same rows: precision, recall and F1 there "
+                              "are optimistic)"),
         "history": rows,
         "final": final,
         "baselines": baselines,

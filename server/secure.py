@@ -3,11 +3,13 @@
 Flower 1.39 runs SecAgg+ only on its legacy path: ``SecAggPlusWorkflow`` inside a
 ``DefaultWorkflow`` with the legacy FedAvg; each bank's ClientApp answers through
 ``secaggplus_mod`` (client/app.py), which masks the bank's weights before they leave.
-Everything else is the same as the plain run: the same banks' training, the server's
-test-set evaluation every round, and the final evaluate step (then with the plain
-Message API, since it carries no weights back). The result comes back in the plain
-strategy's ``Result`` shape so that metrics.json, the model and the report are built
-the same way.
+The banks train as in the plain run and the server evaluates its test set every
+round; but nothing per bank travels in the clear: a bank's reply names the bank beside
+its masked weights and holds no loss, size, epsilon or histogram, and there is no
+per-bank final evaluate step. So a SecAgg+ run has no pooled validation curve (the
+threshold is ``decision-threshold``) and no per-bank table. The result comes back in
+the plain strategy's ``Result`` shape so that metrics.json, the model and the report
+are built the same way.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common import Metrics, Scalar, log, ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
@@ -28,7 +29,7 @@ from flwr.serverapp.strategy import Result
 
 from common import keys
 from common.config import Config
-from server.evaluation import TestSetEvaluation, aggregate_bank_metrics
+from server.evaluation import TestSetEvaluation
 from server.strategy import BankGuard, ledger_entry
 
 
@@ -61,17 +62,15 @@ class RecordingGrid:
 
 
 def aggregate_fit_metrics(results: list[tuple[int, Metrics]]) -> dict[str, Scalar]:
-    """The legacy strategy's metric hook, summing counts like the plain run does."""
-    replies = [RecordDict({keys.METRICS: MetricRecord(dict(metrics))})
-               for _, metrics in results]
-    return dict(aggregate_bank_metrics(replies, keys.VOTE))  # type: ignore[arg-type]
+    """The legacy strategy's metric hook: which banks took part (all a reply says)."""
+    return {keys.BANK_IDS: sorted(int(metrics[keys.BANK_ID])  # type: ignore[dict-item]
+                                  for _, metrics in results)}
 
 
 def run_secure(grid: Grid, context: Context, config: Config,
                initial: dict[str, Any], evaluation: TestSetEvaluation,
                guard: BankGuard) -> Result:
-    """The run with SecAgg+; ``guard`` (the plain strategy) does the final evaluate
-    step and keeps the ledger."""
+    """The run with SecAgg+; ``guard`` (the plain strategy) keeps the ledger."""
     names = list(initial)
     dtypes = [tensor.numpy().dtype for tensor in initial.values()]
 
@@ -105,10 +104,6 @@ def run_secure(grid: Grid, context: Context, config: Config,
 
     final = legacy.state.array_records[MAIN_PARAMS_RECORD]
     arrays = as_record([array.numpy() for array in final.values()])
-    evaluate = guard.configure_evaluate(config.num_server_rounds, arrays, ConfigRecord(),
-                                        grid)
-    aggregated = guard.aggregate_evaluate(config.num_server_rounds,
-                                          grid.send_and_receive(list(evaluate)))
     node_to_bank = {}
     for _, node, content in recording.replies:
         for record in content.config_records.values():
@@ -123,6 +118,5 @@ def run_secure(grid: Grid, context: Context, config: Config,
         train_metrics_clientapp={r: MetricRecord({
             key: value for key, values in fit_history.items() for rr, value in values
             if rr == r}) for r in rounds},
-        evaluate_metrics_clientapp=(
-            {config.num_server_rounds: aggregated} if aggregated is not None else {}),
+        evaluate_metrics_clientapp={},
     )

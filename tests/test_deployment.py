@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.data import bank_file
+from common.data import TEST_FILE, bank_file, data_settings, prepare
 from common.processes import (
     Services, descendants, free_port, processes_with_env, services,
 )
@@ -30,7 +30,7 @@ from server.launch import (
     Tls, flwr_json, register_bank, start_deployment_superlink, submit_and_wait,
     write_connection,
 )
-from tests.conftest import APP_DIR
+from tests.conftest import APP_DIR, app_config
 
 BIN = Path(sys.executable).parent
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -230,12 +230,13 @@ def test_an_app_that_is_not_the_approved_one_reads_no_row_at_any_bank(
 
 
 def run_deploy(tmp_path: Path, certs: Path | None, rounds: int, *extra: str,
-               on_line=None) -> tuple[int, str]:
+               on_line=None, data_dir: Path | None = None) -> tuple[int, str]:
     flwr_home = tmp_path / "flwr-home"
+    data_dir = data_dir or tmp_path.parent / "shared-data"
     command = [
         str(BIN / "fedfraud"), "--app-dir", str(APP_DIR), "--flwr-home", str(flwr_home),
         "--set", f"num-server-rounds={rounds}",
-        "--set", f"data-dir='{tmp_path.parent / 'shared-data'}'",
+        "--set", f"data-dir='{data_dir}'",
         "--set", f"runs-dir='{tmp_path / 'runs'}'", *extra,
         "deploy", *(["--certs", str(certs)] if certs else ["--insecure"]),
     ]
@@ -266,7 +267,8 @@ def test_ten_banks_over_tls_with_secure_aggregation_and_dp_complete_two_rounds(
     certs = make_certificates(tmp_path / "certs")
 
     code, output = run_deploy(tmp_path, certs, 2, "--set", "secure-aggregation=true",
-                              "--set", "dp-epsilon=3.0")
+                              "--set", "dp-epsilon=3.0",
+                              "--set", "server-test-set='always'")
 
     assert code == 0, output
     assert "TLS + bank authentication" in output
@@ -275,22 +277,27 @@ def test_ten_banks_over_tls_with_secure_aggregation_and_dp_complete_two_rounds(
     assert metrics["mode"] == "deployment"
     assert [bank["id"] for bank in metrics["banks"]] == list(range(10))
     assert [row["banks_trained"] for row in metrics["history"]] == [list(range(10))] * 2
-    assert all("federated_own_validation" in bank for bank in metrics["banks"])
-    # Each bank spent (at most) its epsilon; the server saw masked vectors, no weights.
-    privacy = metrics["privacy"]
-    assert [bank["bank"] for bank in privacy["banks"]] == list(range(10))
-    assert all(2.9 < bank["epsilon"] <= 3.0 + 1e-6 for bank in privacy["banks"])
+    # Nothing per bank in the clear: the server holds masked vectors (no weights) and
+    # each reply names its bank, nothing more; each bank's epsilon is in its own ledger.
+    assert not any("federated_own_validation" in bank or "n_train" in bank
+                   for bank in metrics["banks"])
+    assert metrics["privacy"]["banks"] == [] and "ledger" in metrics["privacy"]["banks_note"]
     ledger = json.loads((run_dir / "sent_by_banks.json").read_text())["messages"]
     assert not any(record["items"] for entry in ledger for record in entry["records"]
                    if record["kind"] == "weights")
     assert {entry["bank"] for entry in ledger if any(
         "masked_params" in record["items"] for record in entry["records"])} == set(range(10))
+    assert not any(entry["message"] == "evaluate" for entry in ledger)
+    for bank in range(10):
+        spent = json.loads((tmp_path.parent / "shared-data" / f"bank_{bank:02d}" /
+                            "privacy_ledger.json").read_text())
+        assert 2.9 < spent["total_epsilon"] <= 3.0 + 1e-6
     # The references need every bank's rows: never in a deployment, and it says why.
     assert metrics["baselines"] is None and "deployment" in metrics["baselines_skipped"]
     assert (run_dir / "report.html").exists()
 
 
-def test_a_bank_dying_mid_run_does_not_sink_it(tmp_path: Path) -> None:
+def test_a_deployment_without_a_server_test_set_survives_a_bank_dying(tmp_path: Path) -> None:
     victim = 3
     killed: list[int] = []
 
@@ -308,12 +315,19 @@ def test_a_bank_dying_mid_run_does_not_sink_it(tmp_path: Path) -> None:
                             pass
                     killed.append(pid)
 
+    # The operator holds no real row: its test set is not even on disk.
+    data_dir = tmp_path / "data"
+    prepare(data_dir, **data_settings(app_config(data_dir=str(data_dir))))
+    (data_dir / TEST_FILE).unlink()
+
     code, output = run_deploy(tmp_path, None, 3, "--set", "min-banks=5",
-                              on_line=kill_bank_in_round_two)
+                              on_line=kill_bank_in_round_two, data_dir=data_dir)
 
     assert killed, output
     assert code == 0, output
     metrics = json.loads((tmp_path / "runs" / "latest" / "metrics.json").read_text())
+    assert metrics["test_set"] is None and "pooled validation" in metrics["evaluated_on"]
+    assert all(0.5 < row["auc"] <= 1 for row in metrics["history"])
     trained = [row["banks_trained"] for row in metrics["history"]]
     assert trained[0] == list(range(10))
     assert victim not in trained[2] and len(trained[2]) == 9
