@@ -50,6 +50,9 @@ class Config:
     val_fraction: float
     test_fraction: float
     label_column: str
+    id_columns: str
+    time_column: str
+    drop_columns: str
     data_source: str
     data_dir: str
     runs_dir: str
@@ -98,6 +101,15 @@ class Config:
                              ) from None
 
     @property
+    def id_column_names(self) -> tuple[str, ...]:
+        """``id-columns`` as names ("TransactionID" or "TransactionID,CardID")."""
+        return column_names(self.id_columns)
+
+    @property
+    def drop_column_names(self) -> tuple[str, ...]:
+        return column_names(self.drop_columns)
+
+    @property
     def differential_privacy(self) -> bool:
         return self.dp_epsilon > 0
 
@@ -111,6 +123,11 @@ class Config:
     def as_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping Flower uses (inverse of ``from_run_config``)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def column_names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of column names ("" is none), blanks around names dropped."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:

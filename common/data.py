@@ -5,6 +5,11 @@ as the ULB credit-card data) once, holds out the server's test set, splits the r
 into one shard per bank (Dirichlet non-IID, every row used exactly once, no bank ever
 gets another bank's rows) and writes one CSV per bank, the shared column schema and a
 manifest. A bank only ever reads its own CSV with ``load_transactions``.
+
+With a time column (``time-column``) both held-out sets are out-of-time: the server's
+test set is the latest rows of the whole data, and each bank validates on its own
+latest rows, as a fraud model is used: trained on the past, run on what comes next.
+Without one, both splits are random and stratified by label.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import Config
+from common.config import Config, column_names
 from common.schema import NUMERIC, SCHEMA_FILE, BankDataError, Column, Schema
 
 # One folder per party, so that each can be given (mounted) only its own files.
@@ -81,6 +86,37 @@ def hold_out(
     return x_keep, y_keep, x_out, y_out
 
 
+def hold_out_latest(times: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (earlier, latest): the latest ``fraction`` of rows by time, at least
+    one row, at least one row left. Equal times keep their file order."""
+    order = np.argsort(times, kind="stable")
+    n_out = min(max(1, round(fraction * len(times))), len(times) - 1)
+    return np.sort(order[:len(times) - n_out]), np.sort(order[len(times) - n_out:])
+
+
+def time_order(values: Any, fail: Any) -> np.ndarray:
+    """A time column as sortable float64: numbers (e.g. seconds) as they are, dates and
+    times as seconds since 1970. ``fail(why)`` builds the error for a gap or a value
+    that is neither."""
+    import pandas as pd
+
+    name = values.name
+    if values.isna().any():
+        row = int(values.isna().to_numpy().argmax())
+        raise fail(f"time column {name!r}: row {row + 1} has no time")
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().all():
+        return numbers.to_numpy(np.float64)
+    stamps = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+    if stamps.isna().any():
+        stamps = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
+    if stamps.isna().any():
+        row = int(stamps.isna().to_numpy().argmax())
+        raise fail(f"time column {name!r}: row {row + 1}: {values.iloc[row]!r} is "
+                   "neither a number nor a date")
+    return (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(np.float64)
+
+
 def dirichlet_partition(
     y: np.ndarray, num_banks: int, alpha: float, seed: int, min_rows: int = MIN_BANK_ROWS,
     min_frauds: int = MIN_BANK_FRAUDS,
@@ -129,7 +165,9 @@ def data_settings(config: Config) -> dict[str, Any]:
     """The settings that decide the prepared data (recorded in its manifest)."""
     return {"source": config.data_source, "seed": config.seed,
             "num_banks": config.num_banks, "alpha": config.alpha,
-            "test_fraction": config.test_fraction, "label_column": config.label_column}
+            "test_fraction": config.test_fraction, "label_column": config.label_column,
+            "id_columns": config.id_columns, "time_column": config.time_column,
+            "drop_columns": config.drop_columns}
 
 
 def synthetic_table(seed: int, label_column: str) -> Any:
@@ -158,20 +196,47 @@ def read_pooled_csv(path: Path, label_column: str) -> Any:
 
 def prepare(
     out_dir: Path, source: str, seed: int, num_banks: int, alpha: float,
-    test_fraction: float, label_column: str,
+    test_fraction: float, label_column: str, id_columns: str = "", time_column: str = "",
+    drop_columns: str = "",
 ) -> dict[str, Any]:
     """Split ``source`` ("synthetic" or a labelled CSV) into one shard per bank and the
     server's test set; write them, the shared schema in every party's folder and a
-    manifest; return the manifest. Every row lands in exactly one place."""
+    manifest; return the manifest. Every row lands in exactly one place.
+
+    ``id_columns`` and ``drop_columns`` are comma-separated names; dropped columns are
+    left out of every file. With a ``time_column`` the test set is the latest
+    ``test_fraction`` of rows. Every problem with the data is a ``BankDataError`` naming
+    the source and the column.
+    """
+    settings = {"source": source, "seed": seed, "num_banks": num_banks, "alpha": alpha,
+                "test_fraction": test_fraction, "label_column": label_column,
+                "id_columns": id_columns, "time_column": time_column,
+                "drop_columns": drop_columns}
     if source == SYNTHETIC_SOURCE:
         frame = synthetic_table(seed, label_column)
         origin: dict[str, Any] = {"generator": {**SYNTHETIC, "random_state": seed}}
+        where = "data source: synthetic data"
     else:
         frame = read_pooled_csv(Path(source), label_column)
         origin = {"file": str(source), "rows": len(frame)}
+        where = f"data source: {source}"
+    ids, dropped = column_names(id_columns), column_names(drop_columns)
+    check_special_columns(frame, label_column, ids, time_column, dropped, where)
+    frame = frame.drop(columns=list(dropped))
     y = frame[label_column].to_numpy(np.int64)
-    schema = Schema.infer(frame, label_column)
-    keep, y_keep, test_rows, y_test = hold_out(np.arange(len(y)), y, test_fraction, seed)
+    schema = Schema.infer(frame, label_column, ids, time_column, dropped)
+    if time_column:
+        times = time_order(frame[time_column], lambda why: BankDataError(f"{where}: {why}"))
+        keep, test_rows = hold_out_latest(times, test_fraction)
+        y_keep, y_test = y[keep], y[test_rows]
+        if y_test.min() == y_test.max():
+            raise BankDataError(
+                f"{where}: time column {time_column!r}: the latest {len(y_test)} rows (the "
+                f"test set) are all {'fraud' if y_test[0] else 'legitimate'}; change "
+                "test-fraction or time-column")
+    else:
+        keep, y_keep, test_rows, y_test = hold_out(np.arange(len(y)), y, test_fraction,
+                                                   seed)
     parts = [keep[rows] for rows in dirichlet_partition(y_keep, num_banks, alpha, seed)]
     banks = []
     for bank, rows in enumerate(parts):
@@ -182,14 +247,31 @@ def prepare(
     manifest = {
         "source": source,
         **origin,
-        "settings": {"source": source, "seed": seed, "num_banks": num_banks, "alpha": alpha,
-                     "test_fraction": test_fraction, "label_column": label_column},
+        "settings": settings,
         "features": schema.features,
         "banks": banks,
-        "test": {"file": TEST_FILE, "rows": len(y_test), "frauds": int(y_test.sum())},
+        "test": {"file": TEST_FILE, "rows": len(y_test), "frauds": int(y_test.sum()),
+                 "split": f"latest rows by {time_column!r}" if time_column
+                 else "random, stratified by label"},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def check_special_columns(frame: Any, label: str, ids: tuple[str, ...], time: str,
+                          dropped: tuple[str, ...], where: str) -> None:
+    """Id, time and dropped columns must exist, differ from the label and each other."""
+    seen: dict[str, str] = {label: "label-column"}
+    for setting, names in (("id-columns", ids), ("time-column", (time,) if time else ()),
+                           ("drop-columns", dropped)):
+        for name in names:
+            if name not in frame.columns:
+                raise BankDataError(f"{where}: {setting}: no column {name!r} (columns: "
+                                    f"{', '.join(map(str, frame.columns))})")
+            if name in seen:
+                raise BankDataError(f"{where}: column {name!r} is in {setting} and "
+                                    f"{seen[name]}; a column can be only one of them")
+            seen[name] = setting
 
 
 def write_table(path: Path, rows: Any, schema: Schema) -> None:
@@ -209,6 +291,16 @@ def load_transactions(
     NaN (the bank's scaler fills them). Every problem is a ``BankDataError`` naming the
     owner (e.g. "bank 3") and the file.
     """
+    x, y, schema, _ = read_labelled(path, label_column, owner, schema)
+    return x, y, schema
+
+
+def read_labelled(
+    path: Path, label_column: str, owner: str, schema: Schema | None = None,
+    with_times: bool = False,
+) -> tuple[np.ndarray, np.ndarray, Schema, np.ndarray | None]:
+    """``load_transactions`` plus, ``with_times`` and a time column in the schema, each
+    row's time (for the out-of-time validation split); else None."""
     import pandas as pd
 
     def fail(why: str) -> BankDataError:
@@ -234,7 +326,13 @@ def load_transactions(
                    "bank needs fraud and legitimate rows to train and validate")
     if schema is None:
         schema = read_schema(path, label_column, frame, fail)
-    return schema.encode(frame, fail), labels.to_numpy(np.int64), schema
+    times = None
+    if with_times and schema.time:
+        if schema.time not in frame.columns:
+            raise fail(f"no time column {schema.time!r}: the federation's schema splits "
+                       "validation rows by time")
+        times = time_order(frame[schema.time], fail)
+    return schema.encode(frame, fail), labels.to_numpy(np.int64), schema, times
 
 
 def read_schema(path: Path, label_column: str, frame: Any, fail: Any) -> Schema:
@@ -251,17 +349,24 @@ def read_schema(path: Path, label_column: str, frame: Any, fail: Any) -> Schema:
     return Schema(label_column, tuple(Column(str(name), NUMERIC) for name in frame.columns))
 
 
-def split_bank(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> BankSplit:
-    """A bank's own train/validation split (stratified when its fraud count allows)."""
-    x_train, y_train, x_val, y_val = hold_out(x, y, val_fraction, seed)
-    return BankSplit(x_train, y_train, x_val, y_val)
+def split_bank(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int,
+               times: np.ndarray | None = None) -> BankSplit:
+    """A bank's own train/validation split: with ``times``, its latest rows validate
+    (out-of-time); without, a random split, stratified when its fraud count allows."""
+    if times is None:
+        x_train, y_train, x_val, y_val = hold_out(x, y, val_fraction, seed)
+        return BankSplit(x_train, y_train, x_val, y_val)
+    train, val = hold_out_latest(times, val_fraction)
+    return BankSplit(x[train], y[train], x[val], y[val])
 
 
 def read_bank(bank_id: int, shard: Path, config: Config) -> tuple[BankSplit, Schema]:
     """A bank's own file, read and split the one way every part of fedfraud does it
-    (unscaled; the bank fits its scaler on the train split)."""
-    x, y, schema = load_transactions(shard, config.label_column, f"bank {bank_id}")
-    return split_bank(x, y, config.val_fraction, config.seed + bank_id), schema
+    (unscaled; the bank fits its scaler on the train split). Out-of-time when the
+    federation's schema has a time column."""
+    x, y, schema, times = read_labelled(shard, config.label_column, f"bank {bank_id}",
+                                        with_times=True)
+    return split_bank(x, y, config.val_fraction, config.seed + bank_id, times), schema
 
 
 def fit_scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,10 @@ Banks never fit their own encoders: the federation agrees on one schema (written
 same thing at every bank. Numeric columns are taken as they are, missing values kept
 as NaN for the bank's scaler to fill; a categorical column becomes one 0/1 feature per
 agreed category (a missing or unknown category sets none of them).
+
+Some columns are never features: id columns (they name a transaction), the time column
+(it orders transactions; the splits use it) and dropped columns. The schema records
+them so that a bank's loader and the scorer ignore them wherever they appear.
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ class Column:
 class Schema:
     label: str
     columns: tuple[Column, ...]
+    ids: tuple[str, ...] = ()  # id columns: kept in the files, never features
+    time: str = ""  # the time column ("" none): orders the out-of-time splits
+    dropped: tuple[str, ...] = ()  # columns no bank uses
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """Columns a file may carry that are never features."""
+        return (*self.ids, *((self.time,) if self.time else ()), *self.dropped)
 
     @property
     def features(self) -> list[str]:
@@ -49,13 +61,15 @@ class Schema:
         return names
 
     @classmethod
-    def infer(cls, frame: Any, label: str) -> Schema:
+    def infer(cls, frame: Any, label: str, ids: tuple[str, ...] = (), time: str = "",
+              dropped: tuple[str, ...] = ()) -> Schema:
         """The schema of a pooled table (run once, by whoever prepares the shards)."""
         import pandas as pd
 
         columns = []
+        skip = {label, *ids, time, *dropped}
         for name in frame.columns:
-            if name == label:
+            if name in skip:
                 continue
             values = frame[name]
             if pd.api.types.is_numeric_dtype(values):
@@ -66,18 +80,20 @@ class Schema:
                 raise ValueError(f"column {name!r} has {len(categories)} distinct text "
                                  f"values; a category column may have {MAX_CATEGORIES}")
             columns.append(Column(str(name), CATEGORICAL, tuple(categories)))
-        return cls(label, tuple(columns))
+        return cls(label, tuple(columns), tuple(ids), time, tuple(dropped))
 
     def encode(self, frame: Any, fail: Any) -> np.ndarray:
         """Features as float32 (NaN where a numeric value is missing).
 
-        ``fail(why)`` builds the error to raise; it names the bank and the file.
+        Id, time and dropped columns are ignored where present. ``fail(why)`` builds the
+        error to raise; it names the bank and the file.
         """
         import pandas as pd
 
         expected = [column.name for column in self.columns]
         missing = [name for name in expected if name not in frame.columns]
-        extra = [name for name in frame.columns if name not in expected]
+        extra = [name for name in frame.columns
+                 if name not in expected and name not in self.ignored]
         if missing or extra:
             raise fail(f"columns differ from the federation's schema: missing {missing}, "
                        f"unexpected {extra}")
@@ -109,7 +125,9 @@ class Schema:
                         for c in saved["columns"])
         if any(c.kind not in (NUMERIC, CATEGORICAL) for c in columns):
             raise ValueError("unknown column kind")
-        return cls(saved["label"], columns)
+        # Schemas written before id/time/dropped columns existed have none.
+        return cls(saved["label"], columns, tuple(saved.get("ids", ())),
+                   saved.get("time", ""), tuple(saved.get("dropped", ())))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ import pandas as pd
 
 from common.data import (
     MANIFEST, TEST_FILE, BankDataError, bank_file, dirichlet_partition, fit_scaler,
-    hold_out, load_transactions, make_synthetic, prepare, split_bank, standardize,
+    hold_out, load_transactions, make_synthetic, prepare, read_bank, split_bank,
+    standardize, time_order,
 )
 from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema
 from common.model import FraudNet, ModelSpec
@@ -226,3 +227,103 @@ def test_config_rejects_unknown_and_wrongly_typed_keys() -> None:
         app_config(attackers="bank three")
     with pytest.raises(ValueError, match="fedprox with dp-epsilon"):
         app_config(strategy="fedprox", dp_epsilon=3.0)
+
+
+def pooled_table(n: int = 3_000, seed: int = 0) -> pd.DataFrame:
+    """A small labelled table with an id, a time, a free-text and the usual columns."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "tx_id": np.arange(100_000, 100_000 + n),
+        "amount": rng.exponential(50, n),
+        "ts": rng.permutation(n) * 60.0,  # seconds, rows not in time order
+        "channel": rng.choice(["pos", "web", "atm"], n),
+        "note": [f"free text {i}" for i in range(n)],
+        "copy_of_ts": np.zeros(n),  # filled below: lets a test see the time in x
+        "fraud": (rng.random(n) < 0.05).astype(int),
+    }).assign(copy_of_ts=lambda f: f["ts"])
+
+
+def test_id_time_and_dropped_columns_never_become_features(tmp_path: Path) -> None:
+    source = tmp_path / "pooled.csv"
+    pooled_table().to_csv(source, index=False)
+
+    manifest = prepare(tmp_path / "data", str(source), seed=1, num_banks=4, alpha=1.0,
+                       test_fraction=0.2, label_column="fraud", id_columns="tx_id",
+                       time_column="ts", drop_columns="note")
+
+    assert manifest["features"] == ["amount", "channel=atm", "channel=pos", "channel=web",
+                                    "copy_of_ts"]
+    shard = tmp_path / "data" / bank_file(2)
+    schema = Schema.load(shard.parent / SCHEMA_FILE)
+    assert (schema.ids, schema.time, schema.dropped) == (("tx_id",), "ts", ("note",))
+    written = pd.read_csv(shard)
+    assert "note" not in written.columns and {"tx_id", "ts"} <= set(written.columns)
+    x, _, _ = load_transactions(shard, "fraud", "bank 2")
+    assert x.shape[1] == 5
+    # Scoring input may carry the id, the time and the dropped column, or not.
+    frame = written.drop(columns=["fraud"]).assign(note="anything")
+    fail = BankDataError
+    np.testing.assert_array_equal(schema.encode(frame, fail), x)
+    np.testing.assert_array_equal(schema.encode(frame[["amount", "channel", "copy_of_ts"]],
+                                                fail), x)
+
+
+def test_out_of_time_split_holds_out_the_latest_rows(tmp_path: Path) -> None:
+    source = tmp_path / "pooled.csv"
+    pooled_table().to_csv(source, index=False)
+    data_dir = tmp_path / "data"
+    prepare(data_dir, str(source), seed=1, num_banks=4, alpha=1.0, test_fraction=0.2,
+            label_column="fraud", id_columns="tx_id", time_column="ts",
+            drop_columns="note")
+
+    test = pd.read_csv(data_dir / TEST_FILE)
+    banks = [pd.read_csv(data_dir / bank_file(b)) for b in range(4)]
+    assert len(test) == 600
+    assert test["ts"].min() > max(bank["ts"].max() for bank in banks)  # latest 20 %
+    config = app_config(label_column="fraud", val_fraction=0.15)
+    for bank in range(4):
+        split, schema = read_bank(bank, data_dir / bank_file(bank), config)
+        t = schema.features.index("copy_of_ts")
+        assert split.x_val[:, t].min() > split.x_train[:, t].max()  # its latest rows
+        assert len(split.y_val) == round(0.15 * len(banks[bank]))
+
+
+def test_without_a_time_column_the_bank_split_stays_random() -> None:
+    x = np.arange(200, dtype=np.float32)[:, None]
+    y = np.array([0, 1] * 100)
+    random = split_bank(x, y, 0.15, seed=3)
+    latest = split_bank(x, y, 0.15, seed=3, times=x[:, 0].astype(float))
+    assert random.x_val[:, 0].min() < 170
+    assert latest.x_val[:, 0].tolist() == list(range(170, 200))
+
+
+def test_time_column_may_hold_dates_and_names_row_and_column_when_not(tmp_path) -> None:
+    frame = pd.DataFrame({"when": ["2024-01-02 10:00", "2024-01-01", "2024-01-03T00:00:01"]})
+    order = time_order(frame["when"], BankDataError)
+    assert np.argsort(order).tolist() == [1, 0, 2]
+    with pytest.raises(BankDataError, match=r"time column 'when': row 2: 'soon' is neither"):
+        time_order(pd.Series(["2024-01-01", "soon"], name="when"), BankDataError)
+    with pytest.raises(BankDataError, match=r"time column 'when': row 1 has no time"):
+        time_order(pd.Series([None, 3.0], name="when"), BankDataError)
+
+
+@pytest.mark.parametrize(
+    ("settings", "why"),
+    [
+        ({"id_columns": "nope"}, "id-columns: no column 'nope'"),
+        ({"time_column": "fraud"}, "column 'fraud' is in time-column and label-column"),
+        ({"id_columns": "tx_id", "drop_columns": "tx_id"},
+         "column 'tx_id' is in drop-columns and id-columns"),
+        ({"time_column": "note"}, "time column 'note': row 1: 'free text 0' is neither"),
+    ],
+)
+def test_special_column_settings_are_checked_against_the_file(
+    tmp_path: Path, settings: dict, why: str
+) -> None:
+    source = tmp_path / "pooled.csv"
+    pooled_table(200).to_csv(source, index=False)
+    with pytest.raises(BankDataError) as err:
+        prepare(tmp_path / "data", str(source), seed=1, num_banks=2, alpha=1.0,
+                test_fraction=0.2, label_column="fraud", **settings)
+    assert str(err.value).startswith(f"data source: {source}: ")
+    assert why in str(err.value)
