@@ -53,6 +53,7 @@ class Config:
     id_columns: str
     time_column: str
     drop_columns: str
+    max_categories: int
     data_source: str
     data_dir: str
     runs_dir: str
@@ -81,6 +82,8 @@ class Config:
             if value not in allowed:
                 raise ValueError(f"run config: {key} must be one of {allowed}")
         self.attacker_ids  # noqa: B018 - validates the list
+        if self.max_categories < 1:
+            raise ValueError("run config: max-categories must be at least 1")
         if self.secure_aggregation and (self.strategy, self.bank_weighting) != (
                 "fedavg", "equal"):
             raise ValueError("run config: secure-aggregation works with strategy 'fedavg' "

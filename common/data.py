@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from common.config import Config, column_names
-from common.schema import NUMERIC, SCHEMA_FILE, BankDataError, Column, Schema
+from common.schema import (
+    MAX_CATEGORIES, NUMERIC, SCHEMA_FILE, BankDataError, Column, Schema,
+)
 
 # One folder per party, so that each can be given (mounted) only its own files.
 MANIFEST = "manifest.json"
@@ -167,7 +169,7 @@ def data_settings(config: Config) -> dict[str, Any]:
             "num_banks": config.num_banks, "alpha": config.alpha,
             "test_fraction": config.test_fraction, "label_column": config.label_column,
             "id_columns": config.id_columns, "time_column": config.time_column,
-            "drop_columns": config.drop_columns}
+            "drop_columns": config.drop_columns, "max_categories": config.max_categories}
 
 
 def synthetic_table(seed: int, label_column: str) -> Any:
@@ -197,21 +199,22 @@ def read_pooled_csv(path: Path, label_column: str) -> Any:
 def prepare(
     out_dir: Path, source: str, seed: int, num_banks: int, alpha: float,
     test_fraction: float, label_column: str, id_columns: str = "", time_column: str = "",
-    drop_columns: str = "",
+    drop_columns: str = "", max_categories: int = MAX_CATEGORIES,
 ) -> dict[str, Any]:
     """Split ``source`` ("synthetic" or a labelled CSV) into one shard per bank and the
     server's test set; write them, the shared schema in every party's folder and a
     manifest; return the manifest. Every row lands in exactly one place.
 
     ``id_columns`` and ``drop_columns`` are comma-separated names; dropped columns are
-    left out of every file. With a ``time_column`` the test set is the latest
+    left out of every file. A text column with more than ``max_categories`` values is
+    encoded as its most common ones plus "<other>" and "<missing>" (common/schema.py). With a ``time_column`` the test set is the latest
     ``test_fraction`` of rows. Every problem with the data is a ``BankDataError`` naming
     the source and the column.
     """
     settings = {"source": source, "seed": seed, "num_banks": num_banks, "alpha": alpha,
                 "test_fraction": test_fraction, "label_column": label_column,
                 "id_columns": id_columns, "time_column": time_column,
-                "drop_columns": drop_columns}
+                "drop_columns": drop_columns, "max_categories": max_categories}
     if source == SYNTHETIC_SOURCE:
         frame = synthetic_table(seed, label_column)
         origin: dict[str, Any] = {"generator": {**SYNTHETIC, "random_state": seed}}
@@ -224,7 +227,7 @@ def prepare(
     check_special_columns(frame, label_column, ids, time_column, dropped, where)
     frame = frame.drop(columns=list(dropped))
     y = frame[label_column].to_numpy(np.int64)
-    schema = Schema.infer(frame, label_column, ids, time_column, dropped)
+    schema = Schema.infer(frame, label_column, ids, time_column, dropped, max_categories)
     if time_column:
         times = time_order(frame[time_column], lambda why: BankDataError(f"{where}: {why}"))
         keep, test_rows = hold_out_latest(times, test_fraction)

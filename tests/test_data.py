@@ -192,7 +192,9 @@ def test_prepare_splits_any_labelled_csv_with_one_schema(tmp_path: Path) -> None
     manifest = prepare(tmp_path / "data", str(source), seed=1, num_banks=5, alpha=0.5,
                        test_fraction=0.2, label_column="fraud")
 
-    assert manifest["features"] == ["amount", "channel=atm", "channel=pos", "channel=web"]
+    # amount has 5 % gaps: it also gets a 0/1 "amount missing" feature.
+    assert manifest["features"] == ["amount", "amount missing", "channel=atm",
+                                    "channel=pos", "channel=web"]
     assert sum(b["rows"] for b in manifest["banks"]) + manifest["test"]["rows"] == n
     assert min(b["frauds"] for b in manifest["banks"]) >= 2
     schemas = {(tmp_path / "data" / bank_file(b)).parent.joinpath(SCHEMA_FILE).read_text()
@@ -327,3 +329,89 @@ def test_special_column_settings_are_checked_against_the_file(
                 test_fraction=0.2, label_column="fraud", **settings)
     assert str(err.value).startswith(f"data source: {source}: ")
     assert why in str(err.value)
+
+
+def zipf_values(rng: np.random.Generator, n: int, distinct: int, prefix: str) -> np.ndarray:
+    weights = 1.0 / np.arange(1, distinct + 1) ** 1.1
+    values = np.array([f"{prefix}{i:04d}.example" for i in range(distinct)], dtype=object)
+    return values[rng.choice(distinct, n, p=weights / weights.sum())]
+
+
+def test_a_1200_value_text_column_is_top_k_other_and_missing_at_every_bank(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(3)
+    n = 20_000
+    domains = zipf_values(rng, n, 1_200, "mail")
+    domains[rng.random(n) < 0.02] = None
+    source = tmp_path / "pooled.csv"
+    pd.DataFrame({"amount": rng.exponential(50, n), "email": domains,
+                  "fraud": (rng.random(n) < 0.04).astype(int)}).to_csv(source, index=False)
+    assert pd.read_csv(source)["email"].nunique() > 1_000
+
+    manifest = prepare(tmp_path / "data", str(source), seed=1, num_banks=5, alpha=0.5,
+                       test_fraction=0.2, label_column="fraud")
+
+    email = [f for f in manifest["features"] if f.startswith("email=")]
+    assert len(email) == 52 and email[-2:] == ["email=<other>", "email=<missing>"]
+    assert "email=mail0000.example" in email  # the most common ones
+    for bank in range(5):
+        shard = tmp_path / "data" / bank_file(bank)
+        x, _, schema = load_transactions(shard, "fraud", f"bank {bank}")
+        block = x[:, [schema.features.index(f) for f in email]]
+        assert (block.sum(axis=1) == 1).all()  # each row: exactly one of the 52
+        raw = pd.read_csv(shard)["email"]
+        np.testing.assert_array_equal(block[:, -1], raw.isna())
+        top = set(f.removeprefix("email=") for f in email[:-2])
+        np.testing.assert_array_equal(block[:, -2], raw.notna() & ~raw.isin(top))
+
+
+def test_a_value_no_bank_had_sets_other_and_never_fails() -> None:
+    frame = pd.DataFrame({"email": [f"d{i % 80}" for i in range(800)] + [None] * 20})
+    schema = Schema.infer(frame.assign(Class=0), "Class", max_categories=10)
+    assert len(schema.features) == 12
+
+    x = schema.encode(pd.DataFrame({"email": ["d0", "never.seen", None]}), BankDataError)
+
+    other, missing = schema.features.index("email=<other>"), -1
+    assert x[0, schema.features.index("email=d0")] == 1 and x[0].sum() == 1
+    assert x[1, other] == 1 and x[1].sum() == 1
+    assert x[2, missing] == 1 and x[2].sum() == 1
+
+
+def test_a_value_seen_in_fewer_than_five_rows_gets_no_feature_of_its_own() -> None:
+    frame = pd.DataFrame({"v": [f"c{i}" for i in range(60)] * 5 + ["rare"] * 4})
+    schema = Schema.infer(frame.assign(Class=0), "Class", max_categories=100)
+    assert "v=rare" in schema.features  # up to max-categories values: all of them
+    schema = Schema.infer(frame.assign(Class=0), "Class", max_categories=50)
+    assert "v=rare" not in schema.features and len(schema.features) == 52
+
+
+def test_numeric_columns_with_gaps_get_a_missing_indicator() -> None:
+    n = 1_000
+    frame = pd.DataFrame({"gappy": np.where(np.arange(n) % 3 == 0, np.nan, 1.5),
+                          "rare_gap": np.where(np.arange(n) < 5, np.nan, 2.0),  # 0.5 %
+                          "full": np.ones(n), "Class": 0})
+    schema = Schema.infer(frame, "Class")
+    assert schema.features == ["gappy", "gappy missing", "rare_gap", "full"]
+
+    x = schema.encode(frame.drop(columns="Class"), BankDataError)
+    np.testing.assert_array_equal(x[:, 1], frame["gappy"].isna())
+    assert np.isnan(x[:, 0]).sum() == 334  # the value itself stays a gap for the scaler
+
+
+def test_schema_file_round_trips_and_old_schema_files_still_load(tmp_path: Path) -> None:
+    schema = Schema("Class", (Column("amount", NUMERIC, missing=True),
+                              Column("email", CATEGORICAL, ("a", "b"), True, True)),
+                    ids=("id",), time="t", dropped=("note",))
+    schema.save(tmp_path / SCHEMA_FILE)
+    assert Schema.load(tmp_path / SCHEMA_FILE) == schema
+    old = {"label": "Class", "columns": [{"name": "a", "kind": NUMERIC, "categories": []}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert Schema.load(tmp_path / "old.json") == Schema("Class", (Column("a", NUMERIC),))
+
+
+def test_feature_names_that_collide_are_refused_naming_the_column() -> None:
+    frame = pd.DataFrame({"a": [np.nan, 1.0] * 10, "a missing": 1.0, "Class": 0})
+    with pytest.raises(BankDataError, match="column 'a missing': its feature 'a missing'"):
+        Schema.infer(frame, "Class")
