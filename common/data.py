@@ -24,6 +24,7 @@ import numpy as np
 from common.config import Config, column_names
 from common.schema import (
     MAX_CATEGORIES, NUMERIC, SCHEMA_FILE, BankDataError, Column, Schema,
+    check_special_columns,
 )
 
 # One folder per party, so that each can be given (mounted) only its own files.
@@ -169,7 +170,8 @@ def data_settings(config: Config) -> dict[str, Any]:
             "num_banks": config.num_banks, "alpha": config.alpha,
             "test_fraction": config.test_fraction, "label_column": config.label_column,
             "id_columns": config.id_columns, "time_column": config.time_column,
-            "drop_columns": config.drop_columns, "max_categories": config.max_categories}
+            "drop_columns": config.drop_columns,
+            "max_categories": config.max_categories}
 
 
 def synthetic_table(seed: int, label_column: str) -> Any:
@@ -207,8 +209,8 @@ def prepare(
 
     ``id_columns`` and ``drop_columns`` are comma-separated names; dropped columns are
     left out of every file. A text column with more than ``max_categories`` values is
-    encoded as its most common ones plus "<other>" and "<missing>" (common/schema.py). With a ``time_column`` the test set is the latest
-    ``test_fraction`` of rows. Every problem with the data is a ``BankDataError`` naming
+    encoded as its most common ones plus "<other>" and "<missing>" (common/schema.py).
+    With a ``time_column`` the test set is the latest ``test_fraction`` of rows. Every problem with the data is a ``BankDataError`` naming
     the source and the column.
     """
     settings = {"source": source, "seed": seed, "num_banks": num_banks, "alpha": alpha,
@@ -224,10 +226,11 @@ def prepare(
         origin = {"file": str(source), "rows": len(frame)}
         where = f"data source: {source}"
     ids, dropped = column_names(id_columns), column_names(drop_columns)
-    check_special_columns(frame, label_column, ids, time_column, dropped, where)
+    check_special_columns(list(frame.columns), label_column, ids, time_column, dropped,
+                          where)
+    schema = Schema.infer(frame, label_column, ids, time_column, dropped, max_categories)
     frame = frame.drop(columns=list(dropped))
     y = frame[label_column].to_numpy(np.int64)
-    schema = Schema.infer(frame, label_column, ids, time_column, dropped, max_categories)
     if time_column:
         times = time_order(frame[time_column], lambda why: BankDataError(f"{where}: {why}"))
         keep, test_rows = hold_out_latest(times, test_fraction)
@@ -259,22 +262,6 @@ def prepare(
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def check_special_columns(frame: Any, label: str, ids: tuple[str, ...], time: str,
-                          dropped: tuple[str, ...], where: str) -> None:
-    """Id, time and dropped columns must exist, differ from the label and each other."""
-    seen: dict[str, str] = {label: "label-column"}
-    for setting, names in (("id-columns", ids), ("time-column", (time,) if time else ()),
-                           ("drop-columns", dropped)):
-        for name in names:
-            if name not in frame.columns:
-                raise BankDataError(f"{where}: {setting}: no column {name!r} (columns: "
-                                    f"{', '.join(map(str, frame.columns))})")
-            if name in seen:
-                raise BankDataError(f"{where}: column {name!r} is in {setting} and "
-                                    f"{seen[name]}; a column can be only one of them")
-            seen[name] = setting
 
 
 def write_table(path: Path, rows: Any, schema: Schema) -> None:

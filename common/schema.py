@@ -12,6 +12,13 @@ unknown value sets none of them); one with more becomes one feature per each of 
 one no bank had when the schema was agreed) and "<missing>": a 1,200-value column is 52
 features, never an error.
 
+The schema is agreed once, for every bank, from counts. ``prepare`` takes them from the
+pooled table (the demo, where one party holds all rows). Without pooling, each bank
+runs ``summarize`` on its own file (column kinds, gap counts, per-value counts with
+values seen in fewer than 5 of its rows left out before the summary leaves the bank)
+and the operator runs ``Schema.merge`` on the summaries: the same schema, bar values
+that are rare at every bank.
+
 Why top-k + other and no frequency encoding (a numeric feature holding each value's
 share of the agreed counts): a frequency feature would need every value and its count
 in the schema that goes to every bank, telling each bank the other banks' customers'
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,9 @@ MAX_CATEGORIES = 50  # the default of max-categories: one-hot up to this many va
 MISSING_RATE = 0.01  # a numeric column missing more often than this gets an indicator
 MIN_CATEGORY_ROWS = 5  # a many-valued column's value needs this many rows for a feature
 OTHER, MISSING = "<other>", "<missing>"
+SUPPRESS_BELOW = 5  # a bank's summary leaves out text values seen in fewer of its rows
+EMPTY = "empty"  # a column with no value at a bank (read as numbers): either kind
+TEXT = "text"
 
 
 class BankDataError(ValueError):
@@ -110,22 +121,63 @@ class Schema:
     def infer(cls, frame: Any, label: str, ids: tuple[str, ...] = (), time: str = "",
               dropped: tuple[str, ...] = (), max_categories: int = MAX_CATEGORIES,
               ) -> Schema:
-        """The schema of a pooled table (run once, by whoever prepares the shards)."""
-        import pandas as pd
+        """The schema of a pooled table (run once, by whoever prepares the shards):
+        ``merge`` of one summary of every row, nothing suppressed."""
+        summary = summarize(frame, label, (*ids, time, *dropped), "the pooled data",
+                            min_count=1)
+        return cls.merge([summary], label, ids, time, dropped, max_categories)
 
+    @classmethod
+    def merge(cls, summaries: Sequence[dict[str, Any]], label: str,
+              ids: tuple[str, ...] = (), time: str = "", dropped: tuple[str, ...] = (),
+              max_categories: int = MAX_CATEGORIES) -> Schema:
+        """The operator's side: one schema from the banks' ``summarize`` results, their
+        counts summed. Every bank must have the same columns, and a column must be
+        numbers at every bank or text at every bank (a bank with no value in it agrees
+        with either); a dropped column may be missing anywhere. Problems are
+        ``BankDataError``s naming the bank and the column."""
+        if not summaries:
+            raise BankDataError("no bank summaries to agree a schema from")
+        first = summaries[0]
+        # A dropped column may already be gone at some banks; every other must be there.
+        names = [c for c in first["columns"] if c not in dropped]
+        for summary in summaries[1:]:
+            own = [c for c in summary["columns"] if c not in dropped]
+            missing = [c for c in names if c not in own]
+            extra = [c for c in own if c not in names]
+            if missing or extra:
+                raise BankDataError(f"{summary['owner']}: columns differ from "
+                                    f"{first['owner']}'s: missing {missing}, unexpected "
+                                    f"{extra}")
+        check_special_columns([*names, *dropped], label, ids, time, dropped,
+                              "the banks' summaries")
+        skip = {*ids, time}
         columns = []
-        skip = {label, *ids, time, *dropped}
-        for name in frame.columns:
+        for name in names:
             if name in skip:
                 continue
-            values = frame[name]
-            counts = None
-            if not pd.api.types.is_numeric_dtype(values):
-                counts = {str(value): int(count) for value, count in
-                          values.dropna().astype(str).value_counts().items()}
-            columns.append(Column.from_counts(str(name), len(values),
-                                              int(values.isna().sum()), counts,
-                                              max_categories))
+            try:
+                stats = [(s["owner"], s["rows"], s["stats"][name]) for s in summaries]
+            except KeyError:
+                raise BankDataError(f"column {name!r}: a summary has no counts for it "
+                                    "(summarized with other id/time/drop columns?)"
+                                    ) from None
+            kinds = {kind: [owner for owner, _, st in stats if st["kind"] == kind]
+                     for kind in (NUMERIC, TEXT)}
+            if kinds[NUMERIC] and kinds[TEXT]:
+                raise BankDataError(f"column {name!r} holds numbers at "
+                                    f"{', '.join(kinds[NUMERIC])} but text at "
+                                    f"{', '.join(kinds[TEXT])}; fix it or drop it "
+                                    "(drop-columns)")
+            counts: dict[str, int] | None = None
+            if kinds[TEXT]:
+                counts = {}
+                for _, _, st in stats:
+                    for value, count in st.get("counts", {}).items():
+                        counts[value] = counts.get(value, 0) + int(count)
+            columns.append(Column.from_counts(
+                name, sum(rows for _, rows, _ in stats),
+                sum(int(st["missing"]) for _, _, st in stats), counts, max_categories))
         return cls(label, tuple(columns), tuple(ids), time, tuple(dropped))
 
     def encode(self, frame: Any, fail: Any) -> np.ndarray:
@@ -196,3 +248,51 @@ class Schema:
             return cls.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise BankDataError(f"{path}: not a usable schema file ({err})") from None
+
+
+def summarize(frame: Any, label: str, ignore: Sequence[str] = (), owner: str = "",
+              min_count: int = SUPPRESS_BELOW) -> dict[str, Any]:
+    """The bank's side of agreeing a schema: what it sends the operator about its file.
+
+    Per feature column: its kind (numbers, text, or no value at all), how many values
+    are missing and, for text, how many rows hold each value, leaving out values seen
+    in fewer than ``min_count`` rows before the summary leaves the bank. No row, no
+    numeric value, no label count. ``ignore``: the agreed id, time and dropped columns
+    (named, never summarized). A plain JSON-able dict; ``Schema.merge`` sums them.
+    """
+    import pandas as pd
+
+    stats: dict[str, dict[str, Any]] = {}
+    for name in frame.columns:
+        if name == label or name in ignore:
+            continue
+        values = frame[name]
+        gaps = int(values.isna().sum())
+        if gaps == len(values):
+            stats[str(name)] = {"kind": EMPTY, "missing": gaps}
+        elif pd.api.types.is_numeric_dtype(values):
+            stats[str(name)] = {"kind": NUMERIC, "missing": gaps}
+        else:
+            counts = values.dropna().astype(str).value_counts()
+            stats[str(name)] = {"kind": TEXT, "missing": gaps, "counts": {
+                str(value): int(count) for value, count in counts.items()
+                if count >= min_count}}
+    return {"owner": owner, "rows": len(frame),
+            "columns": [str(name) for name in frame.columns if name != label],
+            "stats": stats}
+
+
+def check_special_columns(columns: Sequence[str], label: str, ids: Sequence[str],
+                          time: str, dropped: Sequence[str], where: str) -> None:
+    """Id, time and dropped columns must exist, differ from the label and each other."""
+    seen: dict[str, str] = {label: "label-column"}
+    for setting, names in (("id-columns", ids), ("time-column", (time,) if time else ()),
+                           ("drop-columns", dropped)):
+        for name in names:
+            if name not in columns:
+                raise BankDataError(f"{where}: {setting}: no column {name!r} (columns: "
+                                    f"{', '.join(map(str, columns))})")
+            if name in seen:
+                raise BankDataError(f"{where}: column {name!r} is in {setting} and "
+                                    f"{seen[name]}; a column can be only one of them")
+            seen[name] = setting

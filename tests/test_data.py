@@ -13,7 +13,7 @@ from common.data import (
     hold_out, load_transactions, make_synthetic, prepare, read_bank, split_bank,
     standardize, time_order,
 )
-from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema
+from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema, summarize
 from common.model import FraudNet, ModelSpec
 from common.task import train
 from tests.conftest import app_config
@@ -415,3 +415,98 @@ def test_feature_names_that_collide_are_refused_naming_the_column() -> None:
     frame = pd.DataFrame({"a": [np.nan, 1.0] * 10, "a missing": 1.0, "Class": 0})
     with pytest.raises(BankDataError, match="column 'a missing': its feature 'a missing'"):
         Schema.infer(frame, "Class")
+
+
+def prepared_parties(tmp_path: Path) -> tuple[Schema, list[pd.DataFrame]]:
+    """A pooled CSV prepared into 6 banks: the pooled path's schema and every party's
+    rows (the banks' and the server's), as each would read its own file."""
+    rng = np.random.default_rng(5)
+    n = 12_000
+    frame = pooled_table(n, seed=5)
+    frame["channel"] = rng.choice(["pos", "web", "atm", "phone"], n, p=[.5, .3, .199, .001])
+    frame.loc[rng.choice(n, 3, replace=False), "channel"] = "kiosk"  # 3 rows in all
+    frame["email"] = zipf_values(rng, n, 1_200, "mail")
+    frame["device_score"] = np.where(rng.random(n) < 0.4, np.nan, rng.normal(size=n))
+    source = tmp_path / "pooled.csv"
+    frame.to_csv(source, index=False)
+    prepare(tmp_path / "data", str(source), seed=2, num_banks=6, alpha=0.5,
+            test_fraction=0.2, label_column="fraud", id_columns="tx_id", time_column="ts",
+            drop_columns="note")
+    data_dir = tmp_path / "data"
+    files = [data_dir / bank_file(b) for b in range(6)] + [data_dir / TEST_FILE]
+    return Schema.load(files[0].parent / SCHEMA_FILE), [pd.read_csv(f) for f in files]
+
+
+def agree(parties: list[pd.DataFrame], min_count: int) -> Schema:
+    """Each party summarizes its own rows; the summaries travel as JSON; merged."""
+    ignore = ("tx_id", "ts", "note")
+    summaries = [json.loads(json.dumps(summarize(rows, "fraud", ignore, f"bank {b}",
+                                                 min_count)))
+                 for b, rows in enumerate(parties)]
+    return Schema.merge(summaries, "fraud", ("tx_id",), "ts", ("note",), max_categories=50)
+
+
+def test_schema_from_bank_summaries_equals_the_pooled_schema(tmp_path: Path) -> None:
+    pooled, parties = prepared_parties(tmp_path)
+    assert [c.name for c in pooled.columns] == ["amount", "channel", "copy_of_ts", "email",
+                                               "device_score"]
+
+    assert agree(parties, min_count=1) == pooled  # nothing suppressed: the same schema
+
+
+def test_suppressing_rare_values_changes_only_those(tmp_path: Path) -> None:
+    pooled, parties = prepared_parties(tmp_path)
+
+    agreed = agree(parties, min_count=5)
+
+    def suppressed_somewhere(column: str, value: str) -> bool:
+        return any(0 < (rows[column] == value).sum() < 5 for rows in parties)
+
+    by_name = {c.name: c for c in pooled.columns}
+    assert [c.name for c in agreed.columns] == list(by_name)
+    for column in agreed.columns:
+        if column.kind == NUMERIC:
+            assert column == by_name[column.name]  # kinds and gap indicators: the same
+    # Few values: one feature for each value some party holds 5 times.
+    channel = by_name["channel"]
+    kept = {v for v in channel.categories
+            if max((rows["channel"] == v).sum() for rows in parties) >= 5}
+    assert "kiosk" not in kept and {"pos", "web", "atm"} <= kept
+    assert set(agreed.columns[1].categories) == kept
+    # Many values: the same 50 + <other> + <missing>, except that a value whose count
+    # was cut at some party may give its place to the next one.
+    email, pooled_email = agreed.columns[3], by_name["email"]
+    assert (email.other, email.missing, len(email.categories)) == (True, True, 50)
+    lost = set(pooled_email.categories) - set(email.categories)
+    assert len(lost) < 10 and all(suppressed_somewhere("email", v) for v in lost)
+    assert {f"mail{i:04d}.example" for i in range(20)} <= set(email.categories)
+
+
+def test_a_summary_leaves_rare_values_and_all_numbers_at_the_bank() -> None:
+    rows = pd.DataFrame({"amount": [123.25, 7.5] * 10, "channel": ["pos"] * 19 + ["kiosk"],
+                         "id": range(20), "Class": [0, 1] * 10})
+
+    summary = summarize(rows, "Class", ignore=("id",), owner="bank 1")
+
+    assert summary == {"owner": "bank 1", "rows": 20,
+                       "columns": ["amount", "channel", "id"],
+                       "stats": {"amount": {"kind": NUMERIC, "missing": 0},
+                                 "channel": {"kind": "text", "missing": 0,
+                                             "counts": {"pos": 19}}}}
+
+
+def test_merge_refuses_banks_that_disagree_naming_bank_and_column() -> None:
+    a = pd.DataFrame({"amount": [1.0, 2.0], "channel": ["pos", "web"], "Class": [0, 1]})
+    summary = lambda rows, owner: summarize(rows, "Class", owner=owner, min_count=1)  # noqa: E731
+    with pytest.raises(BankDataError, match=r"bank 1: columns differ from bank 0's: "
+                                            r"missing \['channel'\]"):
+        Schema.merge([summary(a, "bank 0"), summary(a[["amount", "Class"]], "bank 1")],
+                     "Class")
+    text = a.assign(amount=["1.0", "two"])
+    with pytest.raises(BankDataError, match="column 'amount' holds numbers at bank 0 but "
+                                            "text at bank 1"):
+        Schema.merge([summary(a, "bank 0"), summary(text, "bank 1")], "Class")
+    # A bank with no value in a text column (read as numbers) agrees with the others.
+    empty = a.assign(channel=np.nan)
+    merged = Schema.merge([summary(a, "bank 0"), summary(empty, "bank 1")], "Class")
+    assert merged.features == ["amount", "channel=pos", "channel=web"]
