@@ -43,6 +43,8 @@ SYNTHETIC = dict(
     flip_y=0.01,
 )
 SYNTHETIC_SOURCE = "synthetic"
+CARDS_SOURCE = "cards"  # synthetic card transactions (``make_cards``)
+BUILT_IN_SOURCES = (SYNTHETIC_SOURCE, CARDS_SOURCE)
 # A bank needs enough rows, and a fraud for each of its train and validation splits;
 # a partition that leaves a bank short is redrawn.
 MIN_BANK_ROWS = 20
@@ -122,7 +124,7 @@ def time_order(values: Any, fail: Any) -> np.ndarray:
 
 def dirichlet_partition(
     y: np.ndarray, num_banks: int, alpha: float, seed: int, min_rows: int = MIN_BANK_ROWS,
-    min_frauds: int = MIN_BANK_FRAUDS,
+    min_frauds: int = MIN_BANK_FRAUDS, strata: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Row indices per bank: each class is spread over banks by a Dirichlet(alpha) draw.
 
@@ -130,7 +132,8 @@ def dirichlet_partition(
     file with one class only is refused by the loader); the rest of every class follows
     the Dirichlet shares. A draw that leaves a bank with fewer than ``min_rows`` rows,
     or fewer than ``min_frauds`` legitimate ones, is redrawn, never patched with other
-    banks' rows.
+    banks' rows. ``strata`` (e.g. each fraud's kind) gives every stratum of a class its
+    own Dirichlet draw, so banks differ in which kind of fraud they see.
     """
     if num_banks < 1 or alpha <= 0:
         raise ValueError("num_banks must be >= 1 and alpha > 0")
@@ -146,10 +149,13 @@ def dirichlet_partition(
                 floor, rows = np.split(rows, [num_banks * min_frauds])
                 for bank in range(num_banks):
                     banks[bank].append(floor[bank::num_banks])
-            shares = rng.dirichlet(np.full(num_banks, alpha))
-            cuts = np.round(np.cumsum(shares)[:-1] * len(rows)).astype(int)
-            for bank, part in enumerate(np.split(rows, cuts)):
-                banks[bank].append(part)
+            groups = [rows] if strata is None else [
+                rows[strata[rows] == stratum] for stratum in np.unique(strata[rows])]
+            for group in groups:
+                shares = rng.dirichlet(np.full(num_banks, alpha))
+                cuts = np.round(np.cumsum(shares)[:-1] * len(group)).astype(int)
+                for bank, part in enumerate(np.split(group, cuts)):
+                    banks[bank].append(part)
         parts = [np.sort(np.concatenate(bank)) for bank in banks]
         if min(len(part) for part in parts) >= min_rows and min(
                 np.sum(y[part] == 0) for part in parts) >= min_frauds:
@@ -183,6 +189,226 @@ def synthetic_table(seed: int, label_column: str) -> Any:
     return frame
 
 
+# "cards": card transactions as a bank's table looks, for trying fedfraud on realistic
+# columns: an id, a time, skewed amounts, text columns from 20 to 1,000 values, card
+# velocity, numeric columns with heavy gaps, two fraud kinds.
+CARDS_ROWS = 200_000
+CARDS_ID, CARDS_TIME = "TransactionID", "TransactionDT"
+CARDS_FRAUD_RATE = 0.03
+CARDS_DAYS = 182
+LEGIT, CARD_TESTING, ACCOUNT_TAKEOVER = 0, 1, 2
+FRAUD_KINDS = {CARD_TESTING: "card testing", ACCOUNT_TAKEOVER: "account takeover"}
+CARD_TESTING_SHARE = 0.55  # of the frauds; the rest are account takeovers
+CARDS_COLUMNS = (CARDS_ID, CARDS_TIME, "amount", "merchant_category", "device",
+                 "email_domain", "country", "hour", "card_tx_1h", "card_tx_24h",
+                 "days_since_prev_tx", "account_age_days", "device_age_days",
+                 "dist_home_km")
+# (name, log of the typical amount): amounts are log-normal around these.
+MERCHANT_CATEGORIES = (
+    ("grocery", 3.7), ("fuel", 3.6), ("restaurants", 3.5), ("fast food", 2.5),
+    ("pharmacy", 3.2), ("apparel", 4.2), ("electronics", 5.2), ("home improvement", 4.5),
+    ("travel", 5.5), ("airlines", 6.0), ("hotels", 5.3), ("entertainment", 3.5),
+    ("digital goods", 2.5), ("online services", 2.7), ("subscriptions", 2.6),
+    ("charity", 3.5), ("jewelry", 5.5), ("gift cards", 4.0), ("utilities", 4.5),
+    ("cash advance", 5.0),
+)
+COUNTRIES = ("US", "CA", "MX", "GB", "DE", "FR", "ES", "IT", "NL", "BE", "SE", "PL", "IE",
+             "PT", "CH", "AT", "BR", "AR", "CO", "IN", "CN", "JP", "KR", "PH", "VN", "NG",
+             "ZA", "AE", "TR", "RO")
+EMAIL_HEADS = ("gmail.com", "yahoo.com", "hotmail.com", "outlook.com", "icloud.com",
+               "aol.com", "comcast.net", "live.com", "msn.com", "att.net",
+               "protonmail.com", "gmx.de", "yahoo.co.uk", "web.de", "orange.fr")
+# Legitimate spending by hour of day (fraud keeps its own hours).
+DIURNAL = np.array([1, .6, .4, .3, .3, .5, 1.2, 2.5, 3.5, 4, 4.5, 5, 5.5, 5, 4.8, 4.8, 5,
+                    5.5, 6, 5.5, 4.5, 3.5, 2.5, 1.6])
+
+
+def _zipf(rng: np.random.Generator, n: int, size: int, exponent: float) -> np.ndarray:
+    """``size`` draws of ranks 0..n-1 with P(rank k) ~ 1 / (k + 1) ** exponent."""
+    weights = 1.0 / np.arange(1, n + 1) ** exponent
+    return rng.choice(n, size, p=weights / weights.sum())
+
+
+def make_cards(seed: int, rows: int = CARDS_ROWS, label_column: str = "Class",
+               ) -> tuple[Any, np.ndarray]:
+    """Synthetic card transactions: (table, each row's fraud kind), seedable, numpy only.
+
+    Customers' cards (about one per 12 transactions) spend over ``CARDS_DAYS`` days with
+    a home country, an e-mail domain (1,000 values, Zipf), a usual device (500 values),
+    a favourite merchant category (20) and typical hours. ``CARDS_FRAUD_RATE`` of rows
+    are fraud of two kinds: card testing (bursts of small online charges on stolen card
+    numbers: high velocity, odd devices and e-mail domains) and account takeover (a
+    customer's account used from a new device, often abroad or at night, mostly for
+    large amounts). The kind (``LEGIT``, ``CARD_TESTING``, ``ACCOUNT_TAKEOVER``) is returned
+    beside the table, never in it: ``prepare`` spreads each kind over the banks with its
+    own Dirichlet draw, so banks differ in the fraud they see, as real banks do.
+
+    The card id is no column: only what is computed from it (transactions of the same
+    card in the last hour and day, days since its previous one), over all rows, as a
+    card network or processor supplies such counts with each transaction; so they stay
+    right whichever bank a row lands in (a bank here is one that sees transactions of
+    many cards, as an acquirer does). Gaps: the distance
+    from home (55 % missing), device age (40 %), account age (30 %), days since the
+    previous transaction (a card's first).
+    """
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    n_fraud = round(CARDS_FRAUD_RATE * rows)
+    n_testing = round(CARD_TESTING_SHARE * n_fraud)
+    n_takeover, n_legit = n_fraud - n_testing, rows - n_fraud
+    n_cards = max(50, rows // 12)
+    span, start = CARDS_DAYS * 86_400, 86_400
+    n_categories, n_countries = len(MERCHANT_CATEGORIES), len(COUNTRIES)
+    n_devices, n_emails = 500, 1_000
+
+    # The customers' cards.
+    activity = rng.gamma(0.7, 1.0, n_cards)
+    card_home = np.where(rng.random(n_cards) < 0.8, 0,
+                         1 + _zipf(rng, n_countries - 1, n_cards, 1.0))
+    card_email = _zipf(rng, n_emails, n_cards, 1.1)
+    card_device = _zipf(rng, n_devices, n_cards, 1.0)
+    card_age = rng.lognormal(6.0, 1.0, n_cards)  # days the account existed at the start
+    card_category = _zipf(rng, n_categories, n_cards, 0.8)
+
+    # Legitimate spending.
+    card = rng.choice(n_cards, n_legit, p=activity / activity.sum())
+    day = rng.integers(0, CARDS_DAYS, n_legit)
+    hour = rng.choice(24, n_legit, p=DIURNAL / DIURNAL.sum())
+    t = start + day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, n_legit)
+    # A fifth of purchases follow another of the same card within the hour (shopping).
+    follow = np.flatnonzero(rng.random(n_legit) < 0.2)
+    lead = rng.integers(0, n_legit, len(follow))
+    card[follow] = card[lead]
+    t[follow] = t[lead] + rng.exponential(1_200.0, len(follow)).astype(np.int64)
+    category = np.where(rng.random(n_legit) < 0.5, card_category[card],
+                        _zipf(rng, n_categories, n_legit, 0.8))
+    new_device = rng.random(n_legit) < 0.12
+    device = np.where(new_device, _zipf(rng, n_devices, n_legit, 1.0), card_device[card])
+    device[follow] = device[lead]
+    email = card_email[card]
+    abroad = rng.random(n_legit) < 0.03
+    abroad[follow] = abroad[lead]
+    country = np.where(abroad, (card_home[card] + rng.integers(1, n_countries, n_legit))
+                       % n_countries, card_home[card])
+    legit = dict(
+        card=card, t=t, category=category, device=device, email=email, country=country,
+        amount=rng.lognormal(np.array([mu for _, mu in MERCHANT_CATEGORIES])[category], 0.9),
+        device_age=np.where(new_device, rng.exponential(2.0, n_legit),
+                            rng.uniform(0, 1, n_legit) * card_age[card]),
+        dist=np.where(abroad, rng.lognormal(7.0, 1.0, n_legit),
+                      rng.lognormal(1.5, 1.2, n_legit)),
+    )
+
+    # Card testing: bursts of small online charges on stolen card numbers.
+    sizes = 1 + rng.poisson(4, n_testing)
+    sizes = sizes[:np.searchsorted(np.cumsum(sizes), n_testing) + 1]
+    sizes[-1] -= sizes.sum() - n_testing
+    burst = np.repeat(np.arange(len(sizes)), sizes)
+    first = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    elapsed = np.cumsum(rng.exponential(90.0, n_testing))  # ~1.5 minutes apart
+    offset = elapsed - elapsed[first]  # seconds since the burst's first charge
+    stolen = rng.integers(0, n_cards, len(sizes))
+    online = np.array([i for i, (name, _) in enumerate(MERCHANT_CATEGORIES)
+                       if name in ("digital goods", "online services", "charity",
+                                   "subscriptions")])
+    testing = dict(
+        card=stolen[burst],
+        t=(start + rng.uniform(0, span - 7_200, len(sizes))[burst] + offset).astype(np.int64),
+        category=online[rng.integers(0, len(online), len(sizes))][burst],
+        device=rng.integers(150, n_devices, len(sizes))[burst],
+        email=rng.integers(0, n_emails, len(sizes))[burst],
+        country=np.where(rng.random(len(sizes)) < 0.4, card_home[stolen],
+                         rng.integers(0, n_countries, len(sizes)))[burst],
+        amount=np.where(rng.random(n_testing) < 0.75, rng.uniform(0.5, 6.0, n_testing),
+                        rng.lognormal(3.0, 0.8, n_testing)),
+        device_age=rng.exponential(0.05, n_testing),
+        dist=rng.lognormal(6.0, 1.5, n_testing),
+    )
+
+    # Account takeover: a customer's account, a new device, often abroad or at night.
+    sizes = 1 + rng.poisson(1.0, n_takeover)
+    sizes = sizes[:np.searchsorted(np.cumsum(sizes), n_takeover) + 1]
+    sizes[-1] -= sizes.sum() - n_takeover
+    episode = np.repeat(np.arange(len(sizes)), sizes)
+    victim = rng.choice(n_cards, len(sizes), p=activity / activity.sum())
+    night = rng.random(len(sizes)) < 0.4
+    ep_hour = np.where(night, rng.integers(0, 6, len(sizes)),
+                       rng.choice(24, len(sizes), p=DIURNAL / DIURNAL.sum()))
+    ep_start = (start + rng.integers(0, CARDS_DAYS, len(sizes)) * 86_400 + ep_hour * 3_600)
+    takeover_categories = np.array([i for i, (name, _) in enumerate(MERCHANT_CATEGORIES)
+                                    if name in ("electronics", "jewelry", "gift cards",
+                                                "travel", "airlines", "cash advance")])
+    abroad = rng.random(len(sizes)) < 0.6
+    takeover = dict(
+        card=victim[episode],
+        t=(ep_start[episode] + rng.integers(0, 5_400, n_takeover)).astype(np.int64),
+        category=takeover_categories[rng.integers(0, len(takeover_categories), n_takeover)],
+        device=rng.integers(0, n_devices, len(sizes))[episode],
+        email=np.where(rng.random(len(sizes)) < 0.4, rng.integers(0, n_emails, len(sizes)),
+                       card_email[victim])[episode],
+        country=np.where(abroad, (card_home[victim] + rng.integers(1, n_countries,
+                                                                    len(sizes)))
+                         % n_countries, card_home[victim])[episode],
+        amount=rng.lognormal(np.where(rng.random(n_takeover) < 0.7, 6.0, 4.0), 0.8),
+        device_age=rng.exponential(0.2, n_takeover),
+        dist=np.where(abroad[episode], rng.lognormal(7.5, 0.8, n_takeover),
+                      rng.lognormal(3.0, 1.0, n_takeover)),
+    )
+
+    parts = (legit, testing, takeover)
+    columns = {key: np.concatenate([part[key] for part in parts]) for key in legit}
+    kind = np.repeat([LEGIT, CARD_TESTING, ACCOUNT_TAKEOVER], [n_legit, n_testing,
+                                                                n_takeover])
+    t, card = columns["t"].astype(np.int64), columns["card"]
+    # Velocity from the card's own history: earlier transactions of the same card.
+    by_card = np.lexsort((t, card))
+    key = card[by_card].astype(np.int64) * (span + 10 * 86_400) + t[by_card]
+    position = np.arange(len(key))
+    velocity = {}
+    for name, window in (("card_tx_1h", 3_600), ("card_tx_24h", 86_400)):
+        counts = np.empty(len(key), np.int64)
+        counts[by_card] = position - np.searchsorted(key, key - window, side="right")
+        velocity[name] = counts
+    previous = np.full(len(key), np.nan)
+    same = card[by_card][1:] == card[by_card][:-1]
+    since = np.where(same, (key[1:] - key[:-1]) / 86_400, np.nan)
+    previous[by_card[1:]] = since
+
+    def gappy(values: np.ndarray, rate: float) -> np.ndarray:
+        return np.where(rng.random(len(values)) < rate, np.nan, values)
+
+    emails = np.array(list(EMAIL_HEADS) + [
+        f"mail{i:03d}.{('com', 'net', 'org', 'io', 'co')[i % 5]}"
+        for i in range(n_emails - len(EMAIL_HEADS))], dtype=object)
+    devices = np.array([f"{system} {agent} {build}" for build in range(5) for system in (
+        "Windows 10", "Windows 11", "macOS 13", "macOS 14", "iOS 16", "iOS 17",
+        "Android 12", "Android 13", "Android 14", "Linux") for agent in (
+        "Chrome", "Safari", "Firefox", "Edge", "Samsung Internet", "Opera", "WebView",
+        "bank app", "wallet app", "other")], dtype=object)
+    table = pd.DataFrame({
+        "amount": np.round(columns["amount"], 2),
+        "merchant_category": np.array([n for n, _ in MERCHANT_CATEGORIES],
+                                      dtype=object)[columns["category"]],
+        "device": devices[columns["device"]],
+        "email_domain": emails[columns["email"]],
+        "country": np.array(COUNTRIES, dtype=object)[columns["country"]],
+        "hour": (t // 3_600) % 24,
+        **velocity,
+        "days_since_prev_tx": np.round(previous, 4),
+        "account_age_days": gappy(np.round(card_age[card] + (t - start) / 86_400, 1),
+                                  0.30),
+        "device_age_days": gappy(np.round(columns["device_age"], 3), 0.40),
+        "dist_home_km": gappy(np.round(columns["dist"], 1), 0.55),
+        label_column: (kind != LEGIT).astype(np.int64),
+    })
+    order = np.argsort(t, kind="stable")
+    table = table.iloc[order].reset_index(drop=True)
+    table.insert(0, CARDS_TIME, t[order])
+    table.insert(0, CARDS_ID, np.arange(3_000_000, 3_000_000 + rows))
+    return table, kind[order]
+
+
 def read_pooled_csv(path: Path, label_column: str) -> Any:
     """A whole data set to be split into banks (only ``prepare`` ever holds one)."""
     import pandas as pd
@@ -203,24 +429,32 @@ def prepare(
     test_fraction: float, label_column: str, id_columns: str = "", time_column: str = "",
     drop_columns: str = "", max_categories: int = MAX_CATEGORIES,
 ) -> dict[str, Any]:
-    """Split ``source`` ("synthetic" or a labelled CSV) into one shard per bank and the
-    server's test set; write them, the shared schema in every party's folder and a
+    """Split ``source`` ("synthetic", "cards" or a labelled CSV) into one shard per bank
+    and the server's test set; write them, the shared schema in every party's folder and a
     manifest; return the manifest. Every row lands in exactly one place.
 
     ``id_columns`` and ``drop_columns`` are comma-separated names; dropped columns are
     left out of every file. A text column with more than ``max_categories`` values is
     encoded as its most common ones plus "<other>" and "<missing>" (common/schema.py).
-    With a ``time_column`` the test set is the latest ``test_fraction`` of rows. Every problem with the data is a ``BankDataError`` naming
-    the source and the column.
+    With a ``time_column`` the test set is the latest ``test_fraction`` of rows. The
+    "cards" source marks its own id and time columns unless these settings name others.
+    Every problem with the data is a ``BankDataError`` naming the source and the column.
     """
     settings = {"source": source, "seed": seed, "num_banks": num_banks, "alpha": alpha,
                 "test_fraction": test_fraction, "label_column": label_column,
                 "id_columns": id_columns, "time_column": time_column,
                 "drop_columns": drop_columns, "max_categories": max_categories}
+    kinds = None  # each row's fraud kind, where the source knows it
     if source == SYNTHETIC_SOURCE:
         frame = synthetic_table(seed, label_column)
         origin: dict[str, Any] = {"generator": {**SYNTHETIC, "random_state": seed}}
         where = "data source: synthetic data"
+    elif source == CARDS_SOURCE:
+        frame, kinds = make_cards(seed, CARDS_ROWS, label_column)
+        origin = {"generator": {"cards": {"rows": CARDS_ROWS, "seed": seed,
+                                          "fraud_rate": CARDS_FRAUD_RATE}}}
+        where = "data source: cards data"
+        id_columns, time_column = id_columns or CARDS_ID, time_column or CARDS_TIME
     else:
         frame = read_pooled_csv(Path(source), label_column)
         origin = {"file": str(source), "rows": len(frame)}
@@ -243,12 +477,16 @@ def prepare(
     else:
         keep, y_keep, test_rows, y_test = hold_out(np.arange(len(y)), y, test_fraction,
                                                    seed)
-    parts = [keep[rows] for rows in dirichlet_partition(y_keep, num_banks, alpha, seed)]
+    parts = [keep[rows] for rows in dirichlet_partition(
+        y_keep, num_banks, alpha, seed, strata=None if kinds is None else kinds[keep])]
     banks = []
     for bank, rows in enumerate(parts):
         write_table(out_dir / bank_file(bank), frame.iloc[np.sort(rows)], schema)
         banks.append({"bank": bank, "file": bank_file(bank), "rows": len(rows),
                       "frauds": int(y[rows].sum())})
+        if kinds is not None:  # a generator's hidden truth, for the demo's reader
+            banks[-1]["fraud_kinds"] = {name: int(np.sum(kinds[rows] == kind))
+                                        for kind, name in FRAUD_KINDS.items()}
     write_table(out_dir / TEST_FILE, frame.iloc[np.sort(test_rows)], schema)
     manifest = {
         "source": source,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.config import Config, read_app_config
-from common.data import MANIFEST, SYNTHETIC_SOURCE, bank_file, data_settings, prepare
+from common.data import BUILT_IN_SOURCES, MANIFEST, bank_file, data_settings, prepare
 
 if TYPE_CHECKING:
     from server.launch import Tls
@@ -46,7 +46,7 @@ def settings(app_dir: Path, overrides: list[str]) -> Config:
     source = config.data_source
     return Config.from_run_config({
         **config.as_run_config(),
-        "data-source": source if source == SYNTHETIC_SOURCE else str(
+        "data-source": source if source in BUILT_IN_SOURCES else str(
             (app_dir / source).resolve()),
         "data-dir": str((app_dir / config.data_dir).resolve()),
         "runs-dir": str((app_dir / config.runs_dir).resolve()),

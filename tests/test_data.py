@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,9 @@ import pytest
 import pandas as pd
 
 from common.data import (
-    MANIFEST, TEST_FILE, BankDataError, bank_file, dirichlet_partition, fit_scaler,
-    hold_out, load_transactions, make_synthetic, prepare, read_bank, split_bank,
-    standardize, time_order,
+    ACCOUNT_TAKEOVER, CARD_TESTING, CARDS_COLUMNS, LEGIT, MANIFEST, TEST_FILE,
+    BankDataError, bank_file, dirichlet_partition, fit_scaler, hold_out, load_transactions,
+    make_cards, make_synthetic, prepare, read_bank, split_bank, standardize, time_order,
 )
 from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema, summarize
 from common.model import FraudNet, ModelSpec
@@ -510,3 +511,94 @@ def test_merge_refuses_banks_that_disagree_naming_bank_and_column() -> None:
     empty = a.assign(channel=np.nan)
     merged = Schema.merge([summary(a, "bank 0"), summary(empty, "bank 1")], "Class")
     assert merged.features == ["amount", "channel=pos", "channel=web"]
+
+
+def test_cards_are_deterministic_per_seed_and_look_like_a_banks_table() -> None:
+    started = time.monotonic()
+    cards, kinds = make_cards(seed=3)
+    seconds = time.monotonic() - started
+
+    assert seconds < 10
+    assert tuple(cards.columns) == (*CARDS_COLUMNS, "Class") and len(cards) == 200_000
+    again, kinds_again = make_cards(seed=3)
+    pd.testing.assert_frame_equal(cards, again)
+    np.testing.assert_array_equal(kinds, kinds_again)
+    assert not cards.equals(make_cards(seed=4)[0])
+    assert abs(cards["Class"].mean() - 0.03) < 0.005
+    np.testing.assert_array_equal(cards["Class"], kinds != LEGIT)
+    assert cards["TransactionID"].is_unique
+    assert cards["TransactionDT"].is_monotonic_increasing
+    assert 150 < np.ptp(cards["TransactionDT"]) / 86_400 < 200  # about six months
+    assert (cards["amount"] > 0).all() and cards["amount"].mean() > 2 * cards["amount"].median()
+    distinct = cards.nunique()
+    assert distinct["merchant_category"] == 20 and 25 <= distinct["country"] <= 30
+    assert distinct["device"] >= 400 and distinct["email_domain"] >= 900
+    gaps = cards.isna().mean()
+    assert 0.3 <= gaps["dist_home_km"] <= 0.6 and 0.3 <= gaps["device_age_days"] <= 0.6
+    assert (gaps[["amount", "device", "email_domain", "card_tx_1h", "Class"]] == 0).all()
+    assert (cards["hour"] == (cards["TransactionDT"] // 3_600) % 24).all()
+    # Card testing is fast and small; account takeover large and from new devices.
+    frauds = cards.groupby(kinds)
+    assert frauds["card_tx_1h"].mean()[CARD_TESTING] > 5 * frauds["card_tx_1h"].mean()[LEGIT]
+    assert frauds["amount"].median()[CARD_TESTING] < 10 < frauds["amount"].median()[LEGIT]
+    assert frauds["amount"].median()[ACCOUNT_TAKEOVER] > 4 * frauds["amount"].median()[LEGIT]
+
+
+def test_cards_banks_see_different_fraud_kinds() -> None:
+    cards, kinds = make_cards(seed=7)
+    y = cards["Class"].to_numpy()
+
+    parts = dirichlet_partition(y, num_banks=10, alpha=0.35, seed=7, strata=kinds)
+
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(y)))
+    sizes = [len(part) for part in parts]
+    assert max(sizes) > 10 * min(sizes)  # banks of very unequal size
+    dominant = {}
+    for bank, part in enumerate(parts):
+        fraud_kinds = kinds[part][kinds[part] != LEGIT]
+        if len(fraud_kinds) >= 20:
+            testing = np.mean(fraud_kinds == CARD_TESTING)
+            dominant[bank] = (CARD_TESTING if testing > 0.8 else ACCOUNT_TAKEOVER
+                              if testing < 0.2 else None)
+            # Visible in the data too: the fraud's amounts and card velocity.
+            fraud = cards.iloc[part][cards.iloc[part]["Class"] == 1]
+            if dominant[bank] == CARD_TESTING:
+                assert fraud["amount"].median() < 10 and fraud["card_tx_1h"].mean() > 1
+            if dominant[bank] == ACCOUNT_TAKEOVER:
+                assert fraud["amount"].median() > 50 and fraud["card_tx_1h"].mean() < 1
+    assert {CARD_TESTING, ACCOUNT_TAKEOVER} <= set(dominant.values())
+
+
+def test_prepare_cards_marks_its_id_and_time_and_every_bank_loads_it(tmp_path: Path) -> None:
+    data_dir = tmp_path / "cards"
+    manifest = prepare(data_dir, "cards", seed=7, num_banks=10, alpha=0.35,
+                       test_fraction=0.2, label_column="Class")
+
+    schema = Schema.load(data_dir / "server" / SCHEMA_FILE)
+    assert (schema.ids, schema.time) == (("TransactionID",), "TransactionDT")
+    features = manifest["features"]
+    assert not any(f.startswith(("TransactionID", "TransactionDT")) for f in features)
+    assert sum(f.startswith("email_domain=") for f in features) == 52
+    assert sum(f.startswith("device=") for f in features) == 52
+    assert sum(f.startswith("merchant_category=") for f in features) == 20
+    assert {"dist_home_km missing", "device_age_days missing",
+            "account_age_days missing"} <= set(features)
+    assert manifest["test"]["split"] == "latest rows by 'TransactionDT'"
+    kinds = [bank["fraud_kinds"] for bank in manifest["banks"]]
+    assert sum(k["card testing"] + k["account takeover"] for k in kinds) == sum(
+        bank["frauds"] for bank in manifest["banks"])
+    test_start = pd.read_csv(data_dir / TEST_FILE, usecols=["TransactionDT"]).min().item()
+    config = app_config(data_dir=str(data_dir))
+    for bank in (0, 9):
+        split, _ = read_bank(bank, data_dir / bank_file(bank), config)
+        assert split.x_train.shape[1] == len(features)
+        shard = pd.read_csv(data_dir / bank_file(bank), usecols=["TransactionDT"])
+        assert shard["TransactionDT"].max() < test_start
+
+
+def test_built_in_sources_are_names_not_paths() -> None:
+    from server.cli import settings
+    from tests.conftest import APP_DIR
+
+    assert settings(APP_DIR, ["data-source = 'cards'"]).data_source == "cards"
+    assert settings(APP_DIR, ["data-source = 'x.csv'"]).data_source == str(APP_DIR / "x.csv")
