@@ -83,8 +83,10 @@ def hold_out(
     from sklearn.model_selection import train_test_split
 
     _, class_counts = np.unique(y, return_counts=True)
-    stratify = y if len(class_counts) == 2 and class_counts.min() >= 2 else None
     n_out = max(1, round(fraction * len(y)))
+    # (and each side needs a row of each class: tiny tables split unstratified)
+    stratify = y if len(class_counts) == 2 and class_counts.min() >= 2 and min(
+        n_out, len(y) - n_out) >= 2 else None
     x_keep, x_out, y_keep, y_out = train_test_split(
         x, y, test_size=n_out, stratify=stratify, random_state=seed
     )
@@ -132,38 +134,55 @@ def dirichlet_partition(
     file with one class only is refused by the loader); the rest of every class follows
     the Dirichlet shares. A draw that leaves a bank with fewer than ``min_rows`` rows,
     or fewer than ``min_frauds`` legitimate ones, is redrawn, never patched with other
-    banks' rows. ``strata`` (e.g. each fraud's kind) gives every stratum of a class its
-    own Dirichlet draw, so banks differ in which kind of fraud they see.
+    banks' rows. When ``MAX_PARTITION_DRAWS`` draws all fail (many banks at a small
+    alpha: with 100 banks at 0.35 some bank almost always gets a handful of rows), each
+    bank is first dealt a floor of legitimate rows as well, as the fraud floor is
+    dealt, and the rest follows one Dirichlet draw. ``strata`` (e.g. each fraud's kind)
+    gives every stratum of a class its own Dirichlet draw, so banks differ in which kind
+    of fraud they see. Settings no partition can meet are a ``BankDataError``.
     """
     if num_banks < 1 or alpha <= 0:
-        raise ValueError("num_banks must be >= 1 and alpha > 0")
+        raise BankDataError("num-banks must be at least 1 and alpha above 0")
     if len(y) < num_banks * min_rows or y.sum() < num_banks * min_frauds:
-        raise ValueError(f"{len(y)} rows ({y.sum()} frauds) cannot give {num_banks} banks "
-                         f"{min_rows} rows and {min_frauds} frauds each")
+        raise BankDataError(f"{len(y)} rows ({y.sum()} frauds) cannot give {num_banks} "
+                            f"banks {min_rows} rows and {min_frauds} frauds each; lower "
+                            "num-banks (or test-fraction)")
     rng = np.random.default_rng(seed)
     for _ in range(MAX_PARTITION_DRAWS):
-        banks: list[list[np.ndarray]] = [[] for _ in range(num_banks)]
-        for label in np.unique(y):
-            rows = rng.permutation(np.flatnonzero(y == label))
-            if label == 1:  # the floor: min_frauds each, dealt round-robin
-                floor, rows = np.split(rows, [num_banks * min_frauds])
-                for bank in range(num_banks):
-                    banks[bank].append(floor[bank::num_banks])
-            groups = [rows] if strata is None else [
-                rows[strata[rows] == stratum] for stratum in np.unique(strata[rows])]
-            for group in groups:
-                shares = rng.dirichlet(np.full(num_banks, alpha))
-                cuts = np.round(np.cumsum(shares)[:-1] * len(group)).astype(int)
-                for bank, part in enumerate(np.split(group, cuts)):
-                    banks[bank].append(part)
-        parts = [np.sort(np.concatenate(bank)) for bank in banks]
+        parts = _deal(y, num_banks, alpha, rng, min_frauds, 0, strata)
         if min(len(part) for part in parts) >= min_rows and min(
                 np.sum(y[part] == 0) for part in parts) >= min_frauds:
             return parts
-    raise ValueError(
-        f"no Dirichlet(alpha={alpha}) draw gave all {num_banks} banks {min_rows} rows"
-        f" in {MAX_PARTITION_DRAWS} tries; raise alpha or lower the number of banks"
-    )
+    legit_floor = max(min_rows - min_frauds, min_frauds)
+    if np.sum(y == 0) < num_banks * legit_floor:
+        raise BankDataError(
+            f"{len(y)} rows ({np.sum(y == 0)} legitimate) cannot give {num_banks} banks "
+            f"{legit_floor} legitimate rows each and no Dirichlet(alpha={alpha}) draw gave "
+            f"each {min_rows} rows; lower num-banks or raise alpha")
+    return _deal(y, num_banks, alpha, rng, min_frauds, legit_floor, strata)
+
+
+def _deal(y: np.ndarray, num_banks: int, alpha: float, rng: np.random.Generator,
+          fraud_floor: int, legit_floor: int, strata: np.ndarray | None,
+          ) -> list[np.ndarray]:
+    """One partition draw: each class's floor dealt round-robin, the rest of each class
+    (each stratum of it) by Dirichlet(alpha) shares."""
+    banks: list[list[np.ndarray]] = [[] for _ in range(num_banks)]
+    for label in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == label))
+        floor_rows = fraud_floor if label == 1 else legit_floor
+        if label == 1 or floor_rows:  # (no floor: no split, the same draws as ever)
+            floor, rows = np.split(rows, [num_banks * floor_rows])
+            for bank in range(num_banks):
+                banks[bank].append(floor[bank::num_banks])
+        groups = [rows] if strata is None else [
+            rows[strata[rows] == stratum] for stratum in np.unique(strata[rows])]
+        for group in groups:
+            shares = rng.dirichlet(np.full(num_banks, alpha))
+            cuts = np.round(np.cumsum(shares)[:-1] * len(group)).astype(int)
+            for bank, part in enumerate(np.split(group, cuts)):
+                banks[bank].append(part)
+    return [np.sort(np.concatenate(bank)) for bank in banks]
 
 
 def feature_names(n_features: int) -> list[str]:
@@ -414,14 +433,47 @@ def read_pooled_csv(path: Path, label_column: str) -> Any:
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError) as err:
-        raise BankDataError(f"data source: {path}: not a readable CSV ({err})") from None
+        frame = pd.read_csv(path, low_memory=False)  # one type per column, not per chunk
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BankDataError(f"data source: {path}: not a readable CSV ({why})") from None
     labels = frame.get(label_column)
-    if labels is None or not labels.isin([0, 1]).all() or labels.nunique() < 2:
-        raise BankDataError(f"data source: {path}: needs a 0/1 label column "
-                            f"{label_column!r} with both classes")
+    if labels is None:
+        raise BankDataError(f"data source: {path}: no label column {label_column!r} "
+                            f"(label-column; columns: {', '.join(map(str, frame.columns))})")
+    bad = ~labels.isin([0, 1]).to_numpy()
+    if bad.any():
+        row = int(bad.argmax())
+        raise BankDataError(f"data source: {path}: label column {label_column!r} must be "
+                            f"0/1 (row {row + 1}: {labels.iloc[row:row + 1].tolist()[0]!r})")
+    if labels.nunique() < 2:
+        raise BankDataError(f"data source: {path}: label column {label_column!r} needs "
+                            "both classes (fraud 1 and legitimate 0)")
     return frame
+
+
+def check_numbers_read_as_text(frame: Any, skip: set[str], max_categories: int,
+                               where: str) -> None:
+    """A many-valued text column whose values are all numbers but a few is a numeric
+    column with stray text ("-", "unknown"): refused, naming the column and a row,
+    rather than encoded as its 50 most common numbers."""
+    import pandas as pd
+
+    for name in frame.columns:
+        values = frame[name]
+        if name in skip or pd.api.types.is_numeric_dtype(values):
+            continue
+        present = values.dropna()
+        if present.nunique() <= max_categories:
+            continue
+        numbers = pd.to_numeric(present, errors="coerce")
+        stray = numbers.isna().to_numpy()
+        if 0 < stray.sum() <= 0.01 * len(present):
+            row = int(frame.index.get_loc(present.index[int(stray.argmax())]))
+            raise BankDataError(
+                f"{where}: column {name!r} holds numbers but {int(stray.sum())} text "
+                f"values (row {row + 1}: {present[stray].iloc[0]!r}); leave those cells "
+                "empty, or drop the column (drop-columns)")
 
 
 def prepare(
@@ -462,7 +514,13 @@ def prepare(
     ids, dropped = column_names(id_columns), column_names(drop_columns)
     check_special_columns(list(frame.columns), label_column, ids, time_column, dropped,
                           where)
-    schema = Schema.infer(frame, label_column, ids, time_column, dropped, max_categories)
+    skip = {label_column, *ids, time_column, *dropped}
+    check_numbers_read_as_text(frame, skip, max_categories, where)
+    try:
+        schema = Schema.infer(frame, label_column, ids, time_column, dropped,
+                              max_categories)
+    except BankDataError as err:
+        raise BankDataError(f"{where}: {err}") from None
     frame = frame.drop(columns=list(dropped))
     y = frame[label_column].to_numpy(np.int64)
     if time_column:
@@ -477,8 +535,11 @@ def prepare(
     else:
         keep, y_keep, test_rows, y_test = hold_out(np.arange(len(y)), y, test_fraction,
                                                    seed)
-    parts = [keep[rows] for rows in dirichlet_partition(
-        y_keep, num_banks, alpha, seed, strata=None if kinds is None else kinds[keep])]
+    try:
+        parts = [keep[rows] for rows in dirichlet_partition(
+            y_keep, num_banks, alpha, seed, strata=None if kinds is None else kinds[keep])]
+    except BankDataError as err:
+        raise BankDataError(f"{where}: {err}") from None
     banks = []
     for bank, rows in enumerate(parts):
         write_table(out_dir / bank_file(bank), frame.iloc[np.sort(rows)], schema)

@@ -272,7 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "insecure", True):
         certs = (args.certs or app_dir / "certs").resolve()
     if args.command == "prepare":
-        print(f"fedfraud: banks' data in {ensure_prepared(config)}")
+        from common.data import BankDataError
+
+        try:
+            print(f"fedfraud: banks' data in {ensure_prepared(config)}")
+        except BankDataError as err:  # a data problem: one line, no traceback
+            print(f"fedfraud: {err}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "certs":
         from server.certs import make_certificates

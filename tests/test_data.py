@@ -498,7 +498,9 @@ def test_a_summary_leaves_rare_values_and_all_numbers_at_the_bank() -> None:
 
 def test_merge_refuses_banks_that_disagree_naming_bank_and_column() -> None:
     a = pd.DataFrame({"amount": [1.0, 2.0], "channel": ["pos", "web"], "Class": [0, 1]})
-    summary = lambda rows, owner: summarize(rows, "Class", owner=owner, min_count=1)  # noqa: E731
+    def summary(rows: pd.DataFrame, owner: str) -> dict:
+        return summarize(rows, "Class", owner=owner, min_count=1)
+
     with pytest.raises(BankDataError, match=r"bank 1: columns differ from bank 0's: "
                                             r"missing \['channel'\]"):
         Schema.merge([summary(a, "bank 0"), summary(a[["amount", "Class"]], "bank 1")],
@@ -529,7 +531,8 @@ def test_cards_are_deterministic_per_seed_and_look_like_a_banks_table() -> None:
     assert cards["TransactionID"].is_unique
     assert cards["TransactionDT"].is_monotonic_increasing
     assert 150 < np.ptp(cards["TransactionDT"]) / 86_400 < 200  # about six months
-    assert (cards["amount"] > 0).all() and cards["amount"].mean() > 2 * cards["amount"].median()
+    amount = cards["amount"]
+    assert (amount > 0).all() and amount.mean() > 2 * amount.median()  # skewed
     distinct = cards.nunique()
     assert distinct["merchant_category"] == 20 and 25 <= distinct["country"] <= 30
     assert distinct["device"] >= 400 and distinct["email_domain"] >= 900
@@ -602,3 +605,88 @@ def test_built_in_sources_are_names_not_paths() -> None:
 
     assert settings(APP_DIR, ["data-source = 'cards'"]).data_source == "cards"
     assert settings(APP_DIR, ["data-source = 'x.csv'"]).data_source == str(APP_DIR / "x.csv")
+
+
+def test_100_banks_at_alpha_035_get_a_dealt_floor_instead_of_a_traceback() -> None:
+    _, y = make_synthetic(7)
+    _, y_banks, _, _ = hold_out(np.arange(len(y)), y, 0.2, seed=7)
+
+    parts = dirichlet_partition(y_banks, num_banks=100, alpha=0.35, seed=7)
+
+    assert len(parts) == 100
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(y_banks)))
+    assert min(len(part) for part in parts) >= 20
+    assert min(y_banks[part].sum() for part in parts) >= 2
+    assert min((y_banks[part] == 0).sum() for part in parts) >= 2
+    sizes = sorted(len(part) for part in parts)
+    assert sizes[-1] > 50 * sizes[0]  # still far from IID
+    assert dirichlet_partition(y_banks, 100, 0.35, seed=7)[5].tolist() == parts[5].tolist()
+
+
+def test_partition_that_no_floor_can_meet_says_which_setting_to_change() -> None:
+    y = np.array([1] * 300 + [0] * 1_000)  # 100 banks x 18 legitimate rows: too few
+    with pytest.raises(BankDataError, match="lower num-banks or raise alpha"):
+        dirichlet_partition(y, num_banks=60, alpha=0.05, seed=1)
+    with pytest.raises(BankDataError, match="cannot give 100 banks.*lower num-banks"):
+        dirichlet_partition(y, num_banks=100, alpha=0.35, seed=1)
+
+
+def run_prepare(tmp_path: Path, frame: pd.DataFrame, *settings: str):
+    import subprocess
+    import sys
+
+    from tests.conftest import APP_DIR
+
+    source = tmp_path / "bad.csv"
+    frame.to_csv(source, index=False)
+    overrides = [f"data-source='{source}'", f"data-dir='{tmp_path / 'data'}'",
+                 "label-column='fraud'", "num-banks=2", *settings]
+    command = [sys.executable, "-m", "server.cli", "--app-dir", str(APP_DIR)]
+    for item in overrides:
+        command += ["--set", item]
+    done = subprocess.run([*command, "prepare"], cwd=APP_DIR, capture_output=True,
+                          text=True, timeout=120)
+    return source, done
+
+
+@pytest.mark.parametrize(
+    ("change", "settings", "why"),
+    [
+        (lambda f: f.assign(amount=f["amount"].astype(object)).assign(
+            amount=lambda g: g["amount"].where(g.index != 6, "unknown")), (),
+         "column 'amount' holds numbers but 1 text values (row 7: 'unknown')"),
+        (lambda f: f.assign(fraud=f["fraud"].where(f.index != 3, 2)), (),
+         "label column 'fraud' must be 0/1 (row 4: 2)"),
+        (lambda f: f, ("time-column='when'",), "time-column: no column 'when'"),
+    ],
+)
+def test_prepare_on_a_bad_column_prints_one_line_naming_file_and_column(
+    tmp_path: Path, change, settings: tuple[str, ...], why: str
+) -> None:
+    source, done = run_prepare(tmp_path, change(pooled_table(500)), *settings)
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr + done.stdout
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"fedfraud: data source: {source}: ")
+    assert why in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"\xff\xfe\x00\x81amount\n\x93\n", "not a readable CSV"),
+        (b"amount,Class\n1,0\n", "no label column 'fraud' (label-column; columns: amount, "),
+        (b"amount,fraud\n" + b"1.5,0\n2.5,1\n" * 10, "cannot give 2 banks 20 rows"),
+        (b"", "not a readable CSV"),
+    ],
+)
+def test_prepare_data_problems_are_one_line_errors(tmp_path: Path, content: bytes,
+                                                   why: str) -> None:
+    source = tmp_path / "pooled.csv"
+    source.write_bytes(content)
+    with pytest.raises(BankDataError) as err:
+        prepare(tmp_path / "data", str(source), seed=1, num_banks=2, alpha=1.0,
+                test_fraction=0.2, label_column="fraud")
+    assert str(err.value).startswith(f"data source: {source}: ")
+    assert why in str(err.value) and "\n" not in str(err.value)
