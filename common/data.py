@@ -15,6 +15,8 @@ Without one, both splits are random and stratified by label.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -480,6 +482,7 @@ def prepare(
     out_dir: Path, source: str, seed: int, num_banks: int, alpha: float,
     test_fraction: float, label_column: str, id_columns: str = "", time_column: str = "",
     drop_columns: str = "", max_categories: int = MAX_CATEGORIES,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Split ``source`` ("synthetic", "cards" or a labelled CSV) into one shard per bank
     and the server's test set; write them, the shared schema in every party's folder and a
@@ -491,7 +494,15 @@ def prepare(
     With a ``time_column`` the test set is the latest ``test_fraction`` of rows. The
     "cards" source marks its own id and time columns unless these settings name others.
     Every problem with the data is a ``BankDataError`` naming the source and the column.
+    ``progress(line)``, if given, hears of each step with the seconds since the start
+    (reading, schema, test split, partition, every 10 banks written).
     """
+    started = time.monotonic()
+
+    def step(what: str) -> None:
+        if progress is not None:
+            progress(f"{what} [{time.monotonic() - started:.1f} s]")
+
     settings = {"source": source, "seed": seed, "num_banks": num_banks, "alpha": alpha,
                 "test_fraction": test_fraction, "label_column": label_column,
                 "id_columns": id_columns, "time_column": time_column,
@@ -508,9 +519,12 @@ def prepare(
         where = "data source: cards data"
         id_columns, time_column = id_columns or CARDS_ID, time_column or CARDS_TIME
     else:
+        step(f"reading {source}")
         frame = read_pooled_csv(Path(source), label_column)
         origin = {"file": str(source), "rows": len(frame)}
         where = f"data source: {source}"
+    step(f"{where.removeprefix('data source: ')}: {len(frame):,} rows, "
+         f"{len(frame.columns)} columns, {int(frame[label_column].sum()):,} frauds")
     ids, dropped = column_names(id_columns), column_names(drop_columns)
     check_special_columns(list(frame.columns), label_column, ids, time_column, dropped,
                           where)
@@ -521,6 +535,7 @@ def prepare(
                               max_categories)
     except BankDataError as err:
         raise BankDataError(f"{where}: {err}") from None
+    step(f"schema: {len(schema.features)} features from {len(schema.columns)} columns")
     frame = frame.drop(columns=list(dropped))
     y = frame[label_column].to_numpy(np.int64)
     if time_column:
@@ -535,11 +550,16 @@ def prepare(
     else:
         keep, y_keep, test_rows, y_test = hold_out(np.arange(len(y)), y, test_fraction,
                                                    seed)
+    step(f"test set: {len(y_test):,} rows, {int(y_test.sum()):,} frauds ("
+         + (f"the latest by {time_column!r})" if time_column else "random, stratified)"))
     try:
         parts = [keep[rows] for rows in dirichlet_partition(
             y_keep, num_banks, alpha, seed, strata=None if kinds is None else kinds[keep])]
     except BankDataError as err:
         raise BankDataError(f"{where}: {err}") from None
+    sizes = sorted(len(rows) for rows in parts)
+    step(f"partition: {num_banks} banks of {sizes[0]:,} to {sizes[-1]:,} rows "
+         f"(Dirichlet alpha {alpha})")
     banks = []
     for bank, rows in enumerate(parts):
         write_table(out_dir / bank_file(bank), frame.iloc[np.sort(rows)], schema)
@@ -548,7 +568,10 @@ def prepare(
         if kinds is not None:  # a generator's hidden truth, for the demo's reader
             banks[-1]["fraud_kinds"] = {name: int(np.sum(kinds[rows] == kind))
                                         for kind, name in FRAUD_KINDS.items()}
+        if (bank + 1) % 10 == 0 or bank + 1 == num_banks:
+            step(f"wrote {bank + 1} of {num_banks} banks' files")
     write_table(out_dir / TEST_FILE, frame.iloc[np.sort(test_rows)], schema)
+    step(f"wrote the server's test set; manifest in {out_dir / MANIFEST}")
     manifest = {
         "source": source,
         **origin,

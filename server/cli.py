@@ -62,7 +62,8 @@ def ensure_prepared(config: Config) -> Path:
         if manifest["settings"] == data_settings(config):
             return data_dir
     print(f"fedfraud: preparing {config.num_banks} banks in {data_dir}", flush=True)
-    prepare(data_dir, **data_settings(config))
+    prepare(data_dir, **data_settings(config),
+            progress=lambda line: print(f"fedfraud: prepare: {line}", flush=True))
     return data_dir
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -690,3 +691,34 @@ def test_prepare_data_problems_are_one_line_errors(tmp_path: Path, content: byte
                 test_fraction=0.2, label_column="fraud")
     assert str(err.value).startswith(f"data source: {source}: ")
     assert why in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prepare_reports_each_step_with_elapsed_time(tmp_path: Path) -> None:
+    source = tmp_path / "pooled.csv"
+    pooled_table(3_000).to_csv(source, index=False)
+    lines: list[str] = []
+
+    prepare(tmp_path / "data", str(source), seed=1, num_banks=12, alpha=1.0,
+            test_fraction=0.2, label_column="fraud", id_columns="tx_id", time_column="ts",
+            drop_columns="note", progress=lines.append)
+
+    assert all(re.fullmatch(r".+ \[\d+\.\d s\]", line) for line in lines), lines
+    steps = [line.rsplit(" [", 1)[0] for line in lines]
+    assert steps[0] == f"reading {source}"
+    assert steps[1].startswith(f"{source}: 3,000 rows, 7 columns, ")
+    assert steps[2] == "schema: 5 features from 3 columns"
+    assert steps[3].startswith("test set: 600 rows") and "the latest by 'ts'" in steps[3]
+    assert steps[4].startswith("partition: 12 banks of ")
+    manifest = tmp_path / "data" / MANIFEST
+    assert steps[5:] == ["wrote 10 of 12 banks' files", "wrote 12 of 12 banks' files",
+                         f"wrote the server's test set; manifest in {manifest}"]
+
+
+def test_fedfraud_prepare_prints_its_progress(tmp_path: Path) -> None:
+    _, done = run_prepare(tmp_path, pooled_table(500), "drop-columns='note'")
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("fedfraud: preparing 2 banks in ")
+    assert any(line.startswith("fedfraud: prepare: schema: ") for line in lines)
+    assert lines[-1] == f"fedfraud: banks' data in {tmp_path / 'data'}"
