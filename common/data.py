@@ -51,7 +51,7 @@ BUILT_IN_SOURCES = (SYNTHETIC_SOURCE, CARDS_SOURCE)
 # a partition that leaves a bank short is redrawn.
 MIN_BANK_ROWS = 20
 MIN_BANK_FRAUDS = 2
-MAX_PARTITION_DRAWS = 1000
+MAX_PARTITION_DRAWS = 100  # then the floor is dealt (dirichlet_partition)
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,9 @@ def dirichlet_partition(
                             f"banks {min_rows} rows and {min_frauds} frauds each; lower "
                             "num-banks (or test-fraction)")
     rng = np.random.default_rng(seed)
+    classes = [(label, np.flatnonzero(y == label)) for label in np.unique(y)]
     for _ in range(MAX_PARTITION_DRAWS):
-        parts = _deal(y, num_banks, alpha, rng, min_frauds, 0, strata)
+        parts = _deal(classes, num_banks, alpha, rng, min_frauds, 0, strata)
         if min(len(part) for part in parts) >= min_rows and min(
                 np.sum(y[part] == 0) for part in parts) >= min_frauds:
             return parts
@@ -161,17 +162,17 @@ def dirichlet_partition(
             f"{len(y)} rows ({np.sum(y == 0)} legitimate) cannot give {num_banks} banks "
             f"{legit_floor} legitimate rows each and no Dirichlet(alpha={alpha}) draw gave "
             f"each {min_rows} rows; lower num-banks or raise alpha")
-    return _deal(y, num_banks, alpha, rng, min_frauds, legit_floor, strata)
+    return _deal(classes, num_banks, alpha, rng, min_frauds, legit_floor, strata)
 
 
-def _deal(y: np.ndarray, num_banks: int, alpha: float, rng: np.random.Generator,
-          fraud_floor: int, legit_floor: int, strata: np.ndarray | None,
-          ) -> list[np.ndarray]:
-    """One partition draw: each class's floor dealt round-robin, the rest of each class
-    (each stratum of it) by Dirichlet(alpha) shares."""
+def _deal(classes: list[tuple[int, np.ndarray]], num_banks: int, alpha: float,
+          rng: np.random.Generator, fraud_floor: int, legit_floor: int,
+          strata: np.ndarray | None) -> list[np.ndarray]:
+    """One partition draw: each class's (label, rows) floor dealt round-robin, the rest
+    of each class (each stratum of it) by Dirichlet(alpha) shares."""
     banks: list[list[np.ndarray]] = [[] for _ in range(num_banks)]
-    for label in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == label))
+    for label, class_rows in classes:
+        rows = rng.permutation(class_rows)
         floor_rows = fraud_floor if label == 1 else legit_floor
         if label == 1 or floor_rows:  # (no floor: no split, the same draws as ever)
             floor, rows = np.split(rows, [num_banks * floor_rows])
