@@ -104,15 +104,6 @@ class Config:
                              ) from None
 
     @property
-    def id_column_names(self) -> tuple[str, ...]:
-        """``id-columns`` as names ("TransactionID" or "TransactionID,CardID")."""
-        return column_names(self.id_columns)
-
-    @property
-    def drop_column_names(self) -> tuple[str, ...]:
-        return column_names(self.drop_columns)
-
-    @property
     def differential_privacy(self) -> bool:
         return self.dp_epsilon > 0
 

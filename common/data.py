@@ -261,20 +261,21 @@ def make_cards(seed: int, rows: int = CARDS_ROWS, label_column: str = "Class",
     are fraud of two kinds: card testing (bursts of small online charges on stolen card
     numbers: high velocity, odd devices and e-mail domains) and account takeover (a
     customer's account used from a new device, often abroad or at night, mostly for
-    large amounts). The kind (``LEGIT``, ``CARD_TESTING``, ``ACCOUNT_TAKEOVER``) is returned
-    beside the table, never in it: ``prepare`` spreads each kind over the banks with its
-    own Dirichlet draw, so banks differ in the fraud they see, as real banks do.
+    large amounts). The kind (``LEGIT``, ``CARD_TESTING``, ``ACCOUNT_TAKEOVER``) is
+    returned beside the table, never in it: ``prepare`` spreads each kind over the banks
+    with its own Dirichlet draw, so banks differ in the fraud they see, as real banks do.
 
     The card id is no column: only what is computed from it (transactions of the same
     card in the last hour and day, days since its previous one), over all rows, as a
     card network or processor supplies such counts with each transaction; so they stay
-    right whichever bank a row lands in (a bank here is one that sees transactions of
-    many cards, as an acquirer does). Gaps: the distance
-    from home (55 % missing), device age (40 %), account age (30 %), days since the
-    previous transaction (a card's first).
+    right whichever bank a row lands in (a bank here sees transactions of many cards,
+    as an acquirer does). Gaps: distance from home (55 % missing), device age (40 %),
+    account age (30 %), days since the previous transaction (a card's first).
     """
     import pandas as pd
 
+    if rows < 1_000:
+        raise ValueError("make_cards needs at least 1,000 rows")
     rng = np.random.default_rng(seed)
     n_fraud = round(CARDS_FRAUD_RATE * rows)
     n_testing = round(CARD_TESTING_SHARE * n_fraud)

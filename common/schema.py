@@ -35,8 +35,8 @@ them so that a bank's loader and the scorer ignore them wherever they appear.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,9 @@ class Schema:
         counts summed. Every bank must have the same columns, and a column must be
         numbers at every bank or text at every bank (a bank with no value in it agrees
         with either); a dropped column may be missing anywhere. Problems are
-        ``BankDataError``s naming the bank and the column."""
+        ``BankDataError``s naming the bank and the column. Values each bank left out
+        get no feature of their own, and a column they took to ``max_categories`` or
+        fewer known values is one-hot encoded."""
         if not summaries:
             raise BankDataError("no bank summaries to agree a schema from")
         first = summaries[0]
