@@ -52,6 +52,10 @@ class Config:
     test_fraction: float
     server_test_set: str
     label_column: str
+    id_columns: str
+    time_column: str
+    drop_columns: str
+    max_categories: int
     data_source: str
     data_dir: str
     runs_dir: str
@@ -82,6 +86,8 @@ class Config:
             if value not in allowed:
                 raise ValueError(f"run config: {key} must be one of {allowed}")
         self.attacker_ids  # noqa: B018 - validates the list
+        if self.max_categories < 1:
+            raise ValueError("run config: max-categories must be at least 1")
         if self.secure_aggregation and (self.strategy, self.bank_weighting) != (
                 "fedavg", "equal"):
             raise ValueError("run config: secure-aggregation works with strategy 'fedavg' "
@@ -115,6 +121,11 @@ class Config:
     def as_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping Flower uses (inverse of ``from_run_config``)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def column_names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of column names ("" is none), blanks around names dropped."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:

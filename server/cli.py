@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.config import Config, read_app_config
-from common.data import MANIFEST, SYNTHETIC_SOURCE, bank_file, data_settings, prepare
+from common.data import BUILT_IN_SOURCES, MANIFEST, bank_file, data_settings, prepare
 from server.certs import CA_CERT
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def settings(app_dir: Path, overrides: list[str]) -> Config:
     source = config.data_source
     return Config.from_run_config({
         **config.as_run_config(),
-        "data-source": source if source == SYNTHETIC_SOURCE else str(
+        "data-source": source if source in BUILT_IN_SOURCES else str(
             (app_dir / source).resolve()),
         "data-dir": str((app_dir / config.data_dir).resolve()),
         "runs-dir": str((app_dir / config.runs_dir).resolve()),
@@ -61,7 +61,8 @@ def ensure_prepared(config: Config) -> Path:
         if manifest["settings"] == data_settings(config):
             return data_dir
     print(f"fedfraud: preparing {config.num_banks} banks in {data_dir}", flush=True)
-    prepare(data_dir, **data_settings(config))
+    prepare(data_dir, **data_settings(config),
+            progress=lambda line: print(f"fedfraud: prepare: {line}", flush=True))
     return data_dir
 
 
@@ -227,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "insecure", True):
         certs = (args.certs or app_dir / "certs").resolve()
     if args.command == "prepare":
-        print(f"fedfraud: banks' data in {ensure_prepared(config)}")
+        from common.data import BankDataError
+
+        try:
+            print(f"fedfraud: banks' data in {ensure_prepared(config)}")
+        except BankDataError as err:  # a data problem: one line, no traceback
+            print(f"fedfraud: {err}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "certs":
         from server.certs import make_certificates

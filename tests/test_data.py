@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +11,11 @@ import pytest
 import pandas as pd
 
 from common.data import (
-    MANIFEST, TEST_FILE, BankDataError, bank_file, dirichlet_partition, fit_scaler,
-    hold_out, load_transactions, make_synthetic, prepare, split_bank, standardize,
+    ACCOUNT_TAKEOVER, CARD_TESTING, CARDS_COLUMNS, LEGIT, MANIFEST, TEST_FILE,
+    BankDataError, bank_file, dirichlet_partition, fit_scaler, hold_out, load_transactions,
+    make_cards, make_synthetic, prepare, read_bank, split_bank, standardize, time_order,
 )
-from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema
+from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema, summarize
 from common.model import FraudNet, ModelSpec
 from common.task import train
 from tests.conftest import app_config
@@ -230,7 +233,9 @@ def test_prepare_splits_any_labelled_csv_with_one_schema(tmp_path: Path) -> None
     manifest = prepare(tmp_path / "data", str(source), seed=1, num_banks=5, alpha=0.5,
                        test_fraction=0.2, label_column="fraud")
 
-    assert manifest["features"] == ["amount", "channel=atm", "channel=pos", "channel=web"]
+    # amount has 5 % gaps: it also gets a 0/1 "amount missing" feature.
+    assert manifest["features"] == ["amount", "amount missing", "channel=atm",
+                                    "channel=pos", "channel=web"]
     assert sum(b["rows"] for b in manifest["banks"]) + manifest["test"]["rows"] == n
     assert min(b["frauds"] for b in manifest["banks"]) >= 2
     schemas = {(tmp_path / "data" / bank_file(b)).parent.joinpath(SCHEMA_FILE).read_text()
@@ -265,3 +270,494 @@ def test_config_rejects_unknown_and_wrongly_typed_keys() -> None:
         app_config(attackers="bank three")
     with pytest.raises(ValueError, match="fedprox with dp-epsilon"):
         app_config(strategy="fedprox", dp_epsilon=3.0)
+
+
+def pooled_table(n: int = 3_000, seed: int = 0) -> pd.DataFrame:
+    """A small labelled table with an id, a time, a free-text and the usual columns."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "tx_id": np.arange(100_000, 100_000 + n),
+        "amount": rng.exponential(50, n),
+        "ts": rng.permutation(n) * 60.0,  # seconds, rows not in time order
+        "channel": rng.choice(["pos", "web", "atm"], n),
+        "note": [f"free text {i}" for i in range(n)],
+        "copy_of_ts": np.zeros(n),  # filled below: lets a test see the time in x
+        "fraud": (rng.random(n) < 0.05).astype(int),
+    }).assign(copy_of_ts=lambda f: f["ts"])
+
+
+def test_id_time_and_dropped_columns_never_become_features(tmp_path: Path) -> None:
+    source = tmp_path / "pooled.csv"
+    pooled_table().to_csv(source, index=False)
+
+    manifest = prepare(tmp_path / "data", str(source), seed=1, num_banks=4, alpha=1.0,
+                       test_fraction=0.2, label_column="fraud", id_columns="tx_id",
+                       time_column="ts", drop_columns="note")
+
+    assert manifest["features"] == ["amount", "channel=atm", "channel=pos", "channel=web",
+                                    "copy_of_ts"]
+    shard = tmp_path / "data" / bank_file(2)
+    schema = Schema.load(shard.parent / SCHEMA_FILE)
+    assert (schema.ids, schema.time, schema.dropped) == (("tx_id",), "ts", ("note",))
+    written = pd.read_csv(shard)
+    assert "note" not in written.columns and {"tx_id", "ts"} <= set(written.columns)
+    x, _, _ = load_transactions(shard, "fraud", "bank 2")
+    assert x.shape[1] == 5
+    # Scoring input may carry the id, the time and the dropped column, or not.
+    frame = written.drop(columns=["fraud"]).assign(note="anything")
+    fail = BankDataError
+    np.testing.assert_array_equal(schema.encode(frame, fail), x)
+    np.testing.assert_array_equal(schema.encode(frame[["amount", "channel", "copy_of_ts"]],
+                                                fail), x)
+
+
+def test_out_of_time_split_holds_out_the_latest_rows(tmp_path: Path) -> None:
+    source = tmp_path / "pooled.csv"
+    pooled_table().to_csv(source, index=False)
+    data_dir = tmp_path / "data"
+    prepare(data_dir, str(source), seed=1, num_banks=4, alpha=1.0, test_fraction=0.2,
+            label_column="fraud", id_columns="tx_id", time_column="ts",
+            drop_columns="note")
+
+    test = pd.read_csv(data_dir / TEST_FILE)
+    banks = [pd.read_csv(data_dir / bank_file(b)) for b in range(4)]
+    assert len(test) == 600
+    assert test["ts"].min() > max(bank["ts"].max() for bank in banks)  # latest 20 %
+    config = app_config(label_column="fraud", val_fraction=0.15)
+    for bank in range(4):
+        split, schema = read_bank(bank, data_dir / bank_file(bank), config)
+        t = schema.features.index("copy_of_ts")
+        assert split.x_val[:, t].min() > split.x_train[:, t].max()  # its latest rows
+        assert len(split.y_val) == round(0.15 * len(banks[bank]))
+
+
+def test_without_a_time_column_the_bank_split_stays_random() -> None:
+    x = np.arange(200, dtype=np.float32)[:, None]
+    y = np.array([0, 1] * 100)
+    random = split_bank(x, y, 0.15, seed=3)
+    latest = split_bank(x, y, 0.15, seed=3, times=x[:, 0].astype(float))
+    assert random.x_val[:, 0].min() < 170
+    assert latest.x_val[:, 0].tolist() == list(range(170, 200))
+
+
+def test_time_column_may_hold_dates_and_names_row_and_column_when_not(tmp_path) -> None:
+    frame = pd.DataFrame({"when": ["2024-01-02 10:00", "2024-01-01", "2024-01-03T00:00:01"]})
+    order = time_order(frame["when"], BankDataError)
+    assert np.argsort(order).tolist() == [1, 0, 2]
+    with pytest.raises(BankDataError, match=r"time column 'when': row 2: 'soon' is neither"):
+        time_order(pd.Series(["2024-01-01", "soon"], name="when"), BankDataError)
+    with pytest.raises(BankDataError, match=r"time column 'when': row 1 has no time"):
+        time_order(pd.Series([None, 3.0], name="when"), BankDataError)
+
+
+@pytest.mark.parametrize(
+    ("settings", "why"),
+    [
+        ({"id_columns": "nope"}, "id-columns: no column 'nope'"),
+        ({"time_column": "fraud"}, "column 'fraud' is in time-column and label-column"),
+        ({"id_columns": "tx_id", "drop_columns": "tx_id"},
+         "column 'tx_id' is in drop-columns and id-columns"),
+        ({"time_column": "note"}, "time column 'note': row 1: 'free text 0' is neither"),
+    ],
+)
+def test_special_column_settings_are_checked_against_the_file(
+    tmp_path: Path, settings: dict, why: str
+) -> None:
+    source = tmp_path / "pooled.csv"
+    pooled_table(200).to_csv(source, index=False)
+    with pytest.raises(BankDataError) as err:
+        prepare(tmp_path / "data", str(source), seed=1, num_banks=2, alpha=1.0,
+                test_fraction=0.2, label_column="fraud", **settings)
+    assert str(err.value).startswith(f"data source: {source}: ")
+    assert why in str(err.value)
+
+
+def zipf_values(rng: np.random.Generator, n: int, distinct: int, prefix: str) -> np.ndarray:
+    weights = 1.0 / np.arange(1, distinct + 1) ** 1.1
+    values = np.array([f"{prefix}{i:04d}.example" for i in range(distinct)], dtype=object)
+    return values[rng.choice(distinct, n, p=weights / weights.sum())]
+
+
+def test_a_1200_value_text_column_is_top_k_other_and_missing_at_every_bank(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(3)
+    n = 20_000
+    domains = zipf_values(rng, n, 1_200, "mail")
+    domains[rng.random(n) < 0.02] = None
+    source = tmp_path / "pooled.csv"
+    pd.DataFrame({"amount": rng.exponential(50, n), "email": domains,
+                  "fraud": (rng.random(n) < 0.04).astype(int)}).to_csv(source, index=False)
+    assert pd.read_csv(source)["email"].nunique() > 1_000
+
+    manifest = prepare(tmp_path / "data", str(source), seed=1, num_banks=5, alpha=0.5,
+                       test_fraction=0.2, label_column="fraud")
+
+    email = [f for f in manifest["features"] if f.startswith("email=")]
+    assert len(email) == 52 and email[-2:] == ["email=<other>", "email=<missing>"]
+    assert "email=mail0000.example" in email  # the most common ones
+    for bank in range(5):
+        shard = tmp_path / "data" / bank_file(bank)
+        x, _, schema = load_transactions(shard, "fraud", f"bank {bank}")
+        block = x[:, [schema.features.index(f) for f in email]]
+        assert (block.sum(axis=1) == 1).all()  # each row: exactly one of the 52
+        raw = pd.read_csv(shard)["email"]
+        np.testing.assert_array_equal(block[:, -1], raw.isna())
+        top = set(f.removeprefix("email=") for f in email[:-2])
+        np.testing.assert_array_equal(block[:, -2], raw.notna() & ~raw.isin(top))
+
+
+def test_a_value_no_bank_had_sets_other_and_never_fails() -> None:
+    frame = pd.DataFrame({"email": [f"d{i % 80}" for i in range(800)] + [None] * 20})
+    schema = Schema.infer(frame.assign(Class=0), "Class", max_categories=10)
+    assert len(schema.features) == 12
+
+    x = schema.encode(pd.DataFrame({"email": ["d0", "never.seen", None]}), BankDataError)
+
+    other, missing = schema.features.index("email=<other>"), -1
+    assert x[0, schema.features.index("email=d0")] == 1 and x[0].sum() == 1
+    assert x[1, other] == 1 and x[1].sum() == 1
+    assert x[2, missing] == 1 and x[2].sum() == 1
+
+
+def test_a_value_seen_in_fewer_than_five_rows_gets_no_feature_of_its_own() -> None:
+    frame = pd.DataFrame({"v": [f"c{i}" for i in range(60)] * 5 + ["rare"] * 4})
+    schema = Schema.infer(frame.assign(Class=0), "Class", max_categories=100)
+    assert "v=rare" in schema.features  # up to max-categories values: all of them
+    schema = Schema.infer(frame.assign(Class=0), "Class", max_categories=50)
+    assert "v=rare" not in schema.features and len(schema.features) == 52
+
+
+def test_numeric_columns_with_gaps_get_a_missing_indicator() -> None:
+    n = 1_000
+    frame = pd.DataFrame({"gappy": np.where(np.arange(n) % 3 == 0, np.nan, 1.5),
+                          "rare_gap": np.where(np.arange(n) < 5, np.nan, 2.0),  # 0.5 %
+                          "full": np.ones(n), "Class": 0})
+    schema = Schema.infer(frame, "Class")
+    assert schema.features == ["gappy", "gappy missing", "rare_gap", "full"]
+
+    x = schema.encode(frame.drop(columns="Class"), BankDataError)
+    np.testing.assert_array_equal(x[:, 1], frame["gappy"].isna())
+    assert np.isnan(x[:, 0]).sum() == 334  # the value itself stays a gap for the scaler
+
+
+def test_schema_file_round_trips_and_old_schema_files_still_load(tmp_path: Path) -> None:
+    schema = Schema("Class", (Column("amount", NUMERIC, missing=True),
+                              Column("email", CATEGORICAL, ("a", "b"), True, True)),
+                    ids=("id",), time="t", dropped=("note",))
+    schema.save(tmp_path / SCHEMA_FILE)
+    assert Schema.load(tmp_path / SCHEMA_FILE) == schema
+    old = {"label": "Class", "columns": [{"name": "a", "kind": NUMERIC, "categories": []}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert Schema.load(tmp_path / "old.json") == Schema("Class", (Column("a", NUMERIC),))
+
+
+def test_feature_names_that_collide_are_refused_naming_the_column() -> None:
+    frame = pd.DataFrame({"a": [np.nan, 1.0] * 10, "a missing": 1.0, "Class": 0})
+    with pytest.raises(BankDataError, match="column 'a missing': its feature 'a missing'"):
+        Schema.infer(frame, "Class")
+
+
+def prepared_parties(tmp_path: Path) -> tuple[Schema, list[pd.DataFrame]]:
+    """A pooled CSV prepared into 6 banks: the pooled path's schema and every party's
+    rows (the banks' and the server's), as each would read its own file."""
+    rng = np.random.default_rng(5)
+    n = 12_000
+    frame = pooled_table(n, seed=5)
+    frame["channel"] = rng.choice(["pos", "web", "atm", "phone"], n, p=[.5, .3, .199, .001])
+    frame.loc[rng.choice(n, 3, replace=False), "channel"] = "kiosk"  # 3 rows in all
+    frame["email"] = zipf_values(rng, n, 1_200, "mail")
+    frame["device_score"] = np.where(rng.random(n) < 0.4, np.nan, rng.normal(size=n))
+    source = tmp_path / "pooled.csv"
+    frame.to_csv(source, index=False)
+    prepare(tmp_path / "data", str(source), seed=2, num_banks=6, alpha=0.5,
+            test_fraction=0.2, label_column="fraud", id_columns="tx_id", time_column="ts",
+            drop_columns="note")
+    data_dir = tmp_path / "data"
+    files = [data_dir / bank_file(b) for b in range(6)] + [data_dir / TEST_FILE]
+    return Schema.load(files[0].parent / SCHEMA_FILE), [pd.read_csv(f) for f in files]
+
+
+def agree(parties: list[pd.DataFrame], min_count: int) -> Schema:
+    """Each party summarizes its own rows; the summaries travel as JSON; merged."""
+    ignore = ("tx_id", "ts", "note")
+    summaries = [json.loads(json.dumps(summarize(rows, "fraud", ignore, f"bank {b}",
+                                                 min_count)))
+                 for b, rows in enumerate(parties)]
+    return Schema.merge(summaries, "fraud", ("tx_id",), "ts", ("note",), max_categories=50)
+
+
+def test_schema_from_bank_summaries_equals_the_pooled_schema(tmp_path: Path) -> None:
+    pooled, parties = prepared_parties(tmp_path)
+    assert [c.name for c in pooled.columns] == ["amount", "channel", "copy_of_ts", "email",
+                                               "device_score"]
+
+    assert agree(parties, min_count=1) == pooled  # nothing suppressed: the same schema
+
+
+def test_suppressing_rare_values_changes_only_those(tmp_path: Path) -> None:
+    pooled, parties = prepared_parties(tmp_path)
+
+    agreed = agree(parties, min_count=5)
+
+    def suppressed_somewhere(column: str, value: str) -> bool:
+        return any(0 < (rows[column] == value).sum() < 5 for rows in parties)
+
+    by_name = {c.name: c for c in pooled.columns}
+    assert [c.name for c in agreed.columns] == list(by_name)
+    for column in agreed.columns:
+        if column.kind == NUMERIC:
+            assert column == by_name[column.name]  # kinds and gap indicators: the same
+    # Few values: one feature for each value some party holds 5 times.
+    channel = by_name["channel"]
+    kept = {v for v in channel.categories
+            if max((rows["channel"] == v).sum() for rows in parties) >= 5}
+    assert "kiosk" not in kept and {"pos", "web", "atm"} <= kept
+    assert set(agreed.columns[1].categories) == kept
+    # Many values: the same 50 + <other> + <missing>, except that a value whose count
+    # was cut at some party may give its place to the next one.
+    email, pooled_email = agreed.columns[3], by_name["email"]
+    assert (email.other, email.missing, len(email.categories)) == (True, True, 50)
+    lost = set(pooled_email.categories) - set(email.categories)
+    assert len(lost) < 10 and all(suppressed_somewhere("email", v) for v in lost)
+    assert {f"mail{i:04d}.example" for i in range(20)} <= set(email.categories)
+
+
+def test_a_summary_leaves_rare_values_and_all_numbers_at_the_bank() -> None:
+    rows = pd.DataFrame({"amount": [123.25, 7.5] * 10, "channel": ["pos"] * 19 + ["kiosk"],
+                         "id": range(20), "Class": [0, 1] * 10})
+
+    summary = summarize(rows, "Class", ignore=("id",), owner="bank 1")
+
+    assert summary == {"owner": "bank 1", "rows": 20,
+                       "columns": ["amount", "channel", "id"],
+                       "stats": {"amount": {"kind": NUMERIC, "missing": 0},
+                                 "channel": {"kind": "text", "missing": 0,
+                                             "counts": {"pos": 19}}}}
+
+
+def test_merge_refuses_banks_that_disagree_naming_bank_and_column() -> None:
+    a = pd.DataFrame({"amount": [1.0, 2.0], "channel": ["pos", "web"], "Class": [0, 1]})
+    def summary(rows: pd.DataFrame, owner: str) -> dict:
+        return summarize(rows, "Class", owner=owner, min_count=1)
+
+    with pytest.raises(BankDataError, match=r"bank 1: columns differ from bank 0's: "
+                                            r"missing \['channel'\]"):
+        Schema.merge([summary(a, "bank 0"), summary(a[["amount", "Class"]], "bank 1")],
+                     "Class")
+    text = a.assign(amount=["1.0", "two"])
+    with pytest.raises(BankDataError, match="column 'amount' holds numbers at bank 0 but "
+                                            "text at bank 1"):
+        Schema.merge([summary(a, "bank 0"), summary(text, "bank 1")], "Class")
+    # A bank with no value in a text column (read as numbers) agrees with the others.
+    empty = a.assign(channel=np.nan)
+    merged = Schema.merge([summary(a, "bank 0"), summary(empty, "bank 1")], "Class")
+    assert merged.features == ["amount", "channel=pos", "channel=web"]
+
+
+def test_cards_are_deterministic_per_seed_and_look_like_a_banks_table() -> None:
+    started = time.monotonic()
+    cards, kinds = make_cards(seed=3)
+    seconds = time.monotonic() - started
+
+    assert seconds < 10
+    assert tuple(cards.columns) == (*CARDS_COLUMNS, "Class") and len(cards) == 200_000
+    again, kinds_again = make_cards(seed=3)
+    pd.testing.assert_frame_equal(cards, again)
+    np.testing.assert_array_equal(kinds, kinds_again)
+    assert not cards.equals(make_cards(seed=4)[0])
+    assert abs(cards["Class"].mean() - 0.03) < 0.005
+    np.testing.assert_array_equal(cards["Class"], kinds != LEGIT)
+    assert cards["TransactionID"].is_unique
+    assert cards["TransactionDT"].is_monotonic_increasing
+    assert 150 < np.ptp(cards["TransactionDT"]) / 86_400 < 200  # about six months
+    amount = cards["amount"]
+    assert (amount > 0).all() and amount.mean() > 2 * amount.median()  # skewed
+    distinct = cards.nunique()
+    assert distinct["merchant_category"] == 20 and 25 <= distinct["country"] <= 30
+    assert distinct["device"] >= 400 and distinct["email_domain"] >= 900
+    gaps = cards.isna().mean()
+    assert 0.3 <= gaps["dist_home_km"] <= 0.6 and 0.3 <= gaps["device_age_days"] <= 0.6
+    assert (gaps[["amount", "device", "email_domain", "card_tx_1h", "Class"]] == 0).all()
+    assert (cards["hour"] == (cards["TransactionDT"] // 3_600) % 24).all()
+    # Card testing is fast and small; account takeover large and from new devices.
+    frauds = cards.groupby(kinds)
+    assert frauds["card_tx_1h"].mean()[CARD_TESTING] > 5 * frauds["card_tx_1h"].mean()[LEGIT]
+    assert frauds["amount"].median()[CARD_TESTING] < 10 < frauds["amount"].median()[LEGIT]
+    assert frauds["amount"].median()[ACCOUNT_TAKEOVER] > 4 * frauds["amount"].median()[LEGIT]
+
+
+def test_cards_banks_see_different_fraud_kinds() -> None:
+    cards, kinds = make_cards(seed=7)
+    y = cards["Class"].to_numpy()
+
+    parts = dirichlet_partition(y, num_banks=10, alpha=0.35, seed=7, strata=kinds)
+
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(y)))
+    sizes = [len(part) for part in parts]
+    assert max(sizes) > 10 * min(sizes)  # banks of very unequal size
+    dominant = {}
+    for bank, part in enumerate(parts):
+        fraud_kinds = kinds[part][kinds[part] != LEGIT]
+        if len(fraud_kinds) >= 20:
+            testing = np.mean(fraud_kinds == CARD_TESTING)
+            dominant[bank] = (CARD_TESTING if testing > 0.8 else ACCOUNT_TAKEOVER
+                              if testing < 0.2 else None)
+            # Visible in the data too: the fraud's amounts and card velocity.
+            fraud = cards.iloc[part][cards.iloc[part]["Class"] == 1]
+            if dominant[bank] == CARD_TESTING:
+                assert fraud["amount"].median() < 10 and fraud["card_tx_1h"].mean() > 1
+            if dominant[bank] == ACCOUNT_TAKEOVER:
+                assert fraud["amount"].median() > 50 and fraud["card_tx_1h"].mean() < 1
+    assert {CARD_TESTING, ACCOUNT_TAKEOVER} <= set(dominant.values())
+
+
+def test_prepare_cards_marks_its_id_and_time_and_every_bank_loads_it(tmp_path: Path) -> None:
+    data_dir = tmp_path / "cards"
+    manifest = prepare(data_dir, "cards", seed=7, num_banks=10, alpha=0.35,
+                       test_fraction=0.2, label_column="Class")
+
+    schema = Schema.load(data_dir / "server" / SCHEMA_FILE)
+    assert (schema.ids, schema.time) == (("TransactionID",), "TransactionDT")
+    features = manifest["features"]
+    assert not any(f.startswith(("TransactionID", "TransactionDT")) for f in features)
+    assert sum(f.startswith("email_domain=") for f in features) == 52
+    assert sum(f.startswith("device=") for f in features) == 52
+    assert sum(f.startswith("merchant_category=") for f in features) == 20
+    assert {"dist_home_km missing", "device_age_days missing",
+            "account_age_days missing"} <= set(features)
+    assert manifest["test"]["split"] == "latest rows by 'TransactionDT'"
+    kinds = [bank["fraud_kinds"] for bank in manifest["banks"]]
+    assert sum(k["card testing"] + k["account takeover"] for k in kinds) == sum(
+        bank["frauds"] for bank in manifest["banks"])
+    test_start = pd.read_csv(data_dir / TEST_FILE, usecols=["TransactionDT"]).min().item()
+    config = app_config(data_dir=str(data_dir))
+    for bank in (0, 9):
+        split, _ = read_bank(bank, data_dir / bank_file(bank), config)
+        assert split.x_train.shape[1] == len(features)
+        shard = pd.read_csv(data_dir / bank_file(bank), usecols=["TransactionDT"])
+        assert shard["TransactionDT"].max() < test_start
+
+
+def test_built_in_sources_are_names_not_paths() -> None:
+    from server.cli import settings
+    from tests.conftest import APP_DIR
+
+    assert settings(APP_DIR, ["data-source = 'cards'"]).data_source == "cards"
+    assert settings(APP_DIR, ["data-source = 'x.csv'"]).data_source == str(APP_DIR / "x.csv")
+
+
+def test_100_banks_at_alpha_035_get_a_dealt_floor_instead_of_a_traceback() -> None:
+    _, y = make_synthetic(7)
+    _, y_banks, _, _ = hold_out(np.arange(len(y)), y, 0.2, seed=7)
+
+    parts = dirichlet_partition(y_banks, num_banks=100, alpha=0.35, seed=7)
+
+    assert len(parts) == 100
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(y_banks)))
+    assert min(len(part) for part in parts) >= 20
+    assert min(y_banks[part].sum() for part in parts) >= 2
+    assert min((y_banks[part] == 0).sum() for part in parts) >= 2
+    sizes = sorted(len(part) for part in parts)
+    assert sizes[-1] > 50 * sizes[0]  # still far from IID
+    assert dirichlet_partition(y_banks, 100, 0.35, seed=7)[5].tolist() == parts[5].tolist()
+
+
+def test_partition_that_no_floor_can_meet_says_which_setting_to_change() -> None:
+    y = np.array([1] * 300 + [0] * 1_000)  # 100 banks x 18 legitimate rows: too few
+    with pytest.raises(BankDataError, match="lower num-banks or raise alpha"):
+        dirichlet_partition(y, num_banks=60, alpha=0.05, seed=1)
+    with pytest.raises(BankDataError, match="cannot give 100 banks.*lower num-banks"):
+        dirichlet_partition(y, num_banks=100, alpha=0.35, seed=1)
+
+
+def run_prepare(tmp_path: Path, frame: pd.DataFrame, *settings: str):
+    import subprocess
+    import sys
+
+    from tests.conftest import APP_DIR
+
+    source = tmp_path / "bad.csv"
+    frame.to_csv(source, index=False)
+    overrides = [f"data-source='{source}'", f"data-dir='{tmp_path / 'data'}'",
+                 "label-column='fraud'", "num-banks=2", *settings]
+    command = [sys.executable, "-m", "server.cli", "--app-dir", str(APP_DIR)]
+    for item in overrides:
+        command += ["--set", item]
+    done = subprocess.run([*command, "prepare"], cwd=APP_DIR, capture_output=True,
+                          text=True, timeout=120)
+    return source, done
+
+
+@pytest.mark.parametrize(
+    ("change", "settings", "why"),
+    [
+        (lambda f: f.assign(amount=f["amount"].astype(object)).assign(
+            amount=lambda g: g["amount"].where(g.index != 6, "unknown")), (),
+         "column 'amount' holds numbers but 1 text values (row 7: 'unknown')"),
+        (lambda f: f.assign(fraud=f["fraud"].where(f.index != 3, 2)), (),
+         "label column 'fraud' must be 0/1 (row 4: 2)"),
+        (lambda f: f, ("time-column='when'",), "time-column: no column 'when'"),
+    ],
+)
+def test_prepare_on_a_bad_column_prints_one_line_naming_file_and_column(
+    tmp_path: Path, change, settings: tuple[str, ...], why: str
+) -> None:
+    source, done = run_prepare(tmp_path, change(pooled_table(500)), *settings)
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr + done.stdout
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"fedfraud: data source: {source}: ")
+    assert why in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"\xff\xfe\x00\x81amount\n\x93\n", "not a readable CSV"),
+        (b"amount,Class\n1,0\n", "no label column 'fraud' (label-column; columns: amount, "),
+        (b"amount,fraud\n" + b"1.5,0\n2.5,1\n" * 10, "cannot give 2 banks 20 rows"),
+        (b"", "not a readable CSV"),
+    ],
+)
+def test_prepare_data_problems_are_one_line_errors(tmp_path: Path, content: bytes,
+                                                   why: str) -> None:
+    source = tmp_path / "pooled.csv"
+    source.write_bytes(content)
+    with pytest.raises(BankDataError) as err:
+        prepare(tmp_path / "data", str(source), seed=1, num_banks=2, alpha=1.0,
+                test_fraction=0.2, label_column="fraud")
+    assert str(err.value).startswith(f"data source: {source}: ")
+    assert why in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prepare_reports_each_step_with_elapsed_time(tmp_path: Path) -> None:
+    source = tmp_path / "pooled.csv"
+    pooled_table(3_000).to_csv(source, index=False)
+    lines: list[str] = []
+
+    prepare(tmp_path / "data", str(source), seed=1, num_banks=12, alpha=1.0,
+            test_fraction=0.2, label_column="fraud", id_columns="tx_id", time_column="ts",
+            drop_columns="note", progress=lines.append)
+
+    assert all(re.fullmatch(r".+ \[\d+\.\d s\]", line) for line in lines), lines
+    steps = [line.rsplit(" [", 1)[0] for line in lines]
+    assert steps[0] == f"reading {source}"
+    assert steps[1].startswith(f"{source}: 3,000 rows, 7 columns, ")
+    assert steps[2] == "schema: 5 features from 3 columns"
+    assert steps[3].startswith("test set: 600 rows") and "the latest by 'ts'" in steps[3]
+    assert steps[4].startswith("partition: 12 banks of ")
+    manifest = tmp_path / "data" / MANIFEST
+    assert steps[5:] == ["wrote 10 of 12 banks' files", "wrote 12 of 12 banks' files",
+                         f"wrote the server's test set; manifest in {manifest}"]
+
+
+def test_fedfraud_prepare_prints_its_progress(tmp_path: Path) -> None:
+    _, done = run_prepare(tmp_path, pooled_table(500), "drop-columns='note'")
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("fedfraud: preparing 2 banks in ")
+    assert any(line.startswith("fedfraud: prepare: schema: ") for line in lines)
+    assert lines[-1] == f"fedfraud: banks' data in {tmp_path / 'data'}"
