@@ -6,7 +6,8 @@ Runs `fedfraud deploy` (a SuperLink and ten banks, each `fedfraud-bank run`: its
 SuperNode and its task executor; gRPC, TLS and bank authentication) from a clean
 process table and prints: total wall time (startup included), per-round seconds,
 peak memory of every process of the run together, and an idle bank's memory (all its
-processes, once every bank is online and before the run starts).
+processes, once every bank is online and before the run starts). Memory is PSS: shared
+pages (e.g. a task forked from its bank's executor) are counted once, not per process.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ from common.processes import descendants, processes_with_env  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
+    """The process's proportional set size: its own pages plus its share of pages it
+    shares (a bank's forked tasks share the executor's memory copy-on-write; summing
+    their RSS would count those pages once per task)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -46,7 +50,7 @@ def cmdline(pid: int) -> str:
 
 
 class Sampler(threading.Thread):
-    """Samples the summed RSS of every process of the run every 0.2 s."""
+    """Samples the summed PSS of every process of the run every 0.2 s."""
 
     def __init__(self, marker: str) -> None:
         super().__init__(daemon=True)
