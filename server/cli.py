@@ -67,9 +67,8 @@ def ensure_prepared(config: Config) -> Path:
 
 
 def simulate(app_dir: Path, config: Config, flwr_home: Path) -> int:
-    from server.launch import (
-        services, start_simulation_superlink, submit_and_wait, write_connection,
-    )
+    from common.processes import services
+    from server.launch import start_simulation_superlink, submit_and_wait, write_connection
 
     ensure_prepared(config)
     with services(flwr_home) as started:

@@ -66,6 +66,9 @@ def model_card(metrics: dict[str, Any], spec: ModelSpec, features: list[str],
 def dp_summary(privacy: dict[str, Any]) -> str:
     if not privacy.get("differential_privacy"):
         return "off"
+    if privacy.get("max_epsilon_spent") is None:  # SecAgg+: no bank reports it
+        return (f"DP-SGD per bank, target epsilon {privacy['target_epsilon']:g} at delta "
+                f"{privacy['delta']:g} (spent: in each bank's own ledger)")
     return (f"DP-SGD per bank, epsilon <= {privacy['max_epsilon_spent']:.2f} at delta "
             f"{privacy['delta']:g} (each bank's in metrics.json)")
 

@@ -212,7 +212,12 @@ def privacy_lines(metrics: dict[str, Any]) -> list[str]:
     if privacy.get("secure_aggregation"):
         lines.append("Secure aggregation (SecAgg+): the server saw only the sum of the "
                      "banks' models, never one bank's.")
-    if privacy.get("differential_privacy"):
+    if privacy.get("differential_privacy") and privacy.get("max_epsilon_spent") is None:
+        lines.append(
+            f"Differential privacy: each bank trained with DP-SGD at a target epsilon of "
+            f"{privacy['target_epsilon']:g} (delta {privacy['delta']:g}); with SecAgg+ no "
+            "bank reported what it spent: each keeps it in its own ledger.")
+    elif privacy.get("differential_privacy"):
         lines.append(
             f"Differential privacy: each bank trained with DP-SGD; the most any bank spent "
             f"is epsilon {privacy['max_epsilon_spent']:.2f} at delta {privacy['delta']:g} "

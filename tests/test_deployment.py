@@ -304,9 +304,10 @@ def test_a_deployment_without_a_server_test_set_survives_a_bank_dying(tmp_path: 
     def kill_bank_in_round_two(line: str, flwr_home: Path) -> None:
         if "round 1/" in line and not killed:  # round 2 has just started
             for pid in processes_with_env(f"FLWR_HOME={flwr_home}"):
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"fedfraud-bank" in cmdline[1] and b"run" in cmdline and \
-                        cmdline[cmdline.index(b"--bank-id") + 1] == str(victim).encode():
+                words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if any(w.endswith(b"fedfraud-bank") for w in words[:2]) and \
+                        b"run" in words and b"--bank-id" in words and \
+                        words[words.index(b"--bank-id") + 1] == str(victim).encode():
                     # The whole bank: its command, SuperNode, executor and tasks.
                     for member in (pid, *descendants(pid)):
                         try:

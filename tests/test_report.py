@@ -342,3 +342,25 @@ def test_sanitizer_drops_markup_outside_the_allow_lists() -> None:
     assert sanitize_html(fragment, ["roc.png"]) == (
         '<p>ab<img src="roc.png" />c<td>d</td><th style="text-align: right;">e</th>'
         '&lt;b&gt;</p>')
+
+
+def test_a_secure_dp_deployment_without_test_set_reports_what_it_knows(
+    tmp_path: Path, monkeypatch,
+) -> None:
+    """SecAgg+ with DP in a deployment: no server test set, no bank reports its size
+    or epsilon. The report and the model card say what the run was evaluated on and
+    where each bank's epsilon is, and invent nothing."""
+    from server.export import dp_summary
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    metrics = {**sample_metrics(), "mode": "deployment", "test_set": None,
+               "baselines": None, "banks": [{"id": 0}, {"id": 1}],
+               "privacy": {"secure_aggregation": True, "differential_privacy": True,
+                           "target_epsilon": 3.0, "delta": 1e-5, "max_epsilon_spent": None,
+                           "banks": [], "banks_note": "each keeps it in its own ledger"}}
+    write_report(tmp_path, metrics, app_config(), {})
+
+    report = (tmp_path / REPORT_FILE).read_text()
+    assert "banks' pooled validation rows" in report and "test set (" not in report
+    assert "target epsilon of 3" in report and "own ledger" in report
+    assert "own ledger" in dp_summary(metrics["privacy"])
