@@ -23,7 +23,7 @@ import pytest
 
 from common.data import TEST_FILE, bank_file, data_settings, prepare
 from common.processes import (
-    Services, descendants, free_port, processes_with_env, services,
+    Services, descendants, free_port, processes_with_env, services, stop,
 )
 from server.certs import CA_CERT, make_certificates
 from server.launch import (
@@ -254,9 +254,8 @@ def run_deploy(tmp_path: Path, certs: Path | None, rounds: int, *extra: str,
             assert time.monotonic() < deadline, "deploy took too long"
         code = process.wait(timeout=60)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process.poll() is None:  # the whole tree: banks run in sessions of their own
+            stop(process)
     assert wait_until_gone(f"FLWR_HOME={flwr_home}"), "processes left running"
     return code, "".join(output)
 
@@ -304,7 +303,10 @@ def test_a_deployment_without_a_server_test_set_survives_a_bank_dying(tmp_path: 
     def kill_bank_in_round_two(line: str, flwr_home: Path) -> None:
         if "round 1/" in line and not killed:  # round 2 has just started
             for pid in processes_with_env(f"FLWR_HOME={flwr_home}"):
-                words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                try:
+                    words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:  # it ended since it was listed
+                    continue
                 if any(w.endswith(b"fedfraud-bank") for w in words[:2]) and \
                         b"run" in words and b"--bank-id" in words and \
                         words[words.index(b"--bank-id") + 1] == str(victim).encode():
