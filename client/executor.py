@@ -17,7 +17,7 @@ holds) to this executor, which replaces Flower's SuperExec:
 An approved bundle is byte for byte the app the bank approved (by default its own
 installed copy); Flower then loads the ClientApp module already imported here.
 This is the one place fedfraud reaches into Flower's ClientApp runtime:
-``tests/test_executor.py`` fails if a Flower upgrade moves what it relies on.
+``tests/test_bank_boundary.py`` fails if a Flower upgrade moves what it relies on.
 """
 
 from __future__ import annotations
