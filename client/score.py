@@ -200,66 +200,85 @@ def records_matrix(records: Any, schema: Schema, id_column: str,
     columns plus ``id_column`` (a string or an integer). ``null`` is a missing value.
 
     ``Schema.encode`` decides what is accepted and names what is not. Only when the
-    schema is all numeric and every value is a JSON number (the usual request) is the
-    matrix built directly, to the same float32 values (tested); anything else goes
-    through ``Schema.encode`` via a table. Integers beyond float64 must not reach here
-    (the service's JSON parser turns them into a value ``Schema.encode`` refuses).
+    schema is all numeric and every transaction is an object of exactly its columns
+    and the id, with numbers for values (the usual request), is the matrix built
+    directly, to the same float32 values (tested); anything else goes through
+    ``Schema.encode`` via a table. Integers beyond float64 must not reach here (the
+    service's JSON parser turns them into a value ``Schema.encode`` refuses).
     """
     if type(records) is not list:
         raise fail(f"a JSON array of transactions is needed, not {type(records).__name__}")
     if not records:
         raise fail("no transactions (an empty batch)")
     columns = [column.name for column in schema.columns]
-    keys = frozenset(columns) | {id_column}
-    ids = []
-    for row, record in enumerate(records):
-        if type(record) is not dict:
-            raise fail(f"row {row + 1}: a transaction is a JSON object of the schema's "
-                       f"columns and {id_column!r}, not {type(record).__name__}")
-        if record.keys() != keys:
-            _refuse_columns(record, row, schema, id_column, fail)
-        identifier = record[id_column]
-        if type(identifier) is not str and type(identifier) is not int:
-            raise fail(f"column {id_column!r} must be a string or an integer "
-                       f"(row {row + 1}: {identifier!r})")
-        ids.append(identifier)
-    x = _numbers_matrix(records, columns) if all(
+    direct = _numbers_matrix(records, columns, id_column) if all(
         column.kind == NUMERIC for column in schema.columns) else None
-    if x is None:
+    if direct is not None:
+        ids, x = direct
+    else:
         import pandas as pd
 
+        ids = _checked_ids(records, schema, id_column, fail)
         frame = pd.DataFrame({name: pd.Series([record[name] for record in records],
                                               dtype=object) for name in columns})
         x = schema.encode(frame, fail)
     return ids, check_finite(x, schema, fail)
 
 
-def _refuse_columns(record: dict[str, Any], row: int, schema: Schema, id_column: str,
-                    fail: Callable[[str], Exception]) -> None:
-    if id_column not in record:
-        raise fail(f"row {row + 1}: no {id_column!r} field")
+def _checked_ids(records: list[Any], schema: Schema, id_column: str,
+                 fail: Callable[[str], Exception]) -> list[Any]:
+    """The ids, once every transaction is an object with the schema's columns and an id
+    (a missing or unexpected column is named by ``Schema.encode``)."""
     import pandas as pd
 
-    frame = pd.DataFrame({name: [value] for name, value in record.items()
-                          if name != id_column})
-    schema.encode(frame, lambda why: fail(f"row {row + 1}: {why}"))
-    raise fail(f"row {row + 1}: columns differ from the federation's schema")  # unreachable
+    keys = frozenset(column.name for column in schema.columns) | {id_column}
+    ids = []
+    for row, record in enumerate(records):
+        if type(record) is not dict:
+            raise fail(f"row {row + 1}: a transaction is a JSON object of the schema's "
+                       f"columns and {id_column!r}, not {type(record).__name__}")
+        if record.keys() != keys:
+            if id_column not in record:
+                raise fail(f"row {row + 1}: no {id_column!r} field")
+            schema.encode(pd.DataFrame({name: [value] for name, value in record.items()
+                                        if name != id_column}),
+                          lambda why, row=row: fail(f"row {row + 1}: {why}"))
+        identifier = record[id_column]
+        if type(identifier) is not str and type(identifier) is not int:
+            raise fail(f"column {id_column!r} must be a string or an integer "
+                       f"(row {row + 1}: {identifier!r})")
+        ids.append(identifier)
+    return ids
 
 
-def _numbers_matrix(records: list[dict[str, Any]], columns: list[str]) -> np.ndarray | None:
-    """The float32 matrix when every value is a JSON number (int or float), else None."""
+def _numbers_matrix(records: list[Any], columns: list[str],
+                    id_column: str) -> tuple[list[Any], np.ndarray] | None:
+    """(ids, float32 matrix) when every record is an object of exactly ``columns`` and
+    a string or integer id, and every value is a number (what ``Schema.encode`` reads as
+    the same numbers); None otherwise."""
+    width = len(columns) + 1
+    pick = operator.itemgetter(*columns) if len(columns) > 1 else (
+        lambda record: (record[columns[0]],))
     values: list[Any] = []
-    pick = operator.itemgetter(*columns)
-    for record in records:
-        picked = pick(record)
-        values.extend(picked if len(columns) > 1 else (picked,))
-    if not set(map(type, values)) <= {float, int}:
+    ids: list[Any] = []
+    try:
+        for record in records:
+            if len(record) != width:
+                return None
+            values.extend(pick(record))
+            ids.append(record[id_column])
+    except (KeyError, TypeError):  # a missing column, or not an object
+        return None
+    if not set(map(type, ids)) <= {str, int}:
         return None
     try:
-        return np.array(values, np.float64).reshape(len(records), len(columns)).astype(
-            np.float32)
-    except OverflowError:  # an integer beyond float64
+        numbers = np.array(values)  # float64/int64/bool only if every value is a number
+    except (ValueError, TypeError, OverflowError):  # e.g. lists of different lengths
         return None
+    if numbers.dtype.kind not in "fiub" or numbers.shape != (len(values),):
+        return None
+    return ids, numbers.astype(np.float64).reshape(len(records), len(columns)).astype(
+        np.float32)
 
 
 def score_file(scorer: Scorer, input_path: Path, output_path: Path,

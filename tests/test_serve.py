@@ -175,6 +175,10 @@ BAD_INPUTS = {
                        422, "row 2: columns differ from the federation's schema: missing "
                             "['f07']"),
     "extra column": (_one(amount=3.0), 422, "unexpected ['amount']"),
+    "renamed column": ({k.replace("f07", "f7"): v for k, v in _one().items()}, 422,
+                       "missing ['f07'], unexpected ['f7']"),
+    "id renamed": ({k.replace("id", "ID"): v for k, v in _one().items()}, 422,
+                   "no 'id' field"),
     "text": ({"transactions": [_one(), _one(f03="abc")]}, 422,
              "transactions: column 'f03' must be numeric (row 2: 'abc')"),
     "NaN": ('{"id": 1, ' + ", ".join(f'"f{i:02d}": {"NaN" if i == 4 else 0.5}'
@@ -320,6 +324,14 @@ def test_records_are_encoded_as_schema_encode_does() -> None:
     frame = pd.DataFrame(rows).drop(columns="id")
     assert ids == list(range(50))
     np.testing.assert_array_equal(fast, numeric.encode(frame.astype(object), fail))
+    # Odd numbers take whichever path; the result is always Schema.encode's.
+    for odd in (True, 2**60 + 1, 10**20, -0.0, 1e-320, None, "7.5", 3):
+        rows = [{"id": "a", "f0": odd, "f1": 1.5, "f2": 2**53 + 1, "f3": 0.1},
+                {"id": 7, "f0": 2.0, "f1": odd, "f2": 4, "f3": 0.2}]
+        _, x = records_matrix(rows, numeric, "id", fail)
+        expected = numeric.encode(pd.DataFrame(rows).drop(columns="id").astype(object),
+                                  fail)
+        np.testing.assert_array_equal(x, expected, err_msg=repr(odd))
     # Text, nulls and categories go through Schema.encode itself.
     mixed = Schema("Class", (Column("amount", NUMERIC),
                              Column("channel", CATEGORICAL, ("atm", "web"))))
