@@ -400,3 +400,19 @@ def test_the_command_serves_and_reloads_on_sighup(runs, tmp_path: Path) -> None:
     log = process.stderr.read().decode()
     assert "SIGHUP: now serving model 43" in log
     assert "do not match the model card" in log
+
+
+def test_the_service_names_the_dominant_feature(tmp_path: Path) -> None:
+    # logit = 0.2 f00 - 0.4 f01 + 4 f02: f02 decides, f01 pulls the other way.
+    run, scaler = tiny_run(tmp_path / "runs" / "tiny", [0.2, -0.4, 4.0], threshold=0.6,
+                           run_id="tiny")
+    service = ScoringService(run, scaler)
+    with serving(create_app(service)) as url, httpx.Client(base_url=url) as client:
+        flagged = client.post("/score", json={"id": 1, "f00": 1.0, "f01": 1.0,
+                                              "f02": 1.0}).json()
+        passed = client.post("/score", json={"id": 2, "f00": 1.0, "f01": 1.0,
+                                             "f02": -1.0}).json()
+    assert flagged["flagged"] and flagged["model_version"] == "tiny"
+    assert [(r["feature"], r["direction"]) for r in flagged["reasons"]] == [
+        ("f02", "raises"), ("f01", "lowers"), ("f00", "raises")]
+    assert not passed["flagged"] and "reasons" not in passed
