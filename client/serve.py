@@ -303,9 +303,9 @@ def create_app(service: ScoringService, admin_token: str | None = None,
                                      401)
             body = await read_body(request, ADMIN_BODY_BYTES)
             payload = parse_json(body) if body.strip() else {}
-            run = payload.get("run") if type(payload) is dict else None
-            if run is not None and type(run) is not str:
-                raise RequestError(400, 'body: {"run": "<run folder>"} or nothing')
+            run = payload.get("run") if type(payload) is dict else payload
+            if type(payload) is not dict or (run is not None and type(run) is not str):
+                raise RequestError(400, 'body: {"run": "<run folder>"}, {} or nothing')
             previous = service.scorer.version
             scorer = await anyio.to_thread.run_sync(service.reload, run)
             log(f"reloaded: model {previous} -> {scorer.version} ({scorer.run_dir})")

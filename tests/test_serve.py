@@ -295,6 +295,9 @@ def test_a_mismatched_model_is_refused_and_the_old_one_serves(url: str, runs) ->
                               json={"run": str(runs["outside"])})
         assert outside.status_code == 403 and "not inside the runs folder" in outside.text
         assert client.post("/admin/reload", json={}).status_code == 401
+        assert client.post("/admin/reload", headers=AUTH, json=[1]).status_code == 400
+        assert client.post("/admin/reload", headers=AUTH,
+                           json={"run": 3}).status_code == 400
         assert client.post("/admin/reload", headers={"Authorization": "Bearer nope"},
                            json={}).status_code == 401
         answer = client.post("/score", json=_one())
