@@ -59,8 +59,9 @@ the old model keeps serving. Two ways to ask for it:
 Performance: one process (an in-memory swap excludes ``--workers``), uvloop and
 httptools when installed, no access log, one torch thread, the start-up objects frozen
 out of the garbage collector's reach. Small requests are scored
-on the event loop (no thread hop); bodies over 64 KB go to a thread so that a large
-batch does not hold up single transactions. ``bench/serve.py`` measures it.
+on the event loop (no thread hop); bodies over 64 KB go to one scoring thread, so that
+the event loop keeps answering single transactions between a large batch's steps
+(json.loads of a 1,000-transaction body still holds the GIL for ~4 ms). ``bench/serve.py`` measures it.
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ import asyncio
 import gc
 import hmac
 import json
-import os
 import signal
 import stat
 import sys
@@ -236,7 +236,9 @@ def log(message: str) -> None:
 def create_app(service: ScoringService, admin_token: str | None = None,
                reload_on_sighup: bool = False) -> FastAPI:
     """The ASGI app. ``/admin/reload`` exists only with an ``admin_token``."""
-    threads = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
+    # One scoring thread: JSON parsing and building the answer hold the GIL, so a
+    # second thread would only contend with the first (and with the event loop).
+    threads = anyio.CapacityLimiter(1)
 
     def json_response(content: Any, status: int = 200) -> Response:
         body = content if isinstance(content, bytes) else json.dumps(content).encode()
