@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo ulb prepare deploy test compose-e2e bench-deploy bench-quality bench-privacy bench-robustness bench-score clean
+.PHONY: install demo ulb prepare deploy test compose-e2e bench-deploy bench-quality bench-privacy bench-robustness bench-score bench-serve clean
 
 # torch first and pinned: 2.13.0 is the CPU wheel; anything looser pulls CUDA builds.
 $(STAMP): pyproject.toml
@@ -45,6 +45,10 @@ bench-privacy: install
 
 bench-robustness: install
 	$(BIN)/python bench/robustness.py --attacker 3
+
+bench-serve: install
+	test -e runs/latest/model.ts || $(BIN)/fedfraud simulate
+	$(BIN)/python bench/serve.py
 
 bench-score: install
 	test -e runs/latest/model.ts || $(BIN)/fedfraud simulate

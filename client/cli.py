@@ -6,6 +6,7 @@
     fedfraud-bank approve   add an app bundle (.fab) the bank reviewed to its policy
     fedfraud-bank run       its SuperNode and task executor (approved apps only)
     fedfraud-bank score     score its own transactions with a run's exported model
+    fedfraud-bank serve     the scoring service: POST /score, GET /health, GET /model
     fedfraud-bank executor  the task executor alone (``run`` starts it)
 
 The bank's folder (``--bank-dir``) holds its transactions (transactions.csv), the
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     score_cmd.add_argument("--threshold", type=float, default=None,
                            help="flag at this probability (default: the run's threshold)")
     score_cmd.add_argument("--id-column", default="id")
+    from client.serve import add_serve_parser  # fastapi's import is deferred to run()
+
+    add_serve_parser(commands)
     return parser
 
 
@@ -157,7 +161,7 @@ COMMANDS = {"init": init, "policy": policy, "approve": approve, "run": run, "exe
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return (args.handler if args.command == "serve" else COMMANDS[args.command])(args)
     except (BankDataError, PolicyError) as err:  # one line, never a traceback
         print(f"fedfraud-bank: {err}", file=sys.stderr)
         return 2

@@ -13,11 +13,16 @@ import pytest
 import torch
 
 from client.bank import Bank
-from client.score import ScoreInputError, Scorer, score_file
-from common.data import TEST_FILE, bank_file, load_transactions, scaler_file, standardize
+from client.score import (
+    ScoreInputError, Scorer, format_reasons, reason_codes, score_file, score_matrix,
+)
+from common.data import (
+    TEST_FILE, bank_file, load_transactions, save_scaler, scaler_file, standardize,
+)
 from common.model import CARD_JSON_FILE, TORCHSCRIPT_FILE, FraudNet, ModelSpec
+from common.schema import NUMERIC, Column, Schema
 from common.task import score
-from server.export import export_model
+from server.export import FraudProbability, export_model
 from tests.test_report import sample_metrics
 
 
@@ -99,13 +104,21 @@ def test_score_file_writes_ids_probabilities_and_flags(scorer: Scorer, tmp_path:
 
     summary = score_file(scorer, tmp_path / "in.csv", tmp_path / "out.csv", threshold=0.5)
 
-    out = pd.read_csv(tmp_path / "out.csv")
-    assert list(out.columns) == ["id", "fraud_probability", "flagged"]
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert list(out.columns) == ["id", "fraud_probability", "flagged", "reasons"]
     assert out["id"].tolist() == frame["id"].tolist()
-    expected = scorer.probabilities(frame.drop(columns="id").to_numpy())
+    x = frame.drop(columns="id").to_numpy(np.float32)
+    expected = scorer.probabilities(x)
     np.testing.assert_allclose(out["fraud_probability"], expected, atol=1e-6)
-    assert out["flagged"].tolist() == (expected >= 0.5).astype(int).tolist()
+    flagged = expected >= 0.5
+    assert out["flagged"].tolist() == flagged.astype(int).tolist()
     assert summary["rows"] == 50 and summary["threshold"] == 0.5
+    assert 0 < flagged.sum() < 50
+    # Flagged rows carry their three reason codes, from the one reason-code function.
+    codes = reason_codes(scorer, x[flagged])
+    assert out["reasons"][flagged].tolist() == [format_reasons(c) for c in codes]
+    assert all(len(c) == 3 for c in codes)
+    assert (out["reasons"][~flagged] == "").all()
 
 
 def test_parquet_and_the_runs_threshold(scorer: Scorer, tmp_path: Path) -> None:
@@ -173,3 +186,78 @@ def test_the_score_command_refuses_an_infinite_value_in_one_line(
         f"fedfraud-bank: {path}: column 'f07' holds a value that is not a finite "
         "float32 number (row 2: '1e+39')"]
     assert not (tmp_path / "out.csv").exists()
+
+
+def tiny_run(path: Path, weights: list[float], threshold: float = 0.5, run_id: str = "7",
+             mean: list[float] | None = None, scale: list[float] | None = None,
+             hidden: tuple[int, ...] = ()) -> tuple[Path, Path]:
+    """A hand-built run folder (a logistic model, or an MLP) and a bank's scaler for it."""
+    features = [f"f{i:02d}" for i in range(len(weights))]
+    torch.manual_seed(1)
+    net = FraudNet(ModelSpec(in_features=len(weights), hidden=hidden))
+    if not hidden:
+        with torch.no_grad():
+            net.net[0].weight.copy_(torch.tensor([weights]))
+            net.net[0].bias.zero_()
+    net.eval()
+    path.mkdir(parents=True)
+    torch.jit.trace(FraudProbability(net), torch.zeros(2, len(weights))).save(
+        str(path / TORCHSCRIPT_FILE))
+    (path / CARD_JSON_FILE).write_text(json.dumps(
+        {"run_id": run_id, "features": features, "threshold": threshold}))
+    scaler = path.parent / f"{path.name}-scaler.json"
+    schema = Schema("Class", tuple(Column(name, NUMERIC) for name in features))
+    save_scaler(scaler, np.array(mean or [0.0] * len(weights)),
+                np.array(scale or [1.0] * len(weights)), schema)
+    return path, scaler
+
+
+def test_reason_codes_name_the_dominant_feature(tmp_path: Path) -> None:
+    # logit = 0.1 f00 - 0.5 f01 + 3 f02 + 0.05 f03; the bank's mean is (1, 0, 0, 0).
+    run, scaler = tiny_run(tmp_path / "run", [0.1, -0.5, 3.0, 0.05],
+                           mean=[1.0, 0.0, 0.0, 0.0], scale=[2.0, 1.0, 1.0, 1.0])
+    scorer = Scorer.load(run, scaler)
+    x = np.array([[5.0, 1.0, 1.0, 1.0],      # f02 dominates, f01 lowers, f00 raises
+                  [1.0, -4.0, 0.2, np.nan],  # f01 (negative weight, negative value) raises
+                  [1.0, 0.0, -2.0, 0.0]],    # nothing raises: f02 lowers
+                 np.float32)
+
+    codes = reason_codes(scorer, x)
+
+    assert [(c["feature"], c["direction"]) for c in codes[0]] == [
+        ("f02", "raises"), ("f01", "lowers"), ("f00", "raises")]
+    assert [(c["feature"], c["direction"]) for c in codes[1]] == [
+        ("f01", "raises"), ("f02", "raises")]  # f00 at the mean, f03 missing: no share
+    assert [(c["feature"], c["direction"]) for c in codes[2]] == [("f02", "lowers")]
+    # Integrated Gradients: the shares add up to p(x) - p(the bank's mean transaction).
+    gap = scorer.probabilities(x) - scorer.probabilities(np.array([[1.0, 0, 0, 0]]))
+    np.testing.assert_allclose(scorer.attributions(x).sum(axis=1), gap, atol=2e-3)
+    # For a logistic model each share is proportional to weight x standardized value.
+    shares = scorer.attributions(x[:1])[0]
+    np.testing.assert_allclose(shares / shares[2], [0.1 * 2 / 3, -0.5 / 3, 1, 0.05 / 3],
+                               rtol=1e-4)
+
+
+def test_reason_codes_of_an_mlp_add_up(tmp_path: Path) -> None:
+    run, scaler = tiny_run(tmp_path / "run", [0.0] * 6, hidden=(16, 8), threshold=0.0)
+    scorer = Scorer.load(run, scaler)
+    x = np.random.default_rng(3).normal(scale=3, size=(300, 6)).astype(np.float32)
+    gap = scorer.probabilities(x) - scorer.probabilities(np.zeros((1, 6), np.float32))
+    np.testing.assert_allclose(scorer.attributions(x).sum(axis=1), gap, atol=5e-3)
+    # The midpoint rule's error (ReLU kinks on the path) shrinks with more points.
+    np.testing.assert_allclose(scorer.attributions(x, steps=1024).sum(axis=1), gap,
+                               atol=5e-4)
+    scores = score_matrix(scorer, x)  # threshold 0: every row flagged, with reasons
+    assert scores.flagged.all() and all(len(r) == 3 for r in scores.reasons)
+    assert scores.reasons == reason_codes(scorer, x)
+
+
+def test_an_infinite_value_names_the_column(scorer: Scorer, tmp_path: Path) -> None:
+    frame = transactions(4)
+    frame["f11"] = frame["f11"].astype(object)
+    frame.loc[2, "f11"] = "inf"
+    frame.to_csv(tmp_path / "inf.csv", index=False)
+    with pytest.raises(ScoreInputError,
+                       match=r"column 'f11' holds a value that is not a finite float32 "
+                             r"number \(row 3"):
+        score_file(scorer, tmp_path / "inf.csv", tmp_path / "out.csv")
