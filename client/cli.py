@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     score_cmd.add_argument("--threshold", type=float, default=None,
                            help="flag at this probability (default: the run's threshold)")
     score_cmd.add_argument("--id-column", default="id")
-    from client.serve import add_serve_parser  # fastapi's import is deferred to run()
-
-    add_serve_parser(commands)
+    # Listed here; parsed by client/serve.py (which imports torch and FastAPI: only
+    # the service pays for them, not every bank command).
+    commands.add_parser("serve", add_help=False,
+                        help="the scoring service (fedfraud-bank serve --help)")
     return parser
 
 
@@ -159,9 +160,14 @@ COMMANDS = {"init": init, "policy": policy, "approve": approve, "run": run, "exe
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from client.serve import main as serve
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return (args.handler if args.command == "serve" else COMMANDS[args.command])(args)
+        return COMMANDS[args.command](args)
     except (BankDataError, PolicyError) as err:  # one line, never a traceback
         print(f"fedfraud-bank: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """The bank's scoring service: the federated model in production, over HTTP (uvicorn).
 
-    fedfraud bank serve --run runs/approved --scaler /bank/scaler.json \\
+    fedfraud-bank serve --run runs/approved --scaler /bank/scaler.json \\
         [--host 127.0.0.1] [--port 8080] [--admin-token-file /bank/serve.token]
     (the same: python -m client.serve --run ... --scaler ...)
 
@@ -377,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedfraud bank serve", description=__doc__,
+    parser = argparse.ArgumentParser(prog="fedfraud-bank serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
