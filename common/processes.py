@@ -132,7 +132,9 @@ class Services:
     processes: list[subprocess.Popen[bytes]]
 
     def start(self, name: str, command: Sequence[str]) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
+        # Appended: a process restarted under the same name (a bank's SuperNode waiting to
+        # be registered) keeps the record of its earlier attempts.
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         process = subprocess.Popen(
             list(command), env=self.env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
