@@ -76,7 +76,7 @@ def throwaway_runs(folder: Path, features: int, x: np.ndarray) -> tuple[list[Pat
     import torch
 
     from common.model import FraudNet, ModelSpec
-    from server.export import FraudProbability
+    from common.model import FraudProbability
 
     names = [f"f{i:02d}" for i in range(features)]
     scaler = folder / "scaler.json"

@@ -15,7 +15,8 @@ from typing import Any
 
 
 BANK_WEIGHTINGS = ("equal", "samples")
-STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "fedavgm",
+              "fedadam", "fedyogi")
 ATTACKS = ("none", "scale", "sign-flip", "nan", "inf")
 SERVER_TEST_SETS = ("simulation", "always", "never")
 
@@ -29,6 +30,8 @@ class Config:
     proximal_mu: float
     trim_fraction: float
     krum_malicious: int
+    server_learning_rate: float
+    server_momentum: float
     attack: str
     attackers: str
     attack_scale: float
@@ -41,6 +44,7 @@ class Config:
     secagg_shares: int
     secagg_threshold: int
     local_epochs: int
+    personalize_epochs: int
     batch_size: int
     learning_rate: float
     pos_weight: float
@@ -110,6 +114,12 @@ class Config:
     @property
     def differential_privacy(self) -> bool:
         return self.dp_epsilon > 0
+
+    @property
+    def personalization(self) -> bool:
+        """Banks fine-tune the final model (not with DP: fine-tuning without noise would
+        make what the bank reports about it escape its epsilon)."""
+        return self.personalize_epochs > 0 and not self.differential_privacy
 
     @property
     def steps(self) -> tuple[int, float]:

@@ -33,10 +33,16 @@ DP_NOISE = "dp-noise"  # its DP-SGD noise multiplier
 # training rows (members) and of its validation rows (non-members), on SCORE_EDGES.
 HIST_MEMBER = "hist-member"
 HIST_NONMEMBER = "hist-nonmember"
+# Personalization (final evaluate only): the bank's fine-tuned model on its validation
+# rows, and whether the bank keeps it (1) or the federated model (0).
+HIST_LEGIT_PERSONAL = "hist-legit-personal"
+HIST_FRAUD_PERSONAL = "hist-fraud-personal"
+PERSONAL_KEPT = "personal-kept"
 
 # Aggregated over the banks of one round (server side)
 BANK_IDS = "bank-ids"
 COUNT_KEYS = (TP, FP, FN, TN)
-HIST_KEYS = (HIST_LEGIT, HIST_FRAUD, HIST_MEMBER, HIST_NONMEMBER)
+HIST_KEYS = (HIST_LEGIT, HIST_FRAUD, HIST_MEMBER, HIST_NONMEMBER, HIST_LEGIT_PERSONAL,
+             HIST_FRAUD_PERSONAL)
 SIZE_KEYS = (N_TRAIN, N_VAL, N_FRAUD)
-PER_BANK_KEYS = (DP_EPSILON, DP_NOISE)  # listed per bank, like the sizes
+PER_BANK_KEYS = (DP_EPSILON, DP_NOISE, PERSONAL_KEPT)  # listed per bank, like the sizes

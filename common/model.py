@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,3 +36,28 @@ class FraudNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)  # (batch, features) -> (batch,) logits
+
+
+class FraudProbability(nn.Module):
+    """FraudNet with a sigmoid: (batch, features) -> (batch,) probabilities."""
+
+    def __init__(self, net: FraudNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x))
+
+
+def save_model(folder: Path, state_dict: dict[str, torch.Tensor], spec: ModelSpec,
+               features: list[str], threshold: float) -> None:
+    """``model.pt`` (state dict + spec) and ``model.ts`` (TorchScript: standardized
+    features in, probability out) in ``folder``: the run's global model (the server's
+    export) and a bank's personalized one are saved the same way."""
+    net = FraudNet(spec)
+    net.load_state_dict(state_dict)
+    net.eval()
+    torch.save({"state_dict": state_dict, "spec": spec.as_dict(), "features": features,
+                "threshold": threshold}, folder / STATE_DICT_FILE)
+    scripted = torch.jit.trace(FraudProbability(net), torch.zeros(2, spec.in_features))
+    scripted.save(str(folder / TORCHSCRIPT_FILE))

@@ -16,22 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from common.model import (
-    CARD_JSON_FILE, CARD_MD_FILE, STATE_DICT_FILE, TORCHSCRIPT_FILE, FraudNet, ModelSpec,
+    CARD_JSON_FILE, CARD_MD_FILE, STATE_DICT_FILE, TORCHSCRIPT_FILE, ModelSpec, save_model,
 )
-
-
-class FraudProbability(nn.Module):
-    """FraudNet with a sigmoid: (batch, features) -> (batch,) probabilities."""
-
-    def __init__(self, net: FraudNet) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(x))
 
 
 def model_card(metrics: dict[str, Any], spec: ModelSpec, features: list[str],
@@ -102,14 +90,7 @@ def card_markdown(card: dict[str, Any]) -> str:
 
 def export_model(run_dir: Path, state_dict: dict[str, torch.Tensor], spec: ModelSpec,
                  features: list[str], metrics: dict[str, Any], data_source: str) -> None:
-    net = FraudNet(spec)
-    net.load_state_dict(state_dict)
-    net.eval()
-    torch.save({"state_dict": state_dict, "spec": spec.as_dict(), "features": features,
-                "threshold": metrics["final"]["threshold"]}, run_dir / STATE_DICT_FILE)
-    example = torch.zeros(2, spec.in_features)
-    scripted = torch.jit.trace(FraudProbability(net), example)
-    scripted.save(str(run_dir / TORCHSCRIPT_FILE))
+    save_model(run_dir, state_dict, spec, features, metrics["final"]["threshold"])
     card = model_card(metrics, spec, features, data_source)
     (run_dir / CARD_JSON_FILE).write_text(json.dumps(card, indent=2) + "\n")
     (run_dir / CARD_MD_FILE).write_text(card_markdown(card))

@@ -67,6 +67,9 @@ def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str,
             key: central[key] for key in keep if key in central}
         facts["federated_vs_local_only_bank_counts"] = federation_counts(
             baselines["local_only"])
+    if personal := metrics.get("personalization"):  # pooled and counted: no one bank
+        facts["personalization"] = {key: personal[key] for key in (
+            "about", "banks", "banks_kept_personalized", "federated", "kept")}
     privacy, audit = metrics.get("privacy"), metrics.get("membership_audit")
     strategy = metrics.get("strategy")
     if share_bank_details:
@@ -247,6 +250,20 @@ def federation_gains(metrics: dict[str, Any]) -> list[str]:
              if (entry["own_validation"]["federated"] or {}).get("ap") is not None]
     better = sum(1 for local, fed in pairs if fed["ap"] >= local["ap"])
     local_test_auc = [entry["test"]["local_only"]["auc"] for entry in baselines["local_only"]]
+    kept = {bank["id"]: bank.get("kept") for bank in metrics["banks"]}
+    chosen = [(entry["own_validation"]["local_only"],
+               entry["own_validation"][kept.get(entry["bank"]) or "federated"])
+              for entry in baselines["local_only"]
+              if (entry["own_validation"]["federated"] or {}).get("ap") is not None]
+    personal = metrics.get("personalization")
+    personal_lines = [] if not personal else [
+        f"With personalization (each bank fine-tunes the final model on its own rows and "
+        f"keeps whichever model has the higher AP on its own validation rows; "
+        f"{personal['banks_kept_personalized']} of {personal['banks']} kept their own): "
+        f"the kept model matches or beats local-only in AP at "
+        f"{sum(1 for local, model in chosen if model['ap'] >= local['ap'])} of "
+        f"{len(chosen)} banks; pooled validation AP {personal['federated']['ap']:.3f} "
+        f"(federated) -> {personal['kept']['ap']:.3f} (kept; chosen on the same rows)."]
     return [
         f"Against the centralized reference (all banks' rows pooled, same model and "
         f"budget): AUC {final['auc']:.3f} vs {central['auc']:.3f} "
@@ -257,6 +274,7 @@ def federation_gains(metrics: dict[str, Any]) -> list[str]:
         f"validation rows; on the test set the "
         f"local-only models reach AUC {min(local_test_auc):.3f} to {max(local_test_auc):.3f} "
         f"against the federated {final['auc']:.3f}.",
+        *personal_lines,
     ]
 
 
@@ -287,14 +305,17 @@ def results_tables(metrics: dict[str, Any]) -> str:
         lines.append(_row("centralized reference, test set", baselines["centralized"]))
         lines += ["", "Per bank, local-only vs federated (AUC / AP):", "",
                   "| bank | rows | frauds | own validation: local-only | own validation: "
-                  "federated | test set: local-only | test set: federated |",
-                  "|---|---|---|---|---|---|---|"]
+                  "federated | own validation: personalized | test set: local-only | "
+                  "test set: federated |", "|---|---|---|---|---|---|---|---|"]
         sizes = {bank["id"]: bank for bank in metrics["banks"]}
         for entry in baselines["local_only"]:
             size = sizes.get(entry["bank"], {})
             cells = [f"{_number(m['auc'])} / {_number(m['ap'])}" if m else "-" for m in (
                 entry["own_validation"]["local_only"], entry["own_validation"]["federated"],
+                entry["own_validation"].get("personalized"),
                 entry["test"]["local_only"], entry["test"]["federated"])]
+            if size.get("kept") == "personalized":
+                cells[2] += " (kept)"
             lines.append(f"| {entry['bank']} | {size.get('n_train', 0) + size.get('n_val', 0)}"
                          f" | {size.get('n_fraud', '-')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -97,9 +97,48 @@ def bank_table(result: Result, final_bank_metrics: dict[int, MetricRecord],
                 })
     for bank, record in final_bank_metrics.items():
         curve = PooledCurve.from_histograms(record[keys.HIST_LEGIT], record[keys.HIST_FRAUD])
-        banks.setdefault(bank, {"id": bank})["federated_own_validation"] = (
-            curve.summary(threshold))
+        entry = banks.setdefault(bank, {"id": bank})
+        entry["federated_own_validation"] = curve.summary(threshold)
+        if keys.HIST_LEGIT_PERSONAL in record:  # at the bank's own threshold
+            personal = PooledCurve.from_histograms(record[keys.HIST_LEGIT_PERSONAL],
+                                                   record[keys.HIST_FRAUD_PERSONAL])
+            entry["personalized_own_validation"] = personal.summary(
+                personal.best_f1_threshold())
+            entry["kept"] = "personalized" if record[keys.PERSONAL_KEPT] else "federated"
     return [banks[bank] for bank in sorted(banks)]
+
+
+def personalization(final_bank_metrics: dict[int, MetricRecord]) -> dict[str, Any] | None:
+    """The banks' pooled validation rows, each scored by the model its bank kept (the
+    federated one or its personalized one), beside the federated model alone."""
+    records = [r for r in final_bank_metrics.values() if keys.HIST_LEGIT_PERSONAL in r]
+    if not records:
+        return None
+
+    def pooled(legit: str, fraud: str, personal: bool | None = None) -> dict[str, Any]:
+        chosen = [r for r in records if personal is None or bool(r[keys.PERSONAL_KEPT])
+                  == personal]
+        return {"legit": np.sum([r[legit] for r in chosen], axis=0),
+                "fraud": np.sum([r[fraud] for r in chosen], axis=0)}
+
+    federated = pooled(keys.HIST_LEGIT, keys.HIST_FRAUD)
+    kept_personal = pooled(keys.HIST_LEGIT_PERSONAL, keys.HIST_FRAUD_PERSONAL, True)
+    kept_federated = pooled(keys.HIST_LEGIT, keys.HIST_FRAUD, False)
+    kept = {side: kept_personal[side] + kept_federated[side] for side in ("legit", "fraud")}
+    curves = {"federated": PooledCurve.from_histograms(federated["legit"],
+                                                       federated["fraud"]),
+              "kept": PooledCurve.from_histograms(kept["legit"], kept["fraud"])}
+    return {
+        "about": "each bank fine-tuned the final model on its own training rows and kept "
+                 "the one with the higher AP on its own validation rows; 'kept' scores "
+                 "the pooled validation rows with each bank's choice (chosen on those "
+                 "same rows: slightly optimistic)",
+        "banks_kept_personalized": sum(int(r[keys.PERSONAL_KEPT]) for r in records),
+        "banks": len(records),
+        **{name: {key: curve.summary(curve.best_f1_threshold())[key]
+                  for key in ("auc", "ap", "recall_at_1pct_fpr")}
+           for name, curve in curves.items()},
+    }
 
 
 HEADLINE = ("auc", "ap", "recall_at_1pct_fpr", "threshold", "precision", "recall", "f1",
@@ -111,10 +150,12 @@ def compare_banks(local_only: list[dict[str, Any]], banks: list[dict[str, Any]],
     """Per bank: its local-only model vs the federated model, on its own validation
     data and on the test set."""
     federated = {bank["id"]: bank.get("federated_own_validation") for bank in banks}
+    personal = {bank["id"]: bank.get("personalized_own_validation") for bank in banks}
     return [{
         "bank": entry["bank"],
         "own_validation": {"local_only": entry["own_validation"],
-                           "federated": federated.get(entry["bank"])},
+                           "federated": federated.get(entry["bank"]),
+                           "personalized": personal.get(entry["bank"])},
         "test": {"local_only": {key: entry["test"][key] for key in HEADLINE},
                  "federated": {key: final[key] for key in HEADLINE if key in final}},
     } for entry in local_only]
@@ -208,6 +249,7 @@ def build_metrics(
                      "refused_updates": strategy.refused},
         "privacy": privacy_record(config, result, mode),
         "membership_audit": membership_audit(strategy.final_bank_metrics),
+        "personalization": personalization(strategy.final_bank_metrics),
         "sent_by_banks": ledger_summary(strategy.ledger),
         "timing": {"total_s": total_s, "round_s": [row["seconds"] for row in rows]},
     })

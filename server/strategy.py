@@ -27,7 +27,9 @@ from flwr.common.serde import (
     array_record_to_proto, config_record_to_proto, metric_record_to_proto,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy import (
+    FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum,
+)
 
 from common import keys
 from common.config import Config
@@ -35,7 +37,8 @@ from server.evaluation import aggregate_bank_metrics
 
 STRATEGY_CLASSES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg, "fedprox": FedProx, "fedmedian": FedMedian,
-    "fedtrimmedavg": FedTrimmedAvg, "krum": Krum,
+    "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "fedavgm": FedAvgM, "fedadam": FedAdam,
+    "fedyogi": FedYogi,
 }
 
 
@@ -133,6 +136,10 @@ def make_strategy(config: Config) -> FedAvg:
         "fedprox": {"proximal_mu": config.proximal_mu},
         "fedtrimmedavg": {"beta": config.trim_fraction},
         "krum": {"num_malicious_nodes": config.krum_malicious},
+        "fedavgm": {"server_learning_rate": config.server_learning_rate,
+                    "server_momentum": config.server_momentum},
+        "fedadam": {"eta": config.server_learning_rate, "beta_1": config.server_momentum},
+        "fedyogi": {"eta": config.server_learning_rate, "beta_1": config.server_momentum},
     }.get(config.strategy, {})
     guarded = type(f"Guarded{base.__name__}", (BankGuard, base), {})
     return guarded(

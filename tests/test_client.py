@@ -16,8 +16,9 @@ from client.app import app
 from common import keys
 from common.config import Config
 from common.data import BankDataError, bank_file, load_transactions, split_bank
-from common.metrics import SCORE_EDGES
+from common.metrics import SCORE_EDGES, PooledCurve
 from common.model import FraudNet, ModelSpec
+from tests.conftest import app_config
 
 
 def message(kind: str, content: RecordDict) -> Message:
@@ -87,6 +88,48 @@ def test_evaluate_replies_counts_and_histograms_only(prepared) -> None:
     assert len(metrics[keys.HIST_LEGIT]) == len(SCORE_EDGES) - 1
     assert metrics[keys.LOSS] > 0
     assert list(reply.content.keys()) == [keys.METRICS]  # no arrays, no scores
+
+
+def final_evaluate(config: Config, state: Path, bank: int = 5) -> RecordDict:
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": bank,
+                                                        "state": str(state)},
+                      state=RecordDict(), run_config=config.as_run_config())
+    return app(message("evaluate", RecordDict({
+        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 10}),
+    })), context).content[keys.METRICS]
+
+
+def test_a_bank_personalizes_the_final_model_and_keeps_the_better_one_for_scoring(
+        prepared, tmp_path: Path) -> None:
+    from client.score import Scorer
+
+    metrics = final_evaluate(prepared, tmp_path)
+
+    personal = (metrics[keys.HIST_LEGIT_PERSONAL], metrics[keys.HIST_FRAUD_PERSONAL])
+    assert sum(map(sum, personal)) == metrics[keys.N_VAL]
+    # An untrained global model against itself fine-tuned on the bank's rows: kept.
+    assert metrics[keys.PERSONAL_KEPT] == 1
+    assert (PooledCurve.from_histograms(*personal).average_precision()
+            > PooledCurve.from_histograms(metrics[keys.HIST_LEGIT],
+                                          metrics[keys.HIST_FRAUD]).average_precision())
+    # ... and saved in the bank's own state folder, in the form `score` takes.
+    scorer = Scorer.load(tmp_path / "personal" / "1", tmp_path / "scaler.json")
+    x, y, _ = load_transactions(Path(prepared.data_dir) / bank_file(5), "Class", "bank 5")
+    split = split_bank(x, y, prepared.val_fraction, prepared.seed + 5)
+    p = scorer.probabilities(split.x_val).astype(np.float64)
+    rescored = PooledCurve.from_scores(split.y_val, np.log(p) - np.log1p(-p))
+    assert rescored.average_precision() == pytest.approx(
+        PooledCurve.from_histograms(*personal).average_precision(), abs=2e-3)
+    assert scorer.version == "1-bank5"
+
+
+def test_no_personalization_when_off_or_with_dp(prepared, tmp_path: Path) -> None:
+    for config in (app_config(data_dir=prepared.data_dir, personalize_epochs=0),
+                   app_config(data_dir=prepared.data_dir, dp_epsilon=3.0)):
+        metrics = final_evaluate(config, tmp_path)
+        assert keys.PERSONAL_KEPT not in metrics
+        assert keys.HIST_LEGIT_PERSONAL not in metrics
+    assert not (tmp_path / "personal").exists()
 
 
 def test_missing_shard_error_names_bank_and_file(prepared, tmp_path: Path) -> None:

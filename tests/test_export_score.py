@@ -22,7 +22,8 @@ from common.data import (
 from common.model import CARD_JSON_FILE, TORCHSCRIPT_FILE, FraudNet, ModelSpec
 from common.schema import NUMERIC, Column, Schema
 from common.task import score
-from server.export import FraudProbability, export_model
+from common.model import FraudProbability
+from server.export import export_model
 from tests.test_report import sample_metrics
 
 

@@ -51,8 +51,13 @@ def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
     assert baselines["centralized"]["tp"] + baselines["centralized"]["fn"] == 237
     assert [entry["bank"] for entry in baselines["local_only"]] == list(range(10))
     for entry in baselines["local_only"]:
-        assert set(entry["own_validation"]) == set(entry["test"]) == {"local_only", "federated"}
+        assert set(entry["test"]) == {"local_only", "federated"}
+        assert set(entry["own_validation"]) == {"local_only", "federated", "personalized"}
         assert entry["test"]["federated"]["auc"] == final["auc"]
+    # Each bank personalized the final model and says which one it keeps.
+    assert all(bank["kept"] in ("federated", "personalized") for bank in metrics["banks"])
+    personal = metrics["personalization"]
+    assert personal["banks"] == 10 and 0.5 < personal["kept"]["auc"] <= 1.0
     run_dir = (tmp_path / "runs" / "latest").resolve()
     outputs = {p.name for p in run_dir.iterdir()}
     assert {"model.pt", "model.ts", "model_card.json", "model_card.md", "report.md",
