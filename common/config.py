@@ -63,6 +63,7 @@ class Config:
     data_source: str
     data_dir: str
     runs_dir: str
+    initial_model: str
     baselines: bool
     report_model: str
     report_timeout_s: float

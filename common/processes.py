@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -146,6 +147,11 @@ class Services:
 
 @contextmanager
 def services(flwr_home: Path) -> Iterator[Services]:
+    """Processes started inside are stopped on the way out, also when this process is
+    told to stop (SIGTERM becomes SystemExit, so the ``finally`` runs: a supervisor that
+    is killed takes its SuperLink, SuperNodes and executors with it)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     log_dir = flwr_home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     started = Services(flower_env(flwr_home), log_dir, [])

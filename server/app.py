@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -17,7 +18,7 @@ from common.data import (
     TEST_FILE, BankDataError, describe_data, fit_scaler, load_transactions, standardize,
 )
 from common.metrics import PooledCurve
-from common.model import FraudNet, ModelSpec
+from common.model import STATE_DICT_FILE, FraudNet, ModelSpec
 from common.schema import SCHEMA_FILE, Schema
 from server.baselines import compute_baselines
 from server.evaluation import TestSetEvaluation
@@ -56,7 +57,9 @@ def main(grid: Grid, context: Context) -> None:
     features = schema.features
     spec = ModelSpec(in_features=len(features))
     torch.manual_seed(config.seed)
-    initial = FraudNet(spec).state_dict()
+    fresh = FraudNet(spec).state_dict()  # also the references' start: "alone" is alone
+    initial = (load_initial(Path(config.initial_model), features) if config.initial_model
+               else fresh)
     evaluation = TestSetEvaluation(x_test, y_test, spec, config.num_server_rounds)
 
     strategy = make_strategy(config)
@@ -87,7 +90,7 @@ def main(grid: Grid, context: Context) -> None:
     if config.baselines and mode == "simulation" and y_test is not None:
         log(INFO, "fedfraud: training the centralized and local-only references")
         try:
-            baselines, central_logits = compute_baselines(config, spec, initial, x_test,
+            baselines, central_logits = compute_baselines(config, spec, fresh, x_test,
                                                           y_test)
             curves["centralized, test set"] = PooledCurve.from_scores(y_test, central_logits)
         except BankDataError as err:  # keep the federated results all the same
@@ -111,6 +114,24 @@ def main(grid: Grid, context: Context) -> None:
     point_latest(run_dir)
     write_report(run_dir, metrics, config, figures)
     log(INFO, "fedfraud run folder: %s", run_dir)
+
+
+def load_initial(run_dir: Path, features: list[str]) -> dict[str, torch.Tensor]:
+    """The weights of an earlier run's model (``initial-model``), if it was trained on
+    the same features; tensors only (``weights_only``: a crafted file runs no code)."""
+    path = run_dir / STATE_DICT_FILE
+    try:
+        saved = torch.load(path, weights_only=True)
+        state, trained_on = saved["state_dict"], saved["features"]
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError,
+            pickle.UnpicklingError) as err:
+        raise ValueError(f"fedfraud: initial-model: {path} is not a fedfraud model "
+                         f"({err})") from None
+    if trained_on != features:
+        raise ValueError(f"fedfraud: initial-model: {path} was trained on other features "
+                         f"({len(trained_on)}) than this federation's schema "
+                         f"({len(features)}): start fresh (initial-model = '')")
+    return state
 
 
 def wait_for_banks(grid: Grid, count: int, deadline_s: float = BANKS_DEADLINE_S) -> None:

@@ -49,6 +49,8 @@ def settings(app_dir: Path, overrides: list[str]) -> Config:
             (app_dir / source).resolve()),
         "data-dir": str((app_dir / config.data_dir).resolve()),
         "runs-dir": str((app_dir / config.runs_dir).resolve()),
+        "initial-model": config.initial_model and str(
+            (app_dir / config.initial_model).resolve()),
     })
 
 

@@ -60,6 +60,11 @@ def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str,
             for row in metrics["history"]
         ],
     }
+    start = metrics.get("initial_model") or {}
+    if start.get("test") or start.get("validation"):
+        facts["model_in_production_metrics"] = {
+            key: value for key, value in (start.get("test") or start["validation"]).items()
+            if key in keep}
     baselines = metrics.get("baselines")
     if baselines:
         central = baselines["centralized"]
@@ -301,6 +306,11 @@ def results_tables(metrics: dict[str, Any]) -> str:
              "federated, banks' pooled validation", final),
         _row("federated, banks' pooled validation", final.get("validation")),
     ]
+    start = metrics.get("initial_model") or {}
+    if start:  # next month's run: the model in production it started from
+        lines.append(_row("model in production (initial-model), "
+                          + ("test set" if "test" in start else "pooled validation"),
+                          start.get("test", start.get("validation"))))
     if baselines:
         lines.append(_row("centralized reference, test set", baselines["centralized"]))
         lines += ["", "Per bank, local-only vs federated (AUC / AP):", "",

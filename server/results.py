@@ -79,6 +79,27 @@ def history(result: Result, evaluation: TestSetEvaluation,
     return rows
 
 
+def initial_model(config: Config, result: Result,
+                  evaluation: TestSetEvaluation) -> dict[str, Any] | None:
+    """The model the run started from (``initial-model``: the one in production), scored
+    like each round's model: on the test set if the server has one, and on the banks'
+    pooled validation rows (their round-1 replies evaluate it), at the threshold those
+    rows choose for it."""
+    if not config.initial_model:
+        return None
+    record: dict[str, Any] = {"run": config.initial_model}
+    validation = validation_record(result, 0)
+    threshold = config.decision_threshold
+    if validation is not None:
+        curve = PooledCurve.from_histograms(validation[keys.HIST_LEGIT],
+                                            validation[keys.HIST_FRAUD])
+        threshold = curve.best_f1_threshold()
+        record["validation"] = curve.summary(threshold)
+    if 0 in evaluation.logits and evaluation.y is not None:
+        record["test"] = summarize(evaluation.y, evaluation.logits[0], threshold)
+    return record
+
+
 def bank_table(result: Result, final_bank_metrics: dict[int, MetricRecord],
                threshold: float) -> list[dict[str, Any]]:
     """Each bank's sizes as it last reported them (none with SecAgg+), and the final
@@ -243,6 +264,7 @@ def build_metrics(
                               "are optimistic)"),
         "history": rows,
         "final": final,
+        "initial_model": initial_model(config, result, evaluation),
         "baselines": baselines,
         "strategy": {"name": config.strategy, "attack": config.attack,
                      "attackers": sorted(config.attacker_ids),

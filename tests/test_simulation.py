@@ -136,3 +136,84 @@ def test_secure_aggregation_matches_fedavg_and_never_shows_a_banks_weights(
     masked = [entry for entry in received(secure) if entry["bank"] == 0 and any(
         "masked_params" in record["items"] for record in entry["records"])]
     assert [entry["round"] for entry in masked] == [1]
+
+
+def test_next_months_run_starts_from_the_model_in_production(tmp_path: Path) -> None:
+    first = simulate(tmp_path, "first")
+    second = simulate(tmp_path, "second", "--set", f"initial-model='{first}'")
+
+    # Round 0 of the second run is the first run's model, scored on the same test set.
+    before = json.loads((first / "metrics.json").read_text())["final"]
+    start = json.loads((second / "metrics.json").read_text())["initial_model"]
+    assert start["run"] == str(first)
+    assert start["test"]["auc"] == pytest.approx(before["auc"], abs=1e-9)
+    assert start["validation"]["ap"] is not None  # the banks' round-1 replies
+    assert "model in production (initial-model), test set" in (
+        second / "report.md").read_text()
+
+
+def test_an_initial_model_of_other_features_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from common.model import STATE_DICT_FILE
+    from server.app import load_initial
+
+    torch.save({"state_dict": {}, "features": ["a", "b"]}, tmp_path / STATE_DICT_FILE)
+    with pytest.raises(ValueError, match="other features"):
+        load_initial(tmp_path, ["a", "b", "c"])
+    (tmp_path / STATE_DICT_FILE).write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a fedfraud model"):
+        load_initial(tmp_path, ["a"])
+
+
+class Payload:
+    """A pickle that runs a command when loaded the unsafe way."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_initial_model_runs_no_code_at_the_server(tmp_path: Path) -> None:
+    import torch
+
+    from common.model import STATE_DICT_FILE
+    from server.app import load_initial
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "features": ["a"], "spec": Payload(marker)},
+               tmp_path / STATE_DICT_FILE)
+    with pytest.raises(ValueError, match="not a fedfraud model"):
+        load_initial(tmp_path, ["a"])
+    assert not marker.exists()
+
+
+def test_a_stopped_simulation_leaves_no_flower_process_behind(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    flwr_home = tmp_path / "flwr-home"
+    marker = f"FLWR_HOME={flwr_home}"
+    process = subprocess.Popen(
+        [str(BIN / "fedfraud"), "--app-dir", str(APP_DIR), "--flwr-home", str(flwr_home),
+         "--set", f"data-dir='{tmp_path / 'data'}'", "--set",
+         f"runs-dir='{tmp_path / 'runs'}'", "simulate"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(processes_with_env(marker)) < 2:  # the SuperLink and `flwr run`
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)  # the supervisor alone, as a service manager
+        assert process.wait(timeout=60) != 0
+        deadline = time.monotonic() + 20
+        while processes_with_env(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert processes_with_env(marker) == []
+    finally:  # whatever happened, nothing of this test keeps running
+        for pid in processes_with_env(marker):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
