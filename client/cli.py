@@ -5,6 +5,9 @@
     fedfraud-bank policy    its policy alone (``run`` makes the key pair if missing)
     fedfraud-bank approve   add an app bundle (.fab) the bank reviewed to its policy
     fedfraud-bank run       its SuperNode and task executor (approved apps only)
+    fedfraud-bank summarize what the bank sends to agree the federation's schema: per
+                            column its kind, gaps and text-value counts (rare values
+                            left out); no row, no number, no label count
     fedfraud-bank score     score its own transactions with a run's exported model
     fedfraud-bank serve     the scoring service: POST /score, GET /health, GET /model
     fedfraud-bank executor  the task executor alone (``run`` starts it)
@@ -93,6 +96,33 @@ def executor(args: argparse.Namespace) -> int:
     return 0
 
 
+def summarize(args: argparse.Namespace) -> int:
+    import json
+
+    from common.config import column_names
+    from common.data import check_numbers_read_as_text, read_pooled_csv
+    from common.schema import SUPPRESS_BELOW, check_special_columns
+    from common.schema import summarize as summary_of
+
+    where = f"{args.name}: {args.transactions}"
+    frame = read_pooled_csv(args.transactions, args.label_column, args.name)
+    ids = column_names(args.id_columns)
+    # A column the federation drops may already be gone from the bank's file.
+    dropped = tuple(c for c in column_names(args.drop_columns) if c in frame.columns)
+    check_special_columns(list(frame.columns), args.label_column, ids, args.time_column,
+                          dropped, where)
+    ignore = (*ids, *((args.time_column,) if args.time_column else ()), *dropped)
+    check_numbers_read_as_text(frame, {args.label_column, *ignore}, args.max_categories,
+                               where)
+    summary = summary_of(frame, args.label_column, ignore, args.name)
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    values = sum(len(stats.get("counts", {})) for stats in summary["stats"].values())
+    print(f"fedfraud-bank: {args.name}: summary of {len(summary['stats'])} columns and "
+          f"{values} text values (values in fewer than {SUPPRESS_BELOW} rows left out) "
+          f"-> {args.out}; read it, then send it to the operator")
+    return 0
+
+
 def score(args: argparse.Namespace) -> int:
     from client.score import Scorer, score_file
 
@@ -138,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     executor_cmd = bank("executor", "the task executor alone (run starts it)")
     executor_cmd.add_argument("--runtime", required=True, help="SuperNode Runtime API")
     executor_cmd.add_argument("--secret-file", type=Path, required=True)
+    summary_cmd = commands.add_parser(
+        "summarize", help="the bank's summary for agreeing the federation's schema")
+    summary_cmd.add_argument("--transactions", type=Path, required=True,
+                             help="the bank's labelled transactions (CSV)")
+    summary_cmd.add_argument("--name", required=True, help="the bank, as the operator "
+                             "knows it (named in the summary and in errors)")
+    summary_cmd.add_argument("--out", type=Path, required=True)
+    summary_cmd.add_argument("--label-column", default="Class")
+    for setting in ("id-columns", "time-column", "drop-columns"):
+        summary_cmd.add_argument(f"--{setting}", default="",
+                                 help="as agreed in the federation's run config")
+    summary_cmd.add_argument("--max-categories", type=int, default=50)
     score_cmd = commands.add_parser("score", help="score transactions (CSV/Parquet)")
     score_cmd.add_argument("--run", type=Path, default=Path("runs/latest"),
                            help="run folder with model.ts and model_card.json")
@@ -156,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"init": init, "policy": policy, "approve": approve, "run": run, "executor": executor,
-            "score": score}
+            "summarize": summarize, "score": score}
 
 
 def main(argv: list[str] | None = None) -> int:

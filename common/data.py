@@ -432,26 +432,27 @@ def make_cards(seed: int, rows: int = CARDS_ROWS, label_column: str = "Class",
     return table, kind[order]
 
 
-def read_pooled_csv(path: Path, label_column: str) -> Any:
-    """A whole data set to be split into banks (only ``prepare`` ever holds one)."""
+def read_pooled_csv(path: Path, label_column: str, owner: str = "data source") -> Any:
+    """A whole labelled table: the data set ``prepare`` splits into banks, or one bank's
+    own file for its schema summary (``owner`` names it in errors)."""
     import pandas as pd
 
     try:
         frame = pd.read_csv(path, low_memory=False)  # one type per column, not per chunk
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise BankDataError(f"data source: {path}: not a readable CSV ({why})") from None
+        raise BankDataError(f"{owner}: {path}: not a readable CSV ({why})") from None
     labels = frame.get(label_column)
     if labels is None:
-        raise BankDataError(f"data source: {path}: no label column {label_column!r} "
+        raise BankDataError(f"{owner}: {path}: no label column {label_column!r} "
                             f"(label-column; columns: {', '.join(map(str, frame.columns))})")
     bad = ~labels.isin([0, 1]).to_numpy()
     if bad.any():
         row = int(bad.argmax())
-        raise BankDataError(f"data source: {path}: label column {label_column!r} must be "
+        raise BankDataError(f"{owner}: {path}: label column {label_column!r} must be "
                             f"0/1 (row {row + 1}: {labels.iloc[row:row + 1].tolist()[0]!r})")
     if labels.nunique() < 2:
-        raise BankDataError(f"data source: {path}: label column {label_column!r} needs "
+        raise BankDataError(f"{owner}: {path}: label column {label_column!r} needs "
                             "both classes (fraud 1 and legitimate 0)")
     return frame
 

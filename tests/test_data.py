@@ -18,7 +18,7 @@ from common.data import (
 from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema, summarize
 from common.model import FraudNet, ModelSpec
 from common.task import train
-from tests.conftest import app_config
+from tests.conftest import APP_DIR, app_config
 
 LABELS = np.array([0] * 9_850 + [1] * 150)  # 1.5 % fraud, like the product's data
 
@@ -493,6 +493,49 @@ def test_schema_from_bank_summaries_equals_the_pooled_schema(tmp_path: Path) -> 
                                                "device_score"]
 
     assert agree(parties, min_count=1) == pooled  # nothing suppressed: the same schema
+
+
+def test_the_summaries_exchange_by_command_gives_the_agreed_schema(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each bank runs `fedfraud-bank summarize` on its own file, the operator runs
+    `fedfraud schema` on the summaries it received: the schema the merge agrees."""
+    from client.cli import main as bank_main
+    from server.cli import main as operator_main
+
+    _, parties = prepared_parties(tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for bank, rows in enumerate(parties[:-1]):  # the banks, not the server's test set
+        own = tmp_path / f"bank{bank}.csv"
+        rows.to_csv(own, index=False)
+        assert bank_main(["summarize", "--transactions", str(own), "--name",
+                          f"bank {bank}", "--out", str(inbox / f"bank{bank}.json"),
+                          "--label-column", "fraud", "--id-columns", "tx_id",
+                          "--time-column", "ts", "--drop-columns", "note"]) == 0
+    sent = json.loads((inbox / "bank0.json").read_text())
+    assert "fraud" not in sent["stats"] and "tx_id" not in sent["stats"]
+    settings = ["--app-dir", str(APP_DIR), "--set", "label-column='fraud'",
+                "--set", "id-columns='tx_id'", "--set", "time-column='ts'",
+                "--set", "drop-columns='note'"]
+    out = tmp_path / "schema.json"
+
+    assert operator_main([*settings, "schema", "--summaries", str(inbox),
+                          "--out", str(out)]) == 0
+
+    summaries = [json.loads(p.read_text()) for p in sorted(inbox.glob("*.json"))]
+    assert Schema.load(out) == Schema.merge(summaries, "fraud", ("tx_id",), "ts",
+                                            ("note",), max_categories=50)
+    # A bank whose columns differ: one line naming it, exit 1, no schema written.
+    parties[0].drop(columns=["amount"]).to_csv(tmp_path / "odd.csv", index=False)
+    bank_main(["summarize", "--transactions", str(tmp_path / "odd.csv"), "--name",
+               "bank 9", "--out", str(inbox / "odd.json"), "--label-column", "fraud",
+               "--id-columns", "tx_id", "--time-column", "ts", "--drop-columns", "note"])
+    capsys.readouterr()
+    assert operator_main([*settings, "schema", "--summaries", str(inbox), "--out",
+                          str(tmp_path / "other.json")]) == 1
+    error = capsys.readouterr().err
+    assert "bank 9" in error and "amount" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "other.json").exists()
 
 
 def test_suppressing_rare_values_changes_only_those(tmp_path: Path) -> None:
