@@ -107,15 +107,15 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     config, policy = allowed_config(context)
     # Evaluate messages carry only the final model (server/strategy.py): audit it too,
-    # unless the bank's policy keeps the membership audit to itself, and personalize it.
+    # unless the bank's policy keeps the membership audit to itself; and keep a copy
+    # (personalized if that is better) for the bank's own scoring.
     audit = policy is None or policy.membership_audit
     if not may_evaluate(context, config, policy):
         raise BankRefused(f"bank {context.node_config['bank-id']}: this run's evaluations "
                           "are spent")
     bank, arrays = bank_for(context, config), numpy_arrays(msg)
     metrics = bank.evaluate(arrays, config, audit)
-    if config.personalization:
-        metrics.update(bank.personalize(arrays, config, str(context.run_id)))
+    metrics.update(bank.keep_final(arrays, config, str(context.run_id)))
     metrics = disclosed(metrics, policy)
     return reply(msg, {keys.METRICS: MetricRecord(metrics)})
 

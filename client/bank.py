@@ -19,6 +19,7 @@ from common.config import Config
 from common.data import fit_scaler, read_bank, save_scaler, scaler_file, standardize
 from common.metrics import (
     PooledCurve, bce_loss, confusion, membership_histograms, row_losses, score_histograms,
+    without_nan,
 )
 from common.model import CARD_JSON_FILE, FraudNet, ModelSpec, save_model
 from common.privacy import epsilon_spent, privacy_for
@@ -26,8 +27,16 @@ from common.task import score, train
 from client.attack import poison
 
 Arrays = dict[str, np.ndarray]
-PERSONAL_DIR = "personal"  # in the bank's state folder: <run id>/ per personalized model
+MODELS_DIR = "models"  # in the bank's state folder: <run id>/ per kept model, and latest
 Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's train split
+
+
+def point_at(folder: Path) -> None:
+    """``latest`` beside ``folder`` points at it (an atomic replace of the link)."""
+    link = folder.parent / "latest"
+    tmp = folder.parent / f".latest-{secrets.token_hex(4)}"
+    tmp.symlink_to(folder.name)
+    tmp.replace(link)
 
 
 class Bank:
@@ -81,46 +90,57 @@ class Bank:
             metrics.update({keys.HIST_NONMEMBER: outside, keys.HIST_MEMBER: inside})
         return metrics
 
-    def personalize(self, arrays: Arrays, config: Config, run_id: str) -> dict[str, Any]:
-        """Fine-tune the federated model on the bank's own training rows
-        (``personalize-epochs``, the run's batch size and learning rate) and keep, for
-        this bank alone, whichever of the two has the higher AP on its own validation
-        rows. A kept personalized model is saved in the bank's state folder as
-        ``personal/<run id>/`` (model.ts, model.pt, model_card.json with the threshold
-        chosen on the bank's validation rows): ``fedfraud-bank score --run`` and
-        ``serve`` take it like a run folder. Returns the personalized model's
-        validation histograms and ``PERSONAL_KEPT`` (1: the bank keeps it).
+    def keep_final(self, arrays: Arrays, config: Config, run_id: str) -> dict[str, Any]:
+        """The bank's own copy of the run's result, for its production scoring.
+
+        With personalization (``config.personalization``) the bank first fine-tunes the
+        federated model on its own training rows (``personalize-epochs``, the run's
+        batch size and learning rate) and keeps whichever of the two has the higher AP
+        on its own validation rows; otherwise it keeps the federated model. The kept
+        model goes to the bank's state folder as ``models/<run id>/`` (model.ts,
+        model.pt, model_card.json with a threshold chosen on the bank's validation
+        rows), and ``models/latest`` points at it: ``fedfraud-bank score``/``serve
+        --run <state>/models/latest`` need nothing from the operator. Returns what the
+        bank reports: the fine-tuned model's validation histograms and
+        ``PERSONAL_KEPT`` (nothing without personalization).
 
         The choice and both APs are on the same validation rows, so the kept model's AP
         there is slightly optimistic (README, "Personalization")."""
         model = self._model(arrays)
-        federated = score(model, self.x_val)
-        train(model, self.x_train, self.y_train, epochs=config.personalize_epochs,
-              batch_size=config.batch_size, learning_rate=config.learning_rate,
-              pos_weight=config.pos_weight, seed=config.seed + 1000 * (
-                  config.num_server_rounds + 1) + self.id)
-        legit, fraud = score_histograms(self.y_val, score(model, self.x_val))
-        curves = {"federated": PooledCurve.from_scores(self.y_val, federated),
-                  "personalized": PooledCurve.from_histograms(legit, fraud)}
-        ap = {name: curve.average_precision() for name, curve in curves.items()}
-        kept = ap["personalized"] > ap["federated"]  # NaN (no fraud): keep federated
-        if kept:
-            folder = self.state_dir / PERSONAL_DIR / run_id
-            folder.mkdir(parents=True, exist_ok=True)
-            threshold = curves["personalized"].best_f1_threshold()
-            save_model(folder, {k: t.detach() for k, t in model.state_dict().items()},
-                       ModelSpec(in_features=self.x_train.shape[1]), self.features,
-                       threshold)
-            (folder / CARD_JSON_FILE).write_text(json.dumps({
-                "name": f"fedfraud FraudNet, personalized by bank {self.id}",
-                "run_id": f"{run_id}-bank{self.id}", "personalized_from": run_id,
-                "features": self.features, "threshold": threshold,
-                "threshold_chosen_on": "the bank's own validation rows (max F1)",
-                "fine_tuning": {"epochs": config.personalize_epochs,
-                                "rows": len(self.y_train)},
-                "own_validation_ap": ap}, indent=2) + "\n")
-        return {keys.HIST_LEGIT_PERSONAL: legit, keys.HIST_FRAUD_PERSONAL: fraud,
-                keys.PERSONAL_KEPT: int(kept)}
+        federated = PooledCurve.from_scores(self.y_val, score(model, self.x_val))
+        reported: dict[str, Any] = {}
+        kept = "federated"
+        if config.personalization:
+            tuned = self._model(arrays)
+            train(tuned, self.x_train, self.y_train, epochs=config.personalize_epochs,
+                  batch_size=config.batch_size, learning_rate=config.learning_rate,
+                  pos_weight=config.pos_weight, seed=config.seed + 1000 * (
+                      config.num_server_rounds + 1) + self.id)
+            legit, fraud = score_histograms(self.y_val, score(tuned, self.x_val))
+            personal = PooledCurve.from_histograms(legit, fraud)
+            # NaN AP (no validation fraud) compares False: the federated model stays.
+            if personal.average_precision() > federated.average_precision():
+                model, kept = tuned, "personalized"
+            reported = {keys.HIST_LEGIT_PERSONAL: legit, keys.HIST_FRAUD_PERSONAL: fraud,
+                        keys.PERSONAL_KEPT: int(kept == "personalized")}
+        curve = (PooledCurve.from_scores(self.y_val, score(model, self.x_val))
+                 if kept == "personalized" else federated)
+        threshold = curve.best_f1_threshold()
+        folder = self.state_dir / MODELS_DIR / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(folder, {k: t.detach() for k, t in model.state_dict().items()},
+                   ModelSpec(in_features=self.x_train.shape[1]), self.features, threshold)
+        (folder / CARD_JSON_FILE).write_text(json.dumps({
+            "name": f"fedfraud FraudNet, {kept}, kept by bank {self.id}",
+            "run_id": run_id if kept == "federated" else f"{run_id}-bank{self.id}",
+            "federated_run": run_id, "kept": kept,
+            "features": self.features, "threshold": threshold,
+            "threshold_chosen_on": "the bank's own validation rows (max F1)",
+            "own_validation": without_nan({"federated": federated.summary(threshold),
+                                           kept: curve.summary(threshold)}),
+        }, indent=2) + "\n")
+        point_at(folder)
+        return reported
 
     def epsilon_after(self, config: Config, rounds: int) -> float:
         """Epsilon this bank has spent after ``rounds`` rounds of DP-SGD in a run."""

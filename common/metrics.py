@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -203,3 +204,15 @@ def summarize(y: np.ndarray, logits: np.ndarray, threshold: float) -> dict[str, 
         "threshold": threshold,
         **confusion(y, logits, threshold).as_dict(),
     }
+
+
+def without_nan(value: Any) -> Any:
+    """NaN (e.g. AUC of a bank whose validation rows hold no fraud) becomes None, so
+    a JSON file (metrics.json, a model card) is strict JSON and says "undefined" instead of a number."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nan(item) for item in value]
+    return value

@@ -28,7 +28,8 @@ say() { printf 'compose-e2e: %s\n' "$*"; }
 cleanup() {
     local code=$?
     if [ -d "$PROJECT" ] && docker info >/dev/null 2>&1; then
-        (cd "$PROJECT" && compose down -v --remove-orphans >/dev/null 2>&1) || true
+        (cd "$PROJECT" && compose --profile scoring down -v --remove-orphans \
+            >/dev/null 2>&1) || true
     fi
     if [ -f "$WORK/docker.pid" ]; then
         local pid
@@ -168,5 +169,35 @@ if compose exec -T bank-0 sh -c "$probe submit --certs /tmp/probe --control supe
     say "FAILED: a bank submitted a run"; cat "$WORK/probe.log"; exit 1
 fi
 say "registering a key and submitting a run from a bank both fail"
+
+say "bank 0's scoring service (profile scoring) serves the model bank 0 kept"
+compose --profile scoring up -d --no-build scoring-0 >"$WORK/scoring.log" 2>&1 \
+    || { cat "$WORK/scoring.log"; exit 1; }
+python3 - "$run_dir" <<'EOF' || { compose --profile scoring logs --tail 60 scoring-0; exit 1; }
+import csv, json, sys, time, urllib.request
+from pathlib import Path
+url = "http://127.0.0.1:8080"  # published on the host's loopback only
+deadline = time.time() + 120
+while True:
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=2).read()
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise SystemExit("compose-e2e: FAILED: no /health from the scoring service")
+        time.sleep(1)
+with open("data/synthetic/bank_00/transactions.csv") as file:
+    rows = [row for _, row in zip(range(5), csv.DictReader(file))]
+batch = {"transactions": [{**{k: float(v) for k, v in row.items() if k != "Class"},
+                           "id": str(i)} for i, row in enumerate(rows)]}
+request = urllib.request.Request(f"{url}/score", json.dumps(batch).encode(),
+                                 {"Content-Type": "application/json"})
+answer = json.loads(urllib.request.urlopen(request, timeout=10).read())
+run_id = json.loads((Path(sys.argv[1]) / "metrics.json").read_text())["run_id"]
+assert len(answer["results"]) == 5, answer
+assert answer["model_version"] in (run_id, f"{run_id}-bank0"), (answer, run_id)
+assert all(0 <= r["fraud_probability"] <= 1 for r in answer["results"]), answer
+print(f"compose-e2e: bank 0 scored 5 transactions with model {answer['model_version']}")
+EOF
 
 say "passed: run $(( $(date +%s) - up_started )) s after up, total $(( $(date +%s) - STARTED )) s, peak memory of the network ${peak_mb} MB"

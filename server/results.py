@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -16,7 +15,7 @@ from flwr.serverapp.strategy import Result
 
 from common import keys
 from common.config import Config
-from common.metrics import PooledCurve, summarize
+from common.metrics import PooledCurve, summarize, without_nan
 from server.evaluation import TestSetEvaluation
 from server.strategy import BankGuard
 
@@ -275,18 +274,6 @@ def build_metrics(
         "sent_by_banks": ledger_summary(strategy.ledger),
         "timing": {"total_s": total_s, "round_s": [row["seconds"] for row in rows]},
     })
-
-
-def without_nan(value: Any) -> Any:
-    """NaN (e.g. AUC of a bank whose validation rows hold no fraud) becomes None, so
-    metrics.json is strict JSON and says "undefined" instead of a number."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_nan(item) for item in value]
-    return value
 
 
 LEDGER_FILE = "sent_by_banks.json"

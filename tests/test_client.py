@@ -15,7 +15,7 @@ from flwr.common import Metadata
 from client.app import app
 from common import keys
 from common.config import Config
-from common.data import BankDataError, bank_file, load_transactions, split_bank
+from common.data import BankDataError, bank_file, load_transactions, split_bank, standardize
 from common.metrics import SCORE_EDGES, PooledCurve
 from common.model import FraudNet, ModelSpec
 from tests.conftest import app_config
@@ -113,7 +113,7 @@ def test_a_bank_personalizes_the_final_model_and_keeps_the_better_one_for_scorin
             > PooledCurve.from_histograms(metrics[keys.HIST_LEGIT],
                                           metrics[keys.HIST_FRAUD]).average_precision())
     # ... and saved in the bank's own state folder, in the form `score` takes.
-    scorer = Scorer.load(tmp_path / "personal" / "1", tmp_path / "scaler.json")
+    scorer = Scorer.load(tmp_path / "models" / "latest", tmp_path / "scaler.json")
     x, y, _ = load_transactions(Path(prepared.data_dir) / bank_file(5), "Class", "bank 5")
     split = split_bank(x, y, prepared.val_fraction, prepared.seed + 5)
     p = scorer.probabilities(split.x_val).astype(np.float64)
@@ -123,13 +123,28 @@ def test_a_bank_personalizes_the_final_model_and_keeps_the_better_one_for_scorin
     assert scorer.version == "1-bank5"
 
 
-def test_no_personalization_when_off_or_with_dp(prepared, tmp_path: Path) -> None:
+def test_without_personalization_a_bank_keeps_the_federated_model(
+        prepared, tmp_path: Path) -> None:
+    from client.score import Scorer
+
     for config in (app_config(data_dir=prepared.data_dir, personalize_epochs=0),
                    app_config(data_dir=prepared.data_dir, dp_epsilon=3.0)):
         metrics = final_evaluate(config, tmp_path)
         assert keys.PERSONAL_KEPT not in metrics
         assert keys.HIST_LEGIT_PERSONAL not in metrics
-    assert not (tmp_path / "personal").exists()
+        scorer = Scorer.load(tmp_path / "models" / "latest", tmp_path / "scaler.json")
+        assert scorer.card["kept"] == "federated" and scorer.version == "1"
+        # It is the model the server sent: the same scores as the reported histograms.
+        p = scorer.probabilities(scorer_rows(prepared)).astype(np.float64)
+        torch.manual_seed(0)
+        expected = torch.sigmoid(FraudNet(ModelSpec(30)).eval()(torch.from_numpy(
+            standardize(scorer_rows(prepared), scorer.mean, scorer.scale))))
+        np.testing.assert_allclose(p, expected.detach().numpy(), atol=1e-6)
+
+
+def scorer_rows(config: Config) -> np.ndarray:
+    x, _, _ = load_transactions(Path(config.data_dir) / bank_file(5), "Class", "bank 5")
+    return x[:50]
 
 
 def test_missing_shard_error_names_bank_and_file(prepared, tmp_path: Path) -> None:

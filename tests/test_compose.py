@@ -39,6 +39,12 @@ def check(config: dict[str, Any]) -> None:
         }, (bank, service.get("volumes"))
         assert list(service["networks"]) == ["fleet"]
         assert "OPENAI_API_KEY" not in (service.get("environment") or {})
+    # A bank's scoring service: that bank's own state, read-only, off the fleet network.
+    scoring = services["scoring-0"]
+    assert targets(scoring) == {"/state": "bank-00:ro"}
+    assert list(scoring["networks"]) == ["scoring"]
+    assert all(str(port).startswith("127.0.0.1:") or (isinstance(port, dict) and
+               port.get("host_ip") == "127.0.0.1") for port in scoring["ports"])
     # The operator's one-shots: public keys and the CA certificate, nothing private.
     assert targets(services["register"]) == {"/public/banks": "banks:ro",
                                              "/certs/server/ca.crt": "ca.crt:ro"}
