@@ -16,7 +16,9 @@ import torch
 
 from common import keys
 from common.config import Config
-from common.data import fit_scaler, read_bank, save_scaler, scaler_file, standardize
+from common.data import (
+    SCALER_FILE, fit_scaler, read_bank, save_scaler, scaler_file, standardize,
+)
 from common.metrics import (
     PooledCurve, bce_loss, confusion, membership_histograms, row_losses, score_histograms,
     without_nan,
@@ -28,6 +30,7 @@ from client.attack import poison
 
 Arrays = dict[str, np.ndarray]
 MODELS_DIR = "models"  # in the bank's state folder: <run id>/ per kept model, and latest
+MIN_THRESHOLD_FRAUDS = 20  # validation frauds a bank needs to choose its own threshold
 Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's train split
 
 
@@ -99,13 +102,17 @@ class Bank:
         on its own validation rows; otherwise it keeps the federated model. The kept
         model goes to the bank's state folder as ``models/<run id>/`` (model.ts,
         model.pt, model_card.json with a threshold chosen on the bank's validation
-        rows), and ``models/latest`` points at it: ``fedfraud-bank score``/``serve
-        --run <state>/models/latest`` need nothing from the operator. Returns what the
-        bank reports: the fine-tuned model's validation histograms and
-        ``PERSONAL_KEPT`` (nothing without personalization).
+        rows, scaler.json), and ``models/latest`` points at it: ``fedfraud-bank
+        score``/``serve --run <state>/models/latest --scaler <that>/scaler.json`` need
+        nothing from the operator. One model per run (a repeated evaluate request
+        changes nothing). Returns what the bank reports: the fine-tuned model's
+        validation histograms and ``PERSONAL_KEPT`` (nothing without personalization).
 
         The choice and both APs are on the same validation rows, so the kept model's AP
         there is slightly optimistic (README, "Personalization")."""
+        folder = self.state_dir / MODELS_DIR / run_id
+        if folder.exists():  # one kept model per run: later evaluate requests change nothing
+            return {}
         model = self._model(arrays)
         federated = PooledCurve.from_scores(self.y_val, score(model, self.x_val))
         reported: dict[str, Any] = {}
@@ -125,20 +132,27 @@ class Bank:
                         keys.PERSONAL_KEPT: int(kept == "personalized")}
         curve = (PooledCurve.from_scores(self.y_val, score(model, self.x_val))
                  if kept == "personalized" else federated)
-        threshold = curve.best_f1_threshold()
-        folder = self.state_dir / MODELS_DIR / run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        save_model(folder, {k: t.detach() for k, t in model.state_dict().items()},
+        # A threshold fitted to a handful of validation frauds is noise (with none it
+        # flags nothing): below MIN_THRESHOLD_FRAUDS the run's decision-threshold.
+        own = curve.positives >= MIN_THRESHOLD_FRAUDS
+        threshold = curve.best_f1_threshold() if own else config.decision_threshold
+        partial = folder.with_name(f".{run_id}-{secrets.token_hex(4)}")
+        partial.mkdir(parents=True)
+        save_model(partial, {k: t.detach() for k, t in model.state_dict().items()},
                    ModelSpec(in_features=self.x_train.shape[1]), self.features, threshold)
-        (folder / CARD_JSON_FILE).write_text(json.dumps({
+        # The scaler it was trained with, beside it: the next run may refit the bank's.
+        save_scaler(partial / SCALER_FILE, *self.scaler, self.schema)
+        (partial / CARD_JSON_FILE).write_text(json.dumps({
             "name": f"fedfraud FraudNet, {kept}, kept by bank {self.id}",
             "run_id": run_id if kept == "federated" else f"{run_id}-bank{self.id}",
             "federated_run": run_id, "kept": kept,
             "features": self.features, "threshold": threshold,
-            "threshold_chosen_on": "the bank's own validation rows (max F1)",
+            "threshold_chosen_on": "the bank's own validation rows (max F1)" if own else
+            f"decision-threshold (fewer than {MIN_THRESHOLD_FRAUDS} validation frauds)",
             "own_validation": without_nan({"federated": federated.summary(threshold),
                                            kept: curve.summary(threshold)}),
         }, indent=2) + "\n")
+        partial.rename(folder)  # complete, then visible
         point_at(folder)
         return reported
 

@@ -150,12 +150,20 @@ def services(flwr_home: Path) -> Iterator[Services]:
     """Processes started inside are stopped on the way out, also when this process is
     told to stop (SIGTERM becomes SystemExit, so the ``finally`` runs: a supervisor that
     is killed takes its SuperLink, SuperNodes and executors with it)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        previous = signal.signal(signal.SIGTERM,
+                                 lambda *_: sys.exit(128 + signal.SIGTERM))
     log_dir = flwr_home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     started = Services(flower_env(flwr_home), log_dir, [])
     try:
         yield started
     finally:
-        stop(*started.processes)
+        if main:  # a second SIGTERM must not cut the stopping short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            stop(*started.processes)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -117,20 +116,30 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def load_initial(run_dir: Path, features: list[str]) -> dict[str, torch.Tensor]:
-    """The weights of an earlier run's model (``initial-model``), if it was trained on
-    the same features; tensors only (``weights_only``: a crafted file runs no code)."""
+    """The weights of an earlier run's model (``initial-model``), if it is a FraudNet of
+    this federation's features with finite weights; tensors only (``weights_only``: a
+    crafted file runs no code). Anything else is one ValueError naming the file."""
     path = run_dir / STATE_DICT_FILE
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"fedfraud: initial-model: {path}: {why}")
+
     try:
         saved = torch.load(path, weights_only=True)
-        state, trained_on = saved["state_dict"], saved["features"]
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError,
-            pickle.UnpicklingError) as err:
-        raise ValueError(f"fedfraud: initial-model: {path} is not a fedfraud model "
-                         f"({err})") from None
+        state, trained_on = dict(saved["state_dict"]), list(saved["features"])
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise refuse(f"not a fedfraud model ({type(err).__name__}: {err})") from None
     if trained_on != features:
-        raise ValueError(f"fedfraud: initial-model: {path} was trained on other features "
-                         f"({len(trained_on)}) than this federation's schema "
-                         f"({len(features)}): start fresh (initial-model = '')")
+        raise refuse(f"trained on other features ({len(trained_on)}) than this "
+                     f"federation's schema ({len(features)}): start fresh "
+                     "(initial-model = '')")
+    try:
+        FraudNet(ModelSpec(in_features=len(features))).load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise refuse(f"not this federation's model shape ({str(err).splitlines()[0]})"
+                     ) from None
+    if not all(torch.isfinite(tensor).all() for tensor in state.values()):
+        raise refuse("holds non-finite weights")
     return state
 
 

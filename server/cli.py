@@ -293,17 +293,20 @@ def agree_schema(config: Config, folder: Path) -> Schema:
     summaries = []
     for path in sorted(folder.glob("*.json")):
         try:
-            summaries.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as err:
-            raise BankDataError(f"{path}: not a bank's summary ({err})") from None
+            summary = json.loads(path.read_text())
+            # One bank's summary alone must merge: a malformed file is named here.
+            Schema.merge([summary], config.label_column, (), "", (), config.max_categories)
+        except BankDataError:
+            pass  # a data problem (e.g. columns), reported by the merge below
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise BankDataError(f"{path}: not a bank's summary ({type(err).__name__}: "
+                                f"{err})") from None
+        summaries.append(summary)
     if not summaries:
         raise BankDataError(f"{folder}: no summaries (*.json from fedfraud-bank summarize)")
-    try:
-        return Schema.merge(summaries, config.label_column, column_names(config.id_columns),
-                            config.time_column, column_names(config.drop_columns),
-                            config.max_categories)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise BankDataError(f"{folder}: a summary is malformed ({err!r})") from None
+    return Schema.merge(summaries, config.label_column, column_names(config.id_columns),
+                        config.time_column, column_names(config.drop_columns),
+                        config.max_categories)
 
 
 def wait_for_public_keys(folder: Path, count: int) -> list[Path]:

@@ -113,7 +113,9 @@ def test_a_bank_personalizes_the_final_model_and_keeps_the_better_one_for_scorin
             > PooledCurve.from_histograms(metrics[keys.HIST_LEGIT],
                                           metrics[keys.HIST_FRAUD]).average_precision())
     # ... and saved in the bank's own state folder, in the form `score` takes.
-    scorer = Scorer.load(tmp_path / "models" / "latest", tmp_path / "scaler.json")
+    kept = tmp_path / "models" / "latest"
+    scorer = Scorer.load(kept, kept / "scaler.json")
+    assert scorer.threshold != 0.5  # bank 5 has 50 validation frauds: its own threshold
     x, y, _ = load_transactions(Path(prepared.data_dir) / bank_file(5), "Class", "bank 5")
     split = split_bank(x, y, prepared.val_fraction, prepared.seed + 5)
     p = scorer.probabilities(split.x_val).astype(np.float64)
@@ -121,6 +123,11 @@ def test_a_bank_personalizes_the_final_model_and_keeps_the_better_one_for_scorin
     assert rescored.average_precision() == pytest.approx(
         PooledCurve.from_histograms(*personal).average_precision(), abs=2e-3)
     assert scorer.version == "1-bank5"
+    # A second evaluate request in the same run (a server sending another model) keeps
+    # nothing new: the bank's kept model for the run stays as it was.
+    card = (kept / "model_card.json").read_bytes()
+    assert keys.PERSONAL_KEPT not in final_evaluate(prepared, tmp_path)
+    assert (kept / "model_card.json").read_bytes() == card
 
 
 def test_without_personalization_a_bank_keeps_the_federated_model(
@@ -129,10 +136,13 @@ def test_without_personalization_a_bank_keeps_the_federated_model(
 
     for config in (app_config(data_dir=prepared.data_dir, personalize_epochs=0),
                    app_config(data_dir=prepared.data_dir, dp_epsilon=3.0)):
-        metrics = final_evaluate(config, tmp_path)
+        state = tmp_path / f"dp-{config.differential_privacy}"
+        state.mkdir()
+        metrics = final_evaluate(config, state)
         assert keys.PERSONAL_KEPT not in metrics
         assert keys.HIST_LEGIT_PERSONAL not in metrics
-        scorer = Scorer.load(tmp_path / "models" / "latest", tmp_path / "scaler.json")
+        scorer = Scorer.load(state / "models" / "latest", state / "models" / "latest" /
+                             "scaler.json")
         assert scorer.card["kept"] == "federated" and scorer.version == "1"
         # It is the model the server sent: the same scores as the reported histograms.
         p = scorer.probabilities(scorer_rows(prepared)).astype(np.float64)

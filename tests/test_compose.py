@@ -33,15 +33,17 @@ def check(config: dict[str, Any]) -> None:
     services = config["services"]
     for bank in BANKS:
         service = services[f"bank-{bank}"]
+        models = {"/state/models": "bank-00-models"} if bank == 0 else {}
         assert targets(service) == {
             "/bank": f"bank_{bank:02d}:ro", "/ca.crt": "ca.crt:ro",
-            "/outbox": f"bank_{bank:02d}", "/state": f"bank-{bank:02d}",
+            "/outbox": f"bank_{bank:02d}", "/state": f"bank-{bank:02d}", **models,
         }, (bank, service.get("volumes"))
         assert list(service["networks"]) == ["fleet"]
         assert "OPENAI_API_KEY" not in (service.get("environment") or {})
-    # A bank's scoring service: that bank's own state, read-only, off the fleet network.
+    # A bank's scoring service: that bank's kept models, read-only (not its key pair or
+    # ledger), off the fleet network.
     scoring = services["scoring-0"]
-    assert targets(scoring) == {"/state": "bank-00:ro"}
+    assert targets(scoring) == {"/models": "bank-00-models:ro"}
     assert list(scoring["networks"]) == ["scoring"]
     assert all(str(port).startswith("127.0.0.1:") or (isinstance(port, dict) and
                port.get("host_ip") == "127.0.0.1") for port in scoring["ports"])

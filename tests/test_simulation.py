@@ -164,6 +164,13 @@ def test_an_initial_model_of_other_features_is_refused(tmp_path: Path) -> None:
     (tmp_path / STATE_DICT_FILE).write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a fedfraud model"):
         load_initial(tmp_path, ["a"])
+    torch.save(torch.zeros(3), tmp_path / STATE_DICT_FILE)  # a bare tensor
+    with pytest.raises(ValueError, match="not a fedfraud model"):
+        load_initial(tmp_path, ["a"])
+    torch.save({"state_dict": {"net.0.weight": torch.zeros(2, 2)}, "features": ["a"]},
+               tmp_path / STATE_DICT_FILE)  # the right features, the wrong weights
+    with pytest.raises(ValueError, match="model shape"):
+        load_initial(tmp_path, ["a"])
 
 
 class Payload:
