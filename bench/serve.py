@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client.score import Scorer  # noqa: E402
 from common.data import load_scaler, save_scaler  # noqa: E402
 from common.model import CARD_JSON_FILE, TORCHSCRIPT_FILE  # noqa: E402
+from common.processes import stop  # noqa: E402
 from common.schema import NUMERIC, Column, Schema  # noqa: E402
 
 CONNECTIONS = 32
@@ -122,7 +123,7 @@ def start_service(run: Path, scaler: Path, token_file: Path, runs_root: Path,
         [sys.executable, "-m", "client.serve", "--run", str(run), "--scaler", str(scaler),
          "--port", str(port), "--admin-token-file", str(token_file),
          "--runs-root", str(runs_root)],
-        cwd=repo, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        cwd=repo, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -132,7 +133,7 @@ def start_service(run: Path, scaler: Path, token_file: Path, runs_root: Path,
         except httpx.HTTPError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
+            stop(process)
             raise SystemExit(f"the service did not start:\n{log.read_text()}")
         time.sleep(0.1)
 
@@ -311,12 +312,7 @@ def main() -> None:
             print(f"load average after: {os.getloadavg()[0]:.1f} (other processes "
                   f"on the machine take cores from the service and the generator)")
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 if __name__ == "__main__":

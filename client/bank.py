@@ -116,7 +116,7 @@ class Bank:
         model = self._model(arrays)
         federated = PooledCurve.from_scores(self.y_val, score(model, self.x_val))
         reported: dict[str, Any] = {}
-        kept = "federated"
+        kept, curve = "federated", federated
         if config.personalization:
             tuned = self._model(arrays)
             train(tuned, self.x_train, self.y_train, epochs=config.personalize_epochs,
@@ -127,11 +127,9 @@ class Bank:
             personal = PooledCurve.from_histograms(legit, fraud)
             # NaN AP (no validation fraud) compares False: the federated model stays.
             if personal.average_precision() > federated.average_precision():
-                model, kept = tuned, "personalized"
+                model, kept, curve = tuned, "personalized", personal
             reported = {keys.HIST_LEGIT_PERSONAL: legit, keys.HIST_FRAUD_PERSONAL: fraud,
                         keys.PERSONAL_KEPT: int(kept == "personalized")}
-        curve = (PooledCurve.from_scores(self.y_val, score(model, self.x_val))
-                 if kept == "personalized" else federated)
         # A threshold fitted to a handful of validation frauds is noise (with none it
         # flags nothing): below MIN_THRESHOLD_FRAUDS the run's decision-threshold.
         own = curve.positives >= MIN_THRESHOLD_FRAUDS

@@ -25,6 +25,7 @@ import uvicorn
 from client.score import Scorer, format_reasons, reason_codes, records_matrix, score_file
 from client.serve import ScoringService, create_app
 from common.model import CARD_JSON_FILE, FraudNet, ModelSpec
+from common.processes import stop
 from common.schema import CATEGORICAL, NUMERIC, Column, Schema
 from server.export import export_model
 from tests.test_export_score import exported, tiny_run, transactions  # noqa: F401 (fixture)
@@ -374,7 +375,8 @@ def test_the_command_serves_and_reloads_on_sighup(runs, tmp_path: Path) -> None:
         [sys.executable, "-m", "client.serve", "--run", str(approved), "--scaler",
          str(runs["scaler"]), "--port", str(port)],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True)
     try:
         def version() -> str:
             return httpx.get(f"{base}/health", timeout=2).json()["model_version"]
@@ -394,13 +396,8 @@ def test_the_command_serves_and_reloads_on_sighup(runs, tmp_path: Path) -> None:
         time.sleep(1.0)
         assert version() == "43"
         assert httpx.post(f"{base}/score", json=_one()).json()["model_version"] == "43"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    finally:  # the whole process group, whatever happened
+        stop(process)
     log = process.stderr.read().decode()
     assert "SIGHUP: now serving model 43" in log
     assert "do not match the model card" in log
