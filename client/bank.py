@@ -24,6 +24,7 @@ from common.metrics import (
     without_nan,
 )
 from common.model import CARD_JSON_FILE, FraudNet, ModelSpec, save_model
+from common.schema import BankDataError
 from common.privacy import epsilon_spent, privacy_for
 from common.task import score, train
 from client.attack import poison
@@ -111,8 +112,11 @@ class Bank:
         The choice and both APs are on the same validation rows, so the kept model's AP
         there is slightly optimistic (README, "Personalization")."""
         folder = self.state_dir / MODELS_DIR / run_id
-        if folder.exists():  # one kept model per run: later evaluate requests change nothing
+        if folder.exists():  # one per run: a later evaluate request changes nothing
             return {}
+        if not all(np.isfinite(array).all() for array in arrays.values()):
+            raise BankDataError(f"bank {self.id}: the final model holds non-finite "
+                                "weights; not kept")
         model = self._model(arrays)
         federated = PooledCurve.from_scores(self.y_val, score(model, self.x_val))
         reported: dict[str, Any] = {}

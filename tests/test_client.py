@@ -130,6 +130,18 @@ def test_a_bank_personalizes_the_final_model_and_keeps_the_better_one_for_scorin
     assert (kept / "model_card.json").read_bytes() == card
 
 
+def test_a_crafted_final_model_with_nan_weights_is_not_kept(prepared,
+                                                            tmp_path: Path) -> None:
+    from client.bank import Bank
+
+    bank = Bank(5, Path(prepared.data_dir) / bank_file(5), prepared, state_dir=tmp_path)
+    arrays = {name: array.numpy() for name, array in global_arrays().items()}
+    arrays["net.0.weight"][0, 0] = np.nan
+    with pytest.raises(BankDataError, match="non-finite"):
+        bank.keep_final(arrays, prepared, "1")
+    assert not (tmp_path / "models").exists()
+
+
 def test_without_personalization_a_bank_keeps_the_federated_model(
         prepared, tmp_path: Path) -> None:
     from client.score import Scorer
