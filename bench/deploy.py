@@ -91,7 +91,7 @@ def run_deploy(rounds: int, banks: int, work: Path) -> dict:
                                stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     for line in process.stdout:
-        if "banks online" in line:
+        if "banks connected" in line:
             pids = processes_with_env(f"FLWR_HOME={flwr_home}")
             sampler.idle_bank_mb = max(sampler.bank_mb(pids, b) for b in range(banks))
         if "fedfraud" in line:

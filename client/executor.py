@@ -28,7 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-POLL_S = 0.05  # between AcquireTask polls: ~20 cheap local HTTP calls a second
+from common.processes import Backoff
+
 # The Runtime API calls Flower's SuperExec signs with the shared secret.
 AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask",
                           "/flwr.proto.Runtime/PullPendingTasks",
@@ -125,16 +126,20 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str) -> N
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     print(f"{bank}: executor ready; approved apps {sorted(approved)}", flush=True)
     children: dict[int, float] = {}  # pid -> when its task started
+    # AcquireTask is a local HTTP call; a task's end means the round's next one is near.
+    poll = Backoff(busy_s=0.02, idle_s=0.2)
     while True:
         for pid in list(children):
             done, _, usage = os.wait4(pid, os.WNOHANG)
             if done:
+                poll.active()
                 print(f"{bank}: task done in {time.monotonic() - children.pop(pid):.2f} s "
                       f"({usage.ru_utime + usage.ru_stime:.2f} s CPU)", flush=True)
         acquired = runtime_api.AcquireTask(request)
         if not (acquired.HasField("task") and acquired.token):
-            time.sleep(POLL_S)
+            poll.sleep()
             continue
+        poll.active()
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()

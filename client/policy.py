@@ -155,9 +155,11 @@ class Policy:
 def app_digest(app_dir: Path) -> str:
     """SHA-256 of the app bundle Flower builds from ``app_dir`` (what ``flwr run``
     sends; the build is deterministic)."""
-    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.build import build_fab_from_files
 
-    return fab_digest(build_fab_from_disk(app_dir))
+    from common.files import bundle_files
+
+    return fab_digest(build_fab_from_files(bundle_files(app_dir))[0])
 
 
 def fab_digest(fab: bytes) -> str:

@@ -4,8 +4,11 @@ Flower 1.39's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a
 hard-coded 3 s whenever its pull from the SuperLink comes back empty, and waits for a
 ClientApp's reply in 0.5 s steps: the last of ten banks picks a message up ~2.7 s
 late on average, every exchange. This entry point runs Flower's unchanged SuperNode
-with that one module's ``time.sleep`` capped at ``PROMPT_S``; everything else (gRPC,
-TLS, authentication, heartbeats, retries) is Flower's as it ships.
+with that one module's ``time.sleep`` replaced: a reply wait takes ``REPLY_S``; an idle
+pull waits ``IDLE_WAIT.busy_s`` after a message, doubling while none comes, up to
+``IDLE_WAIT.idle_s`` (a round's next message is picked up promptly; an idle bank pulls
+twice a second, not ten times). Everything else (gRPC, TLS, authentication,
+heartbeats, retries) is Flower's as it ships.
 ``tests/test_bank_boundary.py`` fails if a Flower upgrade changes those sleeps.
 
     python -m client.supernode <flower-supernode arguments>
@@ -17,21 +20,33 @@ import sys
 import time
 from types import SimpleNamespace
 
-PROMPT_S = 0.1  # ten banks polling: ~100 small gRPC calls a second at the SuperLink
+from common.processes import Backoff
+
+FLOWER_IDLE_S = 3  # Flower's wait after an empty pull; its reply waits are 0.5 s
+REPLY_S = 0.02  # a local check of the SuperNode's own state, not a network call
 
 
-def prompt_time() -> SimpleNamespace:
-    """The ``time`` module as the SuperNode loop sees it: its sleeps capped."""
+def prompt_time(idle_wait: Backoff) -> SimpleNamespace:
+    """The ``time`` module as the SuperNode loop sees it: its sleeps shortened."""
+
+    def sleep(seconds: float) -> None:
+        if seconds >= FLOWER_IDLE_S:
+            idle_wait.sleep()
+        else:  # a message is being answered: the next pull comes soon after
+            idle_wait.active()
+            time.sleep(min(seconds, REPLY_S))
+
     names = {name: getattr(time, name) for name in dir(time) if not name.startswith("__")}
-    names["sleep"] = lambda seconds: time.sleep(min(seconds, PROMPT_S))
-    return SimpleNamespace(**names)
+    return SimpleNamespace(**{**names, "sleep": sleep})
 
 
 def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    start_client_internal.time = prompt_time()  # type: ignore[assignment]
+    # Each pull is a signed gRPC call the SuperLink verifies.
+    idle_wait = Backoff(busy_s=0.05, idle_s=0.4)
+    start_client_internal.time = prompt_time(idle_wait)  # type: ignore[assignment]
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

@@ -1,8 +1,9 @@
-"""Files that hold secrets: private from their first byte."""
+"""Files that hold secrets (private from their first byte), and the app's own files."""
 
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 
 
@@ -12,3 +13,32 @@ def write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
+
+
+def bundle_files(app_dir: Path) -> dict[str, Path]:
+    """The files Flower's app bundle (FAB) is built from, as Flower's
+    ``collect_files(app_dir)`` finds them, without walking the folders that no
+    ``fab-include`` pattern reaches. An app folder that holds its virtual environment,
+    data and runs has ~10^5 files: Flower's walk took 4 s of CPU per bank (ten banks on
+    two cores: 20 s of every start) for a bundle of ~30 files. Flower filters the
+    result as it would the full walk; pruning needs every pattern anchored to a named
+    top folder ("common/**/*.py"), else the whole folder is walked, as Flower does.
+    ``tests/test_bank_boundary.py`` checks the bundle is byte for byte Flower's own."""
+    from flwr.cli.utils import collect_files
+
+    root = app_dir.expanduser().resolve()
+    app = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    patterns = [pattern.lstrip("/") for pattern in app.get("fab-include", [])]
+    tops = {pattern.split("/", 1)[0] for pattern in patterns}
+    anchored = all("/" in pattern for pattern in patterns) and not any(
+        char in top for top in tops for char in "*?[!\\")
+    if not patterns or not anchored:
+        return collect_files(root)
+    files = {path.name: path for path in root.iterdir()
+             if path.is_file() and not path.is_symlink()}
+    for top in sorted(tops):
+        folder = root / top
+        if folder.is_dir() and not folder.is_symlink():
+            files.update({f"{top}/{name}": path
+                          for name, path in collect_files(folder).items()})
+    return files

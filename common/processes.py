@@ -37,6 +37,28 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     }
 
 
+@dataclass
+class Backoff:
+    """A poller's wait: ``busy_s`` right after activity, doubling while nothing comes,
+    up to ``idle_s``. A bank's pollers answer a round's next message within ~``busy_s``
+    and cost little while the bank idles: ten banks polling every 0.05-0.1 s used 1.3
+    of this machine's 2 cores doing nothing (measured), the cores a round needs."""
+
+    busy_s: float
+    idle_s: float
+    wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.wait_s = self.busy_s
+
+    def active(self) -> None:
+        self.wait_s = self.busy_s
+
+    def sleep(self) -> None:
+        time.sleep(self.wait_s)
+        self.wait_s = min(2 * self.wait_s, self.idle_s)
+
+
 def free_port() -> int:
     """A port nobody listens on now, so two runs on one machine do not collide."""
     with socket.socket() as sock:

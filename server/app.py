@@ -32,7 +32,11 @@ from server.secure import run_secure
 from server.strategy import make_strategy
 
 app = ServerApp()
-BANKS_DEADLINE_S = 60.0  # how long a run waits for min-banks banks to connect
+# How long a run waits for min-banks banks to connect: Flower's simulation has its
+# SuperNodes at once (a plain `flwr run .` with too few fails fast); deployed banks
+# start their own processes (ten on this 2-core machine: about a minute) and may join
+# after the run was submitted.
+BANKS_DEADLINE_S = {"simulation": 60.0, "deployment": 600.0}
 
 
 @app.main()
@@ -62,7 +66,8 @@ def main(grid: Grid, context: Context) -> None:
     evaluation = TestSetEvaluation(x_test, y_test, spec, config.num_server_rounds)
 
     strategy = make_strategy(config)
-    wait_for_banks(grid, config.min_banks)
+    wait_for_banks(grid, config.min_banks, BANKS_DEADLINE_S[mode])
+    log(INFO, "fedfraud: %d banks connected", config.min_banks)
     if config.secure_aggregation:
         result = run_secure(PromptGrid(grid), context, config, initial, evaluation,
                             strategy)
@@ -143,7 +148,7 @@ def load_initial(run_dir: Path, features: list[str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def wait_for_banks(grid: Grid, count: int, deadline_s: float = BANKS_DEADLINE_S) -> None:
+def wait_for_banks(grid: Grid, count: int, deadline_s: float) -> None:
     """Until ``count`` banks are connected; else fail with the fix in the message
     (Flower's strategies would wait forever, e.g. in a plain ``flwr run .``, whose
     local simulation has two SuperNodes)."""

@@ -118,8 +118,7 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
                 "--bank-dir", str(folder), "--app-dir", str(app_dir),
                 "--superlink", f"127.0.0.1:{fleet_port}", *transport,
                 "--flwr-home", str(flwr_home / f"bank_{bank:02d}")])
-        return submit(app_dir, config, started.env, flwr_home, control, tls,
-                      config.num_banks)
+        return submit(app_dir, config, started.env, flwr_home, control, tls)
 
 
 def bank_dir(data_dir: Path, bank: int) -> Path:
@@ -151,13 +150,14 @@ def register_banks(env: dict[str, str], flwr_home: Path, control: str, tls: Tls 
 
 
 def submit(app_dir: Path, config: Config, env: dict[str, str], flwr_home: Path,
-           control: str, tls: Tls | None, wait_banks: int) -> int:
-    """Wait until ``wait_banks`` banks are online, run the app, report its outcome."""
-    from server.launch import submit_and_wait, wait_for_banks, write_connection
+           control: str, tls: Tls | None) -> int:
+    """Run the app, report its outcome. The run waits for min-banks banks itself
+    (server/app.py), so it starts while banks are still starting."""
+    from server.launch import submit_and_wait, write_connection
 
     write_connection(flwr_home, CONNECTION, control, tls)
-    wait_for_banks(env, CONNECTION, wait_banks, BANKS_ONLINE_DEADLINE_S)
-    print(f"fedfraud: {wait_banks} banks online; submitting the run", flush=True)
+    print("fedfraud: submitting the run; it starts when min-banks banks are online",
+          flush=True)
     run_id, status = submit_and_wait(app_dir, CONNECTION, env, config.as_run_config())
     return report_outcome(run_id, status, Path(config.runs_dir))
 
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "submit":
         return submit(app_dir, config, flower_env(flwr_home), flwr_home, args.control,
-                      tls, config.num_banks)
+                      tls)
     return simulate(app_dir, config, flwr_home)
 
 

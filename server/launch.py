@@ -7,12 +7,15 @@ as the bank's own command, ``fedfraud-bank run``, and never holds a bank's priva
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.files import bundle_files
 from common.processes import BIN, Services, free_port, stop, wait_for_port
 from server.certs import SERVER_CA, SERVER_CERT, SERVER_KEY
 
@@ -81,18 +84,6 @@ def register_bank(env: dict[str, str], connection: str, public_key: Path) -> Non
     flwr_json(env, "supernode", "register", str(public_key), connection)
 
 
-def wait_for_banks(env: dict[str, str], connection: str, count: int,
-                   deadline_s: float) -> None:
-    """Until ``count`` SuperNodes are online (so round 1 has every bank)."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        nodes = flwr_json(env, "supernode", "list", connection).get("nodes", [])
-        if sum(node["status"] == "online" for node in nodes) >= count:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"fewer than {count} banks online after {deadline_s} s")
-
-
 def write_connection(flwr_home: Path, name: str, address: str,
                      tls: Tls | None = None) -> None:
     """The only Flower CLI config this project uses, in its own FLWR_HOME."""
@@ -122,6 +113,24 @@ def submit_and_wait(
 
     ``--stream`` exits 0 even when a run failed, so the status is read separately.
     """
+    with tempfile.TemporaryDirectory(prefix="fedfraud-app-") as staged:
+        return run_staged(stage_app(app_dir, Path(staged)), connection, env, run_config,
+                          federation_config, timeout_s)
+
+
+def stage_app(app_dir: Path, staged: Path) -> Path:
+    """A copy of just the files the app bundle is built from: ``flwr run`` builds the
+    same bundle (same digest) without walking the app folder's environment and data."""
+    for name, path in bundle_files(app_dir).items():
+        (staged / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, staged / name)
+    return staged
+
+
+def run_staged(
+    app_dir: Path, connection: str, env: dict[str, str], run_config: dict[str, Any],
+    federation_config: dict[str, Any] | None, timeout_s: float,
+) -> tuple[int, str]:
     command = [str(BIN / "flwr"), "run", str(app_dir), connection, "--stream",
                "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
     if federation_config:

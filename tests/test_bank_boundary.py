@@ -71,6 +71,19 @@ def test_installed_resolves_to_the_bundle_flower_builds_from_the_bank_s_own_copy
     assert app_digest(copy) != app_digest(APP_DIR)
 
 
+def test_the_bundle_from_the_app_s_own_folders_is_flower_s_whole_bundle() -> None:
+    """A bank approves the digest of the bundle built from the folders fab-include
+    names (common/files.py: bundle_files); it must be byte for byte the bundle Flower
+    builds from walking the whole app folder (what ``flwr run`` sends)."""
+    from flwr.cli.build import build_fab_from_disk, build_fab_from_files
+
+    from common.files import bundle_files
+
+    files = bundle_files(APP_DIR)
+    assert not any(name.startswith((".venv/", "data/", "runs/")) for name in files)
+    assert build_fab_from_files(files)[0] == build_fab_from_disk(APP_DIR)
+
+
 def test_only_approved_bundles_are_installed() -> None:
     installed: list[bytes] = []
 
@@ -170,19 +183,27 @@ def test_bank_commands_fail_in_one_line_naming_the_policy_file(tmp_path: Path) -
 
 
 def test_flower_supernode_still_idles_through_its_module_s_time_sleep() -> None:
-    """client/supernode.py caps the sleeps of this one module: they must still be
-    there (a 3 s idle pull, 0.5 s reply waits) and go through its ``time``."""
+    """client/supernode.py replaces the sleeps of this one module: they must still be
+    there (a 3 s idle pull, 0.5 s reply waits) and go through its ``time``; idle pulls
+    back off from busy_s to idle_s, and a reply wait makes the next pull prompt."""
     import time
 
     from flwr.supernode import start_client_internal as internal
 
-    from client.supernode import PROMPT_S, prompt_time
+    from client.supernode import REPLY_S, prompt_time
+    from common.processes import Backoff
 
     source = inspect.getsource(internal)
     assert internal.time is time and "import time" in source
     assert source.count("time.sleep(3)") == 1 and source.count("time.sleep(0.5)") == 2
-    clock = prompt_time()
+    idle_wait = Backoff(busy_s=0.01, idle_s=0.04)
+    clock = prompt_time(idle_wait)
     started = time.monotonic()
-    clock.sleep(3)
-    assert time.monotonic() - started < PROMPT_S + 0.5
+    for _ in range(4):
+        clock.sleep(3)
+    assert 0.01 + 0.02 + 0.04 + 0.04 <= time.monotonic() - started < 0.5
+    assert idle_wait.wait_s == 0.04
+    started = time.monotonic()
+    clock.sleep(0.5)
+    assert time.monotonic() - started < REPLY_S + 0.2 and idle_wait.wait_s == 0.01
     assert clock.monotonic is time.monotonic and clock.time is time.time
