@@ -91,8 +91,9 @@ def executor(args: argparse.Namespace) -> int:
     from client.executor import serve
 
     bank = bank_files(args)
-    approved = Policy.load(bank.policy).approved(bank.app_dir)
-    serve(args.runtime, args.secret_file.read_bytes(), approved, bank.name)
+    policy = Policy.load(bank.policy)
+    serve(args.runtime, args.secret_file.read_bytes(), policy.approved(bank.app_dir),
+          bank.name, bank.shard, bank.bank_id, dp=policy.require_dp)
     return 0
 
 

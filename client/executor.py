@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from common.processes import Backoff
 
@@ -71,44 +72,78 @@ def run_task(runtime: str, token: str, approved: frozenset[str], bank: str) -> N
     runtime_module.run_clientapp(runtime_api_address=runtime, token=token, insecure=True)
 
 
-def warm_up() -> None:
+def warm_up(shard: Path, bank_id: int, dp: bool) -> None:
     """Import everything a task imports, once, before any fork: Flower's ClientApp
-    runtime and the bank's code, and what torch, Opacus, pandas and scikit-learn only
-    import on first use (one tiny training step each way, a score, a split, a scaler,
-    a CSV read; ~3 s here, saved on every task). Runs no thread that outlives it."""
+    runtime and the bank's code, and what torch, pandas and scikit-learn only import on
+    first use (a tiny training step, a score, a split, a scaler, a CSV read; ~3 s here,
+    saved on every task), Opacus too when ``dp`` (``warm_dp``); then read the bank's own
+    file with its schema's label column (common/data.py keeps it while the file is
+    unchanged). A file that does not read is left to the task, which reports it in the
+    bank's log. Runs no thread that outlives it."""
     import encodings.cp437  # noqa: F401 - zipfile's, for the app bundle
     import io
 
-    import numpy as np
     import pandas as pd
 
     import client.app  # noqa: F401 - the ClientApp
     import client.bank  # noqa: F401 - the bank's training and evaluation
     import client.ledger  # noqa: F401 - its privacy ledger
     import flwr.supernode.runtime.run_clientapp  # noqa: F401 - Flower's task runtime
-    from common.data import fit_scaler, hold_out
+    from common.data import fit_scaler, hold_out, read_bank_file
+    from common.schema import SCHEMA_FILE, BankDataError, Schema
+
+    pd.read_csv(io.StringIO("a,b\n1,2\n"))
+    x, y = warm_training(privacy=False)
+    hold_out(x, y, 0.25, 0)
+    fit_scaler(x)
+    if dp:
+        warm_training(privacy=True)
+    try:
+        schema = Schema.load(shard.parent / SCHEMA_FILE)
+        read_bank_file(bank_id, shard, schema.label)
+    except (OSError, ValueError, KeyError, BankDataError):
+        pass
+
+
+def warm_training(privacy: bool) -> tuple[Any, Any]:
+    """One tiny training step and score; with ``privacy`` through Opacus's DP-SGD."""
+    import numpy as np
+
     from common.metrics import score_histograms
     from common.model import FraudNet, ModelSpec
     from common.task import Privacy, score, train
 
-    pd.read_csv(io.StringIO("a,b\n1,2\n"))
     x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
     y = (np.arange(64) % 2).astype(np.int64)
-    hold_out(x, y, 0.25, 0)
-    fit_scaler(x)
-    for privacy in (None, Privacy(noise_multiplier=1.0, max_grad_norm=1.0)):
-        model = FraudNet(ModelSpec(in_features=4))
-        train(model, x, y, epochs=1, batch_size=32, learning_rate=1e-3, pos_weight=1.0,
-              seed=0, privacy=privacy)
-        score_histograms(y, score(model, x))
+    model = FraudNet(ModelSpec(in_features=4))
+    train(model, x, y, epochs=1, batch_size=32, learning_rate=1e-3, pos_weight=1.0, seed=0,
+          privacy=Privacy(noise_multiplier=1.0, max_grad_norm=1.0) if privacy else None)
+    score_histograms(y, score(model, x))
+    return x, y
 
 
-def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str) -> None:
-    """Acquire and run the SuperNode's tasks until killed."""
+def reported(pipe: int) -> bool:
+    """Whether a task wrote to ``pipe`` (non-blocking)."""
+    try:
+        return bool(os.read(pipe, 64))
+    except BlockingIOError:
+        return False
+
+
+def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
+          shard: Path, bank_id: int, dp: bool) -> None:
+    """Acquire and run the SuperNode's tasks until killed.
+
+    Opacus is warmed up at start only for a bank whose policy requires DP: importing
+    it costs ~2 s of CPU (ten banks starting on two cores: ~10 s of every start), and a
+    DP-optional bank mostly trains without it. A task that used it says so through a
+    pipe, and the executor warms it up then, once, for the tasks that follow."""
     import torch
 
     torch.set_num_threads(1)  # one thread per bank process, before torch runs anything
-    warm_up()
+    warm_up(shard, bank_id, dp)
+    used_dp, told_dp = os.pipe()
+    os.set_blocking(used_dp, False)
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import (
@@ -135,6 +170,11 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str) -> N
                 poll.active()
                 print(f"{bank}: task done in {time.monotonic() - children.pop(pid):.2f} s "
                       f"({usage.ru_utime + usage.ru_stime:.2f} s CPU)", flush=True)
+        if not dp and reported(used_dp):
+            print(f"{bank}: a task trained with DP: warming Opacus up for the next ones",
+                  flush=True)
+            warm_training(privacy=True)
+            dp = True
         acquired = runtime_api.AcquireTask(request)
         if not (acquired.HasField("task") and acquired.token):
             poll.sleep()
@@ -151,6 +191,8 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str) -> N
             except SystemExit as end:  # flwr_exit ends a task this way
                 code = end.code if isinstance(end.code, int) else 1
             finally:
+                if not dp and "opacus" in sys.modules:
+                    os.write(told_dp, b"1")
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)

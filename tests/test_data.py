@@ -13,7 +13,8 @@ import pandas as pd
 from common.data import (
     ACCOUNT_TAKEOVER, CARD_TESTING, CARDS_COLUMNS, LEGIT, MANIFEST, TEST_FILE,
     BankDataError, bank_file, dirichlet_partition, fit_scaler, hold_out, load_transactions,
-    make_cards, make_synthetic, prepare, read_bank, split_bank, standardize, time_order,
+    make_cards, make_synthetic, prepare, read_bank, read_bank_file, split_bank, standardize,
+    time_order,
 )
 from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema, summarize
 from common.model import FraudNet, ModelSpec
@@ -201,6 +202,21 @@ def test_loader_reads_features_and_labels(tmp_path: Path) -> None:
     assert schema.features == ["f1", "f2"]
     assert x.tolist() == [[1.5, 2.0], [3.0, 4.0]] and x.dtype == np.float32
     assert y.tolist() == [0, 1]
+
+
+def test_a_bank_s_file_is_read_once_while_unchanged(tmp_path: Path) -> None:
+    """The executor reads the bank's file before forking its tasks; a task gets the
+    same rows, read-only, and a changed file is read again."""
+    import os
+
+    path = write(tmp_path / "b.csv", "f1,Class\n1.5,0\n3,1\n")
+    first = read_bank_file(0, path, "Class")
+    assert read_bank_file(0, path, "Class") is first
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0, 0] = 9.0
+    write(path, "f1,Class\n2.5,0\n4,1\n")
+    os.utime(path, ns=(time.time_ns() + 10**9,) * 2)
+    assert read_bank_file(0, path, "Class")[0].tolist() == [[2.5], [4.0]]
 
 
 def test_categories_use_the_shared_schema_and_gaps_become_the_banks_mean(
