@@ -76,7 +76,7 @@ def warm_up(shard: Path, bank_id: int, dp: bool) -> None:
     """Import everything a task imports, once, before any fork: Flower's ClientApp
     runtime and the bank's code, and what torch, pandas and scikit-learn only import on
     first use (a tiny training step, a score, a split, a scaler, a CSV read; ~3 s here,
-    saved on every task), Opacus too when ``dp`` (``warm_dp``); then read the bank's own
+    saved on every task), Opacus's DP-SGD too when ``dp``; then read the bank's own
     file with its schema's label column (common/data.py keeps it while the file is
     unchanged). A file that does not read is left to the task, which reports it in the
     bank's log. Runs no thread that outlives it."""

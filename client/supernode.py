@@ -5,10 +5,10 @@ hard-coded 3 s whenever its pull from the SuperLink comes back empty, and waits 
 ClientApp's reply in 0.5 s steps: the last of ten banks picks a message up ~2.7 s
 late on average, every exchange. This entry point runs Flower's unchanged SuperNode
 with that one module's ``time.sleep`` replaced: a reply wait takes ``REPLY_S``; an idle
-pull waits ``IDLE_WAIT.busy_s`` after a message, doubling while none comes, up to
-``IDLE_WAIT.idle_s`` (a round's next message is picked up promptly; an idle bank pulls
-twice a second, not ten times). Everything else (gRPC, TLS, authentication,
-heartbeats, retries) is Flower's as it ships.
+pull waits 0.05 s after a message, doubling while none comes, up to 0.4 s (``main``: a
+round's next message is picked up promptly; an idle bank pulls ~2.5 times a second, not
+ten). Everything else (gRPC, TLS, authentication, heartbeats, retries) is Flower's as
+it ships.
 ``tests/test_bank_boundary.py`` fails if a Flower upgrade changes those sleeps.
 
     python -m client.supernode <flower-supernode arguments>

@@ -687,11 +687,13 @@ def read_bank(bank_id: int, shard: Path, config: Config) -> tuple[BankSplit, Sch
     return split_bank(x, y, config.val_fraction, config.seed + bank_id, times), schema
 
 
-# The bank's file as last read in this process, while neither it nor its schema.json
+# Each bank's file as last read in this process, while neither it nor its schema.json
 # changed: a bank's executor reads it once before it forks its tasks (client/executor.py),
 # so each task starts with the rows in memory instead of parsing the CSV again (0.3-1 s
-# of a round, per bank). Read-only arrays: no caller may change what the next one gets.
-_LAST_READ: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, Schema, np.ndarray | None]] = {}
+# of a round, per bank); a simulation reads each bank's file once per run. Read-only
+# arrays: no caller may change what the next one gets.
+_LAST_READ: dict[int, tuple[tuple[Any, ...], tuple[np.ndarray, np.ndarray, Schema,
+                                                    np.ndarray | None]]] = {}
 
 
 def file_version(path: Path) -> tuple[Any, ...] | None:
@@ -705,16 +707,15 @@ def file_version(path: Path) -> tuple[Any, ...] | None:
 def read_bank_file(bank_id: int, shard: Path, label_column: str,
                    ) -> tuple[np.ndarray, np.ndarray, Schema, np.ndarray | None]:
     """``read_labelled`` of a bank's own file (with its rows' times), kept for reuse."""
-    key = (bank_id, label_column, file_version(shard),
-           file_version(shard.parent / SCHEMA_FILE))
-    if key not in _LAST_READ:
+    version = (label_column, file_version(shard), file_version(shard.parent / SCHEMA_FILE))
+    kept = _LAST_READ.get(bank_id)
+    if kept is None or kept[0] != version:
         read = read_labelled(shard, label_column, f"bank {bank_id}", with_times=True)
         for array in (read[0], read[1], read[3]):
             if array is not None:
                 array.setflags(write=False)
-        _LAST_READ.clear()
-        _LAST_READ[key] = read
-    return _LAST_READ[key]
+        kept = _LAST_READ[bank_id] = (version, read)
+    return kept[1]
 
 
 def fit_scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
