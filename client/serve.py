@@ -61,7 +61,7 @@ httptools when installed, no access log, one torch thread, the start-up objects 
 out of the garbage collector's reach. Small requests are scored
 on the event loop (no thread hop); bodies over 64 KB go to one scoring thread, so that
 the event loop keeps answering single transactions between a large batch's steps
-(json.loads of a 1,000-transaction body still holds the GIL for ~4 ms). ``bench/serve.py`` measures it.
+(parsing a 1,000-transaction body still holds the GIL for ~2.6 ms, with orjson). ``bench/serve.py`` measures it.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ from typing import Any
 
 import anyio
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
@@ -122,7 +123,23 @@ def _integer(literal: str) -> int | NotANumber:
     return NotANumber(literal) if len(literal.lstrip("-")) > MAX_INT_DIGITS else int(literal)
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes, id_column: str) -> Any:
+    """The request's JSON. orjson parses a batch in half the time of the standard
+    library and to the same values, except that it refuses NaN, Infinity and numbers
+    beyond float64 (the standard parser's hooks turn them into values ``Schema.encode``
+    refuses by name) and reads integers beyond 64 bits as floats (an id must stay the
+    integer it was): those bodies are parsed again by the standard library."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        records = (payload["transactions"] if type(payload) is dict
+                   and payload.keys() == {"transactions"} else [payload])
+        if type(records) is not list or not any(
+                type(record) is dict and type(record.get(id_column)) is float
+                for record in records):
+            return payload
     try:
         return json.loads(body, parse_constant=NotANumber, parse_int=_integer)
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
@@ -163,7 +180,7 @@ class ScoringService:
     def score(self, body: bytes) -> bytes:
         """The JSON response to a ``POST /score`` body; ``RequestError`` if refused."""
         scorer = self.scorer  # this request's model, start to finish
-        payload = parse_json(body)
+        payload = parse_json(body, self.id_column)
         batch = type(payload) is dict and payload.keys() == {"transactions"}
         records = payload["transactions"] if batch else [payload]
         if type(records) is list and len(records) > self.max_transactions:
@@ -186,7 +203,10 @@ class ScoringService:
             results.append(result)
         out = ({"model_version": version, "threshold": scores.threshold, "results": results}
                if batch else results[0])
-        return json.dumps(out, separators=(",", ":")).encode()
+        try:
+            return orjson.dumps(out)
+        except TypeError:  # an integer id beyond 64 bits
+            return json.dumps(out, separators=(",", ":")).encode()
 
 
 def load_warm(run_dir: Path, scaler: Path) -> Scorer:
@@ -304,7 +324,7 @@ def create_app(service: ScoringService, admin_token: str | None = None,
                 return json_response({"detail": "a valid admin bearer token is needed"},
                                      401)
             body = await read_body(request, ADMIN_BODY_BYTES)
-            payload = parse_json(body) if body.strip() else {}
+            payload = parse_json(body, service.id_column) if body.strip() else {}
             run = payload.get("run") if type(payload) is dict else payload
             if type(payload) is not dict or (run is not None and type(run) is not str):
                 raise RequestError(400, 'body: {"run": "<run folder>"}, {} or nothing')

@@ -222,6 +222,18 @@ def test_bad_input_gets_a_4xx_naming_the_column_and_the_service_goes_on(url: str
         assert client.post("/score", json=_one()).status_code == 200
 
 
+def test_ids_come_back_as_they_were_sent_also_beyond_64_bits(url: str) -> None:
+    """The fast JSON parser reads an integer beyond 64 bits as a float; such a body is
+    parsed again by the standard library, so the id stays the integer it was."""
+    ids = ["tx-1", 7, 2**64 + 1, -(2**70)]
+    body = json.dumps({"transactions": [_one(id=i) for i in ids]})
+    with httpx.Client(base_url=url) as client:
+        answer = client.post("/score", content=body,
+                             headers={"content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    assert [result["id"] for result in json.loads(answer.text)["results"]] == ids
+
+
 def test_a_streamed_body_over_the_limit_is_cut_off(url: str) -> None:
     def chunks():  # no Content-Length: the service counts what arrives
         for _ in range(100):
