@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 from client.identity import PRIVATE_KEY, ensure_key_pair
 from client.policy import POLICY_FILE
 from common.files import write_private
-from common.processes import BIN, free_port, services
+from common.processes import BIN, Services, free_port, services, stop
 
 RESTART_S = 3.0  # a SuperNode that stopped (e.g. its key is not registered yet) retries
 
@@ -71,6 +73,19 @@ def supernode_command(bank: BankFiles, superlink: str, ca: Path | None,
             "--node-config", bank.node_config()]
 
 
+def start_executor(started: Services, bank: BankFiles, runtime_port: int,
+                   secret: Path) -> subprocess.Popen[bytes]:
+    return started.start("executor", [
+        str(BIN / "fedfraud-bank"), "executor", "--bank-id", str(bank.bank_id),
+        "--bank-dir", str(bank.bank_dir), "--app-dir", str(bank.app_dir),
+        "--runtime", f"127.0.0.1:{runtime_port}", "--secret-file", str(secret)])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def run(bank: BankFiles, superlink: str, ca: Path | None, flwr_home: Path,
         outbox: Path | None = None) -> int:
     """Serve the bank until killed: its key pair (made here if missing; the public key
@@ -84,21 +99,29 @@ def run(bank: BankFiles, superlink: str, ca: Path | None, flwr_home: Path,
         secret = Path(private) / "superexec.secret"
         write_private(secret, secrets.token_bytes(32))
         runtime_port = free_port()
-        command = supernode_command(bank, superlink, ca, runtime_port, secret)
-        node = started.start("supernode", command)
-        executor = started.start("executor", [
-            str(BIN / "fedfraud-bank"), "executor", "--bank-id", str(bank.bank_id),
-            "--bank-dir", str(bank.bank_dir), "--app-dir", str(bank.app_dir),
-            "--runtime", f"127.0.0.1:{runtime_port}", "--secret-file", str(secret)])
+        node = started.start("supernode", supernode_command(bank, superlink, ca,
+                                                            runtime_port, secret))
+        executor = start_executor(started, bank, runtime_port, secret)
         print(f"fedfraud-bank: {bank.name} serving {bank.shard} via {superlink} "
               f"(logs in {started.log_dir})", flush=True)
-        while executor.poll() is None:
+        while True:
             if node.poll() is not None:  # e.g. not registered yet: try again
                 print(f"fedfraud-bank: {bank.name}: SuperNode stopped "
                       f"(code {node.returncode}); retrying", flush=True)
-                time.sleep(RESTART_S)
                 started.processes.remove(node)
-                node = started.start("supernode", command)
+                if port_in_use(runtime_port):
+                    # Another process took the Runtime API's port between free_port()
+                    # and the SuperNode's bind (any outgoing connection may): a new
+                    # port, and an executor that talks to it, not to the stranger.
+                    stop(executor)
+                    started.processes.remove(executor)
+                    runtime_port = free_port()
+                    executor = start_executor(started, bank, runtime_port, secret)
+                time.sleep(RESTART_S)
+                node = started.start("supernode", supernode_command(
+                    bank, superlink, ca, runtime_port, secret))
+            elif executor.poll() is not None:
+                break
             time.sleep(0.5)
         print(f"fedfraud-bank: {bank.name}: executor stopped; see {started.log_dir}",
               file=sys.stderr, flush=True)

@@ -126,9 +126,10 @@ def _integer(literal: str) -> int | NotANumber:
 def parse_json(body: bytes, id_column: str) -> Any:
     """The request's JSON. orjson parses a batch in half the time of the standard
     library and to the same values, except that it refuses NaN, Infinity and numbers
-    beyond float64 (the standard parser's hooks turn them into values ``Schema.encode``
-    refuses by name) and reads integers beyond 64 bits as floats (an id must stay the
-    integer it was): those bodies are parsed again by the standard library."""
+    beyond float64, and reads integers beyond 64 bits as floats (an id must stay the
+    integer it was): those bodies are parsed again by the standard library, whose hooks
+    make NaN, Infinity and integers beyond float64 values ``Schema.encode`` refuses by
+    name (1e400 becomes inf, which ``check_finite`` refuses by name)."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:

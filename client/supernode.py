@@ -6,8 +6,9 @@ ClientApp's reply in 0.5 s steps: the last of ten banks picks a message up ~2.7 
 late on average, every exchange. This entry point runs Flower's unchanged SuperNode
 with that one module's ``time.sleep`` replaced: a reply wait takes ``REPLY_S``; an idle
 pull waits 0.05 s after a message, doubling while none comes, up to 0.4 s (``main``: a
-round's next message is picked up promptly; an idle bank pulls ~2.5 times a second, not
-ten). Everything else (gRPC, TLS, authentication, heartbeats, retries) is Flower's as
+message that comes within ~0.3 s of the last is picked up within 0.05-0.2 s, a later one
+within 0.4 s, Flower's 3 s otherwise; an idle bank pulls ~2.5 times a second, not ten).
+Everything else (gRPC, TLS, authentication, heartbeats, retries) is Flower's as
 it ships.
 ``tests/test_bank_boundary.py`` fails if a Flower upgrade changes those sleeps.
 

@@ -688,28 +688,33 @@ def read_bank(bank_id: int, shard: Path, config: Config) -> tuple[BankSplit, Sch
 
 
 # Each bank's file as last read in this process, while neither it nor its schema.json
-# changed: a bank's executor reads it once before it forks its tasks (client/executor.py),
-# so each task starts with the rows in memory instead of parsing the CSV again (0.3-1 s
-# of a round, per bank); a simulation reads each bank's file once per run. Read-only
-# arrays: no caller may change what the next one gets.
+# changed (by content: a same-size rewrite within the file system's timestamp
+# granularity, or a copy that keeps the old mtime, is still seen): a bank's executor
+# reads it once before it forks its tasks (client/executor.py), so each task starts
+# with the rows in memory instead of parsing the CSV again (0.3-1 s of a round, per
+# bank; hashing the file takes ~1/30 of that); a simulation reads each bank's file
+# once per run. Read-only arrays: no caller may change what the next one gets.
 _LAST_READ: dict[int, tuple[tuple[Any, ...], tuple[np.ndarray, np.ndarray, Schema,
                                                     np.ndarray | None]]] = {}
 
 
-def file_version(path: Path) -> tuple[Any, ...] | None:
+def file_digest(path: Path) -> str | None:
+    import hashlib
+
     try:
-        stat = path.stat()
+        with path.open("rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
     except OSError:
         return None
-    return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def read_bank_file(bank_id: int, shard: Path, label_column: str,
                    ) -> tuple[np.ndarray, np.ndarray, Schema, np.ndarray | None]:
     """``read_labelled`` of a bank's own file (with its rows' times), kept for reuse."""
-    version = (label_column, file_version(shard), file_version(shard.parent / SCHEMA_FILE))
+    version = (str(shard.resolve()), label_column, file_digest(shard),
+               file_digest(shard.parent / SCHEMA_FILE))
     kept = _LAST_READ.get(bank_id)
-    if kept is None or kept[0] != version:
+    if kept is None or kept[0] != version or version[2] is None:
         read = read_labelled(shard, label_column, f"bank {bank_id}", with_times=True)
         for array in (read[0], read[1], read[3]):
             if array is not None:

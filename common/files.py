@@ -21,24 +21,26 @@ def bundle_files(app_dir: Path) -> dict[str, Path]:
     ``fab-include`` pattern reaches. An app folder that holds its virtual environment,
     data and runs has ~10^5 files: Flower's walk took 4 s of CPU per bank (ten banks on
     two cores: 20 s of every start) for a bundle of ~30 files. Flower filters the
-    result as it would the full walk; pruning needs every pattern anchored to a named
-    top folder ("common/**/*.py"), else the whole folder is walked, as Flower does.
+    result as it would the full walk. Pruning needs every pattern anchored (gitignore
+    rules: a slash before its end, "common/**/*.py") under a literal top folder of the
+    app; otherwise the whole folder is walked, as Flower does. Besides those folders
+    only ``pyproject.toml`` and ``.gitignore`` (which Flower reads) are taken.
     ``tests/test_bank_boundary.py`` checks the bundle is byte for byte Flower's own."""
     from flwr.cli.utils import collect_files
 
     root = app_dir.expanduser().resolve()
     app = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    patterns = [pattern.lstrip("/") for pattern in app.get("fab-include", [])]
-    tops = {pattern.split("/", 1)[0] for pattern in patterns}
-    anchored = all("/" in pattern for pattern in patterns) and not any(
-        char in top for top in tops for char in "*?[!\\")
-    if not patterns or not anchored:
+    patterns = list(app.get("fab-include", []))
+    folders = {path.name: path for path in root.iterdir()
+               if path.is_dir() and not path.is_symlink()}
+    tops = {pattern.lstrip("/").split("/", 1)[0] for pattern in patterns}
+    anchored = all(pattern.startswith("/") or "/" in pattern.rstrip("/")
+                   for pattern in patterns)
+    if not patterns or not anchored or not tops <= folders.keys():
         return collect_files(root)
-    files = {path.name: path for path in root.iterdir()
-             if path.is_file() and not path.is_symlink()}
+    files = {name: root / name for name in ("pyproject.toml", ".gitignore")
+             if (root / name).is_file() and not (root / name).is_symlink()}
     for top in sorted(tops):
-        folder = root / top
-        if folder.is_dir() and not folder.is_symlink():
-            files.update({f"{top}/{name}": path
-                          for name, path in collect_files(folder).items()})
+        files.update({f"{top}/{name}": path
+                      for name, path in collect_files(folders[top]).items()})
     return files

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, ... of this environment
@@ -46,7 +46,7 @@ class Backoff:
 
     busy_s: float
     idle_s: float
-    wait_s: float = 0.0
+    wait_s: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.wait_s = self.busy_s

@@ -66,8 +66,11 @@ def main(grid: Grid, context: Context) -> None:
     evaluation = TestSetEvaluation(x_test, y_test, spec, config.num_server_rounds)
 
     strategy = make_strategy(config)
-    wait_for_banks(grid, config.min_banks, BANKS_DEADLINE_S[mode])
-    log(INFO, "fedfraud: %d banks connected", config.min_banks)
+    # A deployment starts with every bank it was given (they start while the run waits);
+    # min-banks is how many may remain when banks drop out later.
+    wanted = config.num_banks if mode == "deployment" else config.min_banks
+    log(INFO, "fedfraud: %d banks connected",
+        wait_for_banks(grid, wanted, BANKS_DEADLINE_S[mode]))
     if config.secure_aggregation:
         result = run_secure(PromptGrid(grid), context, config, initial, evaluation,
                             strategy)
@@ -148,7 +151,7 @@ def load_initial(run_dir: Path, features: list[str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def wait_for_banks(grid: Grid, count: int, deadline_s: float) -> None:
+def wait_for_banks(grid: Grid, count: int, deadline_s: float) -> int:
     """Until ``count`` banks are connected; else fail with the fix in the message
     (Flower's strategies would wait forever, e.g. in a plain ``flwr run .``, whose
     local simulation has two SuperNodes)."""
@@ -156,11 +159,13 @@ def wait_for_banks(grid: Grid, count: int, deadline_s: float) -> None:
     while (connected := len(list(grid.get_node_ids()))) < count:
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"fedfraud: only {connected} of the {count} banks (min-banks) connected "
-                f"after {deadline_s:.0f} s. In Flower's local simulation ask for them: "
+                f"fedfraud: only {connected} of the {count} banks connected after "
+                f"{deadline_s:.0f} s. In Flower's local simulation ask for them: "
                 f'flwr run . --federation-config "num-supernodes={count}" (or make '
-                "demo); in a deployment, start the banks or lower min-banks")
+                "demo), or lower min-banks; in a deployment, start the banks or lower "
+                "num-banks")
         time.sleep(0.5)
+    return connected
 
 
 def run_mode(grid: Grid) -> str:

@@ -84,6 +84,40 @@ def test_the_bundle_from_the_app_s_own_folders_is_flower_s_whole_bundle() -> Non
     assert build_fab_from_files(files)[0] == build_fab_from_disk(APP_DIR)
 
 
+@pytest.mark.parametrize("include", [
+    '["common/**/*.py", "client/**/*.py"]',  # anchored: pruned
+    '["/common/*.py", "client/*.py"]',
+    '["common/"]',  # a folder named common at any depth: the whole walk
+    '["**/*.py"]',
+    '["common/**/*.py", "../outside/*.py"]',  # never outside the app folder
+])
+def test_the_pruned_bundle_is_flower_s_for_any_fab_include(tmp_path: Path,
+                                                          include: str) -> None:
+    from flwr.cli.build import build_fab_from_disk, build_fab_from_files
+
+    from common.files import bundle_files
+
+    app = tmp_path / "app"
+    for name in ("common/a.py", "client/b.py", "tests/common/c.py", "data/d.py"):
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text(f"# {name}\n")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "e.py").write_text("# outside\n")
+    pyproject = (APP_DIR / "pyproject.toml").read_text()
+    start = pyproject.index("fab-include = ")
+    (app / "pyproject.toml").write_text(
+        pyproject[:start] + f"fab-include = {include}" + pyproject[pyproject.index("\n", start):])
+    files = bundle_files(app)
+    assert all((app / name).resolve().is_relative_to(app.resolve()) for name in files)
+    try:
+        expected = build_fab_from_disk(app)
+    except Exception as flower_refused:  # noqa: BLE001 - then ours must refuse alike
+        with pytest.raises(type(flower_refused)):
+            build_fab_from_files(files)
+    else:
+        assert build_fab_from_files(files)[0] == expected
+
+
 def test_only_approved_bundles_are_installed() -> None:
     installed: list[bytes] = []
 
@@ -207,3 +241,57 @@ def test_flower_supernode_still_idles_through_its_module_s_time_sleep() -> None:
     clock.sleep(0.5)
     assert time.monotonic() - started < REPLY_S + 0.2 and idle_wait.wait_s == 0.01
     assert clock.monotonic is time.monotonic and clock.time is time.time
+
+
+def test_a_bank_whose_runtime_port_was_taken_moves_both_its_processes(
+        tmp_path: Path, prepared, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """free_port() answers a port nobody listens on *now*; another process may bind it
+    before the bank's SuperNode does. The bank then starts its SuperNode and its
+    executor on a new port, rather than leave its executor talking to a stranger."""
+    import socket
+    import threading
+    import time
+
+    from client import node
+    from client.node import BankFiles
+    from common.processes import free_port, processes_with_env
+
+    bank_dir = tmp_path / "bank"
+    bank_dir.mkdir()
+    for name in ("transactions.csv", "schema.json"):
+        (bank_dir / name).write_bytes((Path(prepared.data_dir) / "bank_00" / name)
+                                      .read_bytes())
+    (bank_dir / "policy.toml").write_text(DEFAULT_POLICY)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken, fresh = squatter.getsockname()[1], free_port()
+    ports = iter([taken, fresh])
+    monkeypatch.setattr(node, "free_port", lambda: next(ports))
+    monkeypatch.setattr(node, "RESTART_S", 0.1)
+    flwr_home = tmp_path / "flwr"
+    bank = BankFiles(0, bank_dir, bank_dir, APP_DIR)
+    runner = threading.Thread(target=node.run, args=(
+        bank, f"127.0.0.1:{free_port()}", None, flwr_home), daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                f"127.0.0.1:{fresh}" in Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")
+                for pid in processes_with_env(f"FLWR_HOME={flwr_home}")
+                if "executor" in Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")):
+            time.sleep(0.5)
+        commands = [Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")
+                    for pid in processes_with_env(f"FLWR_HOME={flwr_home}")]
+        executors = [c for c in commands if "executor" in c]
+        assert executors and all(f"127.0.0.1:{fresh}" in c for c in executors)
+        assert any("client.supernode" in c and str(fresh) in c for c in commands)
+    finally:
+        squatter.close()
+        for pid in processes_with_env(f"FLWR_HOME={flwr_home}"):
+            if "executor" in Path(f"/proc/{pid}/cmdline").read_text(errors="ignore"):
+                os.kill(pid, 9)  # the bank's loop then ends and stops the rest
+        runner.join(60)
+        assert not runner.is_alive()
+        assert not processes_with_env(f"FLWR_HOME={flwr_home}")

@@ -206,7 +206,7 @@ def test_loader_reads_features_and_labels(tmp_path: Path) -> None:
 
 def test_a_bank_s_file_is_read_once_while_unchanged(tmp_path: Path) -> None:
     """The executor reads the bank's file before forking its tasks; a task gets the
-    same rows, read-only, and a changed file is read again."""
+    same rows, read-only, and a changed file is read again (even with its old mtime)."""
     import os
 
     path = write(tmp_path / "b.csv", "f1,Class\n1.5,0\n3,1\n")
@@ -214,8 +214,9 @@ def test_a_bank_s_file_is_read_once_while_unchanged(tmp_path: Path) -> None:
     assert read_bank_file(0, path, "Class") is first
     with pytest.raises(ValueError, match="read-only"):
         first[0][0, 0] = 9.0
-    write(path, "f1,Class\n2.5,0\n4,1\n")
-    os.utime(path, ns=(time.time_ns() + 10**9,) * 2)
+    stat = path.stat()
+    write(path, "f1,Class\n2.5,0\n4,1\n")  # the same size: a rewrite stat cannot tell
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert read_bank_file(0, path, "Class")[0].tolist() == [[2.5], [4.0]]
 
 

@@ -50,7 +50,7 @@ def test_a_missing_reply_ends_at_the_timeout_with_the_others() -> None:
 def test_too_few_banks_fail_fast_with_the_fix_in_the_message() -> None:
     with pytest.raises(RuntimeError, match='only 2 of the 10 banks .*num-supernodes=10'):
         wait_for_banks(ScriptedGrid({}, nodes=2), 10, 0.2)
-    wait_for_banks(ScriptedGrid({}, nodes=10), 10, 0.2)
+    assert wait_for_banks(ScriptedGrid({}, nodes=10), 10, 0.2) == 10
 
 
 def test_a_flwr_command_that_reports_failure_raises(tmp_path) -> None:
