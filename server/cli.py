@@ -151,13 +151,12 @@ def register_banks(env: dict[str, str], flwr_home: Path, control: str, tls: Tls 
 
 def submit(app_dir: Path, config: Config, env: dict[str, str], flwr_home: Path,
            control: str, tls: Tls | None) -> int:
-    """Run the app, report its outcome. The run waits for min-banks banks itself
-    (server/app.py), so it starts while banks are still starting."""
+    """Run the app, report its outcome. The run waits for its banks itself
+    (server/app.py: every one of num-banks), so it starts while banks are starting."""
     from server.launch import submit_and_wait, write_connection
 
     write_connection(flwr_home, CONNECTION, control, tls)
-    print("fedfraud: submitting the run; it starts when min-banks banks are online",
-          flush=True)
+    print("fedfraud: submitting the run; it starts when its banks are online", flush=True)
     run_id, status = submit_and_wait(app_dir, CONNECTION, env, config.as_run_config())
     return report_outcome(run_id, status, Path(config.runs_dir))
 
