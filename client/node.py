@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 from client.identity import PRIVATE_KEY, ensure_key_pair
 from client.policy import POLICY_FILE
 from common.files import write_private
-from common.processes import BIN, Services, free_port, services, stop
+from common.processes import BIN, Services, free_port, port_in_use, services, stop
 
 RESTART_S = 3.0  # a SuperNode that stopped (e.g. its key is not registered yet) retries
 
@@ -79,11 +78,6 @@ def start_executor(started: Services, bank: BankFiles, runtime_port: int,
         str(BIN / "fedfraud-bank"), "executor", "--bank-id", str(bank.bank_id),
         "--bank-dir", str(bank.bank_dir), "--app-dir", str(bank.app_dir),
         "--runtime", f"127.0.0.1:{runtime_port}", "--secret-file", str(secret)])
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def run(bank: BankFiles, superlink: str, ca: Path | None, flwr_home: Path,
