@@ -32,10 +32,10 @@ from server.secure import run_secure
 from server.strategy import make_strategy
 
 app = ServerApp()
-# How long a run waits for min-banks banks to connect: Flower's simulation has its
-# SuperNodes at once (a plain `flwr run .` with too few fails fast); deployed banks
-# start their own processes (ten on this 2-core machine: about a minute) and may join
-# after the run was submitted.
+# How long a run waits for its banks (simulation: min-banks; deployment: num-banks) to
+# connect: Flower's simulation has its SuperNodes at once (a plain `flwr run .` with too
+# few fails fast); deployed banks start their own processes (ten on this 2-core
+# machine: about a minute) and may join after the run was submitted.
 BANKS_DEADLINE_S = {"simulation": 60.0, "deployment": 600.0}
 
 
