@@ -140,13 +140,15 @@ def may_evaluate(context: Context, config: Config, policy: Policy | None) -> boo
 
 
 def disclosed(metrics: dict[str, Any], policy: Policy | None) -> dict[str, Any]:
-    """A deployed bank's histograms at its policy's resolution."""
+    """What a deployed bank's policy lets leave: histograms at its resolution, and what
+    it says about its personalized copy only if it reports personalization."""
     if policy is None:
         return metrics
     from common.metrics import coarsen
 
+    withheld = () if policy.personalization_report else keys.PERSONAL_KEYS
     return {key: coarsen(value, policy.histogram_resolution) if key in keys.HIST_KEYS
-            else value for key, value in metrics.items()}
+            else value for key, value in metrics.items() if key not in withheld}
 
 
 def train_within_budget(context: Context, config: Config, policy: Policy | None,

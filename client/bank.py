@@ -67,8 +67,12 @@ class Bank:
         save_scaler(path, *self.scaler, self.schema)
         return path
 
-    def _model(self, arrays: Arrays) -> FraudNet:
-        model = FraudNet(ModelSpec(in_features=self.x_train.shape[1]))
+    def spec(self, config: Config) -> ModelSpec:
+        return ModelSpec(in_features=self.x_train.shape[1],
+                         activation=config.model_activation)
+
+    def _model(self, arrays: Arrays, config: Config) -> FraudNet:
+        model = FraudNet(self.spec(config))
         model.load_state_dict({name: torch.from_numpy(a) for name, a in arrays.items()})
         return model
 
@@ -77,7 +81,7 @@ class Bank:
         """Loss, confusion counts and score histograms on the bank's validation split;
         with ``audit``, also the membership audit's histograms (training vs
         validation rows' losses)."""
-        model = self._model(arrays)
+        model = self._model(arrays, config)
         logits = score(model, self.x_val)
         counts = confusion(self.y_val, logits, config.decision_threshold)
         legit, fraud = score_histograms(self.y_val, logits)
@@ -117,12 +121,12 @@ class Bank:
         if not all(np.isfinite(array).all() for array in arrays.values()):
             raise BankDataError(f"bank {self.id}: the final model holds non-finite "
                                 "weights; not kept")
-        model = self._model(arrays)
+        model = self._model(arrays, config)
         federated = PooledCurve.from_scores(self.y_val, score(model, self.x_val))
         reported: dict[str, Any] = {}
         kept, curve = "federated", federated
         if config.personalization:
-            tuned = self._model(arrays)
+            tuned = self._model(arrays, config)
             train(tuned, self.x_train, self.y_train, epochs=config.personalize_epochs,
                   batch_size=config.batch_size, learning_rate=config.learning_rate,
                   pos_weight=config.pos_weight, seed=config.seed + 1000 * (
@@ -141,7 +145,7 @@ class Bank:
         partial = folder.with_name(f".{run_id}-{secrets.token_hex(4)}")
         partial.mkdir(parents=True)
         save_model(partial, {k: t.detach() for k, t in model.state_dict().items()},
-                   ModelSpec(in_features=self.x_train.shape[1]), self.features, threshold)
+                   self.spec(config), self.features, threshold)
         # The scaler it was trained with, beside it: the next run may refit the bank's.
         save_scaler(partial / SCALER_FILE, *self.scaler, self.schema)
         (partial / CARD_JSON_FILE).write_text(json.dumps({
@@ -173,7 +177,7 @@ class Bank:
         ``rounds_before``: the rounds this bank itself trained in the run so far (its
         ledger's count), for its epsilon; a simulation takes the server's round."""
         metrics = self.evaluate(arrays, config) if evaluate_incoming else {}
-        model = self._model(arrays)
+        model = self._model(arrays, config)
         rows = len(self.y_train)
         privacy = privacy_for(config, rows) if config.differential_privacy else None
         batch_size, learning_rate = config.steps

@@ -64,6 +64,13 @@ histogram-resolution = 0.25
 # The membership audit (loss histograms of training vs validation rows) tells the
 # server how well the final model remembers members; opt in only if the bank wants it.
 membership-audit = false
+
+# With the run's personalization on, after the last round the bank fine-tunes the final
+# model on its own rows and keeps the better copy for its own scoring. true: it also
+# tells the server how that copy scores its validation rows (histograms at
+# histogram-resolution) and which model it kept, for the report; false: it keeps both
+# to itself. The copy is trained without DP noise and the server never sees its weights.
+personalization-report = true
 '''
 
 
@@ -83,6 +90,7 @@ class Policy:
     max_val_fraction: float
     histogram_resolution: float
     membership_audit: bool
+    personalization_report: bool
 
     @classmethod
     def from_toml(cls, text: str, source: str) -> Policy:

@@ -19,6 +19,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "fedavg
               "fedadam", "fedyogi")
 ATTACKS = ("none", "scale", "sign-flip", "nan", "inf")
 SERVER_TEST_SETS = ("simulation", "always", "never")
+ACTIVATIONS = ("relu", "tanh")  # FraudNet's hidden-layer activations (common/model.py)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Config:
     dp_max_grad_norm: float
     dp_batch_size: int
     dp_learning_rate: float
+    dp_activation: str
     secure_aggregation: bool
     secagg_shares: int
     secagg_threshold: int
@@ -47,6 +49,7 @@ class Config:
     personalize_epochs: int
     batch_size: int
     learning_rate: float
+    activation: str
     pos_weight: float
     decision_threshold: float
     seed: int
@@ -87,7 +90,9 @@ class Config:
                                     ("strategy", self.strategy, STRATEGIES),
                                     ("attack", self.attack, ATTACKS),
                                     ("server-test-set", self.server_test_set,
-                                     SERVER_TEST_SETS)):
+                                     SERVER_TEST_SETS),
+                                    ("activation", self.activation, ACTIVATIONS),
+                                    ("dp-activation", self.dp_activation, ACTIVATIONS)):
             if value not in allowed:
                 raise ValueError(f"run config: {key} must be one of {allowed}")
         self.attacker_ids  # noqa: B018 - validates the list
@@ -128,6 +133,11 @@ class Config:
         if self.differential_privacy:
             return self.dp_batch_size, self.dp_learning_rate
         return self.batch_size, self.learning_rate
+
+    @property
+    def model_activation(self) -> str:
+        """FraudNet's hidden-layer activation in this run: DP-SGD's when DP is on."""
+        return self.dp_activation if self.differential_privacy else self.activation
 
     def as_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping Flower uses (inverse of ``from_run_config``)."""

@@ -45,4 +45,6 @@ COUNT_KEYS = (TP, FP, FN, TN)
 HIST_KEYS = (HIST_LEGIT, HIST_FRAUD, HIST_MEMBER, HIST_NONMEMBER, HIST_LEGIT_PERSONAL,
              HIST_FRAUD_PERSONAL)
 SIZE_KEYS = (N_TRAIN, N_VAL, N_FRAUD)
+# What a bank says about its personalized copy of the final model (client/bank.py).
+PERSONAL_KEYS = (HIST_LEGIT_PERSONAL, HIST_FRAUD_PERSONAL, PERSONAL_KEPT)
 PER_BANK_KEYS = (DP_EPSILON, DP_NOISE, PERSONAL_KEPT)  # listed per bank, like the sizes

@@ -18,9 +18,13 @@ class ModelSpec:
     in_features: int
     hidden: tuple[int, ...] = (64, 32)  # the tutorial's 30 -> 64 -> 32 -> 1
     dropout: float = 0.1
+    activation: str = "relu"  # or "tanh" (common.config.ACTIVATIONS); older files: relu
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+ACTIVATION: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 class FraudNet(nn.Module):
@@ -29,7 +33,8 @@ class FraudNet(nn.Module):
         layers: list[nn.Module] = []
         width = spec.in_features
         for hidden in spec.hidden:
-            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(spec.dropout)]
+            layers += [nn.Linear(width, hidden), ACTIVATION[spec.activation](),
+                       nn.Dropout(spec.dropout)]
             width = hidden
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)

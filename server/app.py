@@ -58,11 +58,11 @@ def main(grid: Grid, context: Context) -> None:
     else:  # the federation's agreed schema only: no row at the operator
         schema = Schema.load((Path(config.data_dir) / TEST_FILE).with_name(SCHEMA_FILE))
     features = schema.features
-    spec = ModelSpec(in_features=len(features))
+    spec = ModelSpec(in_features=len(features), activation=config.model_activation)
     torch.manual_seed(config.seed)
     fresh = FraudNet(spec).state_dict()  # also the references' start: "alone" is alone
-    initial = (load_initial(Path(config.initial_model), features) if config.initial_model
-               else fresh)
+    initial = (load_initial(Path(config.initial_model), spec, features)
+               if config.initial_model else fresh)
     evaluation = TestSetEvaluation(x_test, y_test, spec, config.num_server_rounds)
 
     strategy = make_strategy(config)
@@ -123,10 +123,12 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedfraud run folder: %s", run_dir)
 
 
-def load_initial(run_dir: Path, features: list[str]) -> dict[str, torch.Tensor]:
+def load_initial(run_dir: Path, spec: ModelSpec, features: list[str],
+                 ) -> dict[str, torch.Tensor]:
     """The weights of an earlier run's model (``initial-model``), if it is a FraudNet of
-    this federation's features with finite weights; tensors only (``weights_only``: a
-    crafted file runs no code). Anything else is one ValueError naming the file."""
+    this run's ``spec`` and federation's features with finite weights; tensors only
+    (``weights_only``: a crafted file runs no code). Anything else is one ValueError
+    naming the file."""
     path = run_dir / STATE_DICT_FILE
 
     def refuse(why: str) -> ValueError:
@@ -135,14 +137,19 @@ def load_initial(run_dir: Path, features: list[str]) -> dict[str, torch.Tensor]:
     try:
         saved = torch.load(path, weights_only=True)
         state, trained_on = dict(saved["state_dict"]), list(saved["features"])
+        activation = dict(saved.get("spec") or {}).get("activation", "relu")  # older: relu
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
         raise refuse(f"not a fedfraud model ({type(err).__name__}: {err})") from None
     if trained_on != features:
         raise refuse(f"trained on other features ({len(trained_on)}) than this "
                      f"federation's schema ({len(features)}): start fresh "
                      "(initial-model = '')")
+    if activation != spec.activation:
+        raise refuse(f"its hidden layers use {activation}, this run's model "
+                     f"{spec.activation} (activation / dp-activation): start fresh "
+                     "(initial-model = '') or run with the same setting")
     try:
-        FraudNet(ModelSpec(in_features=len(features))).load_state_dict(state, strict=True)
+        FraudNet(spec).load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as err:
         raise refuse(f"not this federation's model shape ({str(err).splitlines()[0]})"
                      ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -159,7 +160,8 @@ def test_without_personalization_a_bank_keeps_the_federated_model(
         # It is the model the server sent: the same scores as the reported histograms.
         p = scorer.probabilities(scorer_rows(prepared)).astype(np.float64)
         torch.manual_seed(0)
-        expected = torch.sigmoid(FraudNet(ModelSpec(30)).eval()(torch.from_numpy(
+        spec = ModelSpec(30, activation=config.model_activation)  # tanh under DP
+        expected = torch.sigmoid(FraudNet(spec).eval()(torch.from_numpy(
             standardize(scorer_rows(prepared), scorer.mean, scorer.scale))))
         np.testing.assert_allclose(p, expected.detach().numpy(), atol=1e-6)
 
@@ -228,6 +230,26 @@ def test_a_deployed_bank_keeps_the_membership_audit_unless_its_policy_opts_in(
 
     assert keys.HIST_MEMBER not in default.content[keys.METRICS]
     assert keys.HIST_MEMBER in opted_in.content[keys.METRICS]
+
+
+def test_a_deployed_bank_keeps_what_it_says_of_its_personalized_copy_if_its_policy_says_so(
+    prepared, tmp_path: Path,
+) -> None:
+    shard = Path(prepared.data_dir) / bank_file(5)
+    evaluate = message("evaluate", RecordDict({
+        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})}))
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    told = app(evaluate, deployed_context(prepared, tmp_path / "a", shard))
+    kept = app(evaluate, deployed_context(prepared, tmp_path / "b", shard,
+                                          policy="personalization-report = false"))
+
+    assert set(keys.PERSONAL_KEYS) <= set(told.content[keys.METRICS])
+    assert not set(keys.PERSONAL_KEYS) & set(kept.content[keys.METRICS])
+    assert keys.HIST_FRAUD in kept.content[keys.METRICS]  # the federated model's, as ever
+    # The bank still fine-tuned and kept the better copy for its own scoring.
+    card = json.loads((tmp_path / "b" / "models" / "latest" / "model_card.json").read_text())
+    assert card["kept"] == "personalized"
 
 
 def test_a_deployed_banks_data_error_reaches_the_server_as_a_category_only(

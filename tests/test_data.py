@@ -289,6 +289,14 @@ def test_config_rejects_unknown_and_wrongly_typed_keys() -> None:
         app_config(strategy="fedprox", dp_epsilon=3.0)
 
 
+def test_the_model_uses_dp_activation_under_dp_and_activation_without() -> None:
+    assert app_config().model_activation == "relu"
+    assert app_config(dp_epsilon=3.0).model_activation == "tanh"
+    assert app_config(activation="tanh").model_activation == "tanh"
+    with pytest.raises(ValueError, match="dp-activation must be one of"):
+        app_config(dp_activation="gelu")
+
+
 def pooled_table(n: int = 3_000, seed: int = 0) -> pd.DataFrame:
     """A small labelled table with an id, a time, a free-text and the usual columns."""
     rng = np.random.default_rng(seed)

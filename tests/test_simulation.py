@@ -155,22 +155,43 @@ def test_next_months_run_starts_from_the_model_in_production(tmp_path: Path) -> 
 def test_an_initial_model_of_other_features_is_refused(tmp_path: Path) -> None:
     import torch
 
-    from common.model import STATE_DICT_FILE
+    from common.model import STATE_DICT_FILE, ModelSpec
     from server.app import load_initial
 
+    spec = ModelSpec(in_features=1)
     torch.save({"state_dict": {}, "features": ["a", "b"]}, tmp_path / STATE_DICT_FILE)
     with pytest.raises(ValueError, match="other features"):
-        load_initial(tmp_path, ["a", "b", "c"])
+        load_initial(tmp_path, ModelSpec(in_features=3), ["a", "b", "c"])
     (tmp_path / STATE_DICT_FILE).write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a fedfraud model"):
-        load_initial(tmp_path, ["a"])
+        load_initial(tmp_path, spec, ["a"])
     torch.save(torch.zeros(3), tmp_path / STATE_DICT_FILE)  # a bare tensor
     with pytest.raises(ValueError, match="not a fedfraud model"):
-        load_initial(tmp_path, ["a"])
+        load_initial(tmp_path, spec, ["a"])
     torch.save({"state_dict": {"net.0.weight": torch.zeros(2, 2)}, "features": ["a"]},
                tmp_path / STATE_DICT_FILE)  # the right features, the wrong weights
     with pytest.raises(ValueError, match="model shape"):
-        load_initial(tmp_path, ["a"])
+        load_initial(tmp_path, spec, ["a"])
+
+
+def test_an_initial_model_with_another_activation_is_refused(tmp_path: Path) -> None:
+    """A DP run's model (tanh, dp-activation) cannot continue from a ReLU model: the
+    weights would load but mean something else."""
+    import torch
+
+    from common.model import STATE_DICT_FILE, FraudNet, ModelSpec, save_model
+    from server.app import load_initial
+
+    relu, tanh = ModelSpec(in_features=2), ModelSpec(in_features=2, activation="tanh")
+    save_model(tmp_path, FraudNet(relu).state_dict(), relu, ["a", "b"], 0.5)
+    assert load_initial(tmp_path, relu, ["a", "b"]).keys() == FraudNet(relu).state_dict().keys()
+    with pytest.raises(ValueError, match="hidden layers use relu, this run's model tanh"):
+        load_initial(tmp_path, tanh, ["a", "b"])
+    saved = torch.load(tmp_path / STATE_DICT_FILE, weights_only=True)
+    del saved["spec"]["activation"]  # a model saved before the setting existed: ReLU
+    torch.save(saved, tmp_path / STATE_DICT_FILE)
+    with pytest.raises(ValueError, match="hidden layers use relu"):
+        load_initial(tmp_path, tanh, ["a", "b"])
 
 
 class Payload:
@@ -186,14 +207,14 @@ class Payload:
 def test_a_crafted_initial_model_runs_no_code_at_the_server(tmp_path: Path) -> None:
     import torch
 
-    from common.model import STATE_DICT_FILE
+    from common.model import STATE_DICT_FILE, ModelSpec
     from server.app import load_initial
 
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "features": ["a"], "spec": Payload(marker)},
                tmp_path / STATE_DICT_FILE)
     with pytest.raises(ValueError, match="not a fedfraud model"):
-        load_initial(tmp_path, ["a"])
+        load_initial(tmp_path, ModelSpec(in_features=1), ["a"])
     assert not marker.exists()
 
 
