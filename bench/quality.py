@@ -58,8 +58,11 @@ def goals(metrics: dict[str, Any]) -> dict[str, str]:
         if local is None or local["tp"] + local["fn"] < MIN_VAL_FRAUDS:
             continue
         compared += 1
-        model = own[kept[entry["bank"]]] or own["federated"]
-        if model["ap"] < local["ap"]:
+        # A bank that sent no final evaluation (it dropped out) has no kept model here.
+        model = own.get(kept.get(entry["bank"], "federated")) or own.get("federated")
+        if model is None:
+            short.append(f"bank {entry['bank']} no federated result")
+        elif model["ap"] < local["ap"]:
             short.append(f"bank {entry['bank']} {model['ap']:.3f}<{local['ap']:.3f}")
     best_local = max(entry["test"]["local_only"]["auc"] for entry in baselines["local_only"]
                      if entry["test"]["local_only"]["auc"] is not None)
