@@ -40,6 +40,12 @@ def global_arrays() -> ArrayRecord:
     return ArrayRecord(FraudNet(ModelSpec(in_features=30)).state_dict())
 
 
+def evaluate_message(server_round: int = 1) -> Message:
+    return message("evaluate", RecordDict({
+        keys.ARRAYS: global_arrays(),
+        keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: server_round})}))
+
+
 def train_message() -> Message:
     settings = ConfigRecord({keys.SERVER_ROUND: 1, keys.EVALUATE_INCOMING: True})
     return message("train", RecordDict({keys.ARRAYS: global_arrays(), keys.CONFIG: settings}))
@@ -78,9 +84,7 @@ def test_scaler_is_fitted_once_and_reused(prepared) -> None:
 
 
 def test_evaluate_replies_counts_and_histograms_only(prepared) -> None:
-    reply = app(message("evaluate", RecordDict({
-        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1}),
-    })), bank_context(prepared, bank=2))
+    reply = app(evaluate_message(), bank_context(prepared, bank=2))
 
     metrics = reply.content[keys.METRICS]
     n_val = metrics[keys.NUM_EXAMPLES]
@@ -220,9 +224,7 @@ def test_a_deployed_bank_trains_when_its_policy_allows_the_run(prepared, tmp_pat
 def test_a_deployed_bank_keeps_the_membership_audit_unless_its_policy_opts_in(
     prepared, tmp_path: Path,
 ) -> None:
-    shard = Path(prepared.data_dir) / bank_file(5)
-    evaluate = message("evaluate", RecordDict({
-        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})}))
+    shard, evaluate = Path(prepared.data_dir) / bank_file(5), evaluate_message()
 
     default = app(evaluate, deployed_context(prepared, tmp_path, shard))
     opted_in = app(evaluate, deployed_context(prepared, tmp_path, shard,
@@ -235,9 +237,7 @@ def test_a_deployed_bank_keeps_the_membership_audit_unless_its_policy_opts_in(
 def test_a_deployed_bank_keeps_what_it_says_of_its_personalized_copy_if_its_policy_says_so(
     prepared, tmp_path: Path,
 ) -> None:
-    shard = Path(prepared.data_dir) / bank_file(5)
-    evaluate = message("evaluate", RecordDict({
-        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})}))
+    shard, evaluate = Path(prepared.data_dir) / bank_file(5), evaluate_message()
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     told = app(evaluate, deployed_context(prepared, tmp_path / "a", shard))
@@ -346,8 +346,7 @@ def test_a_deployed_bank_answers_at_most_rounds_plus_one_evaluations_per_run(
 
     config = Config.from_run_config({**prepared.as_run_config(), "num-server-rounds": 2})
     context = deployed_context(config, tmp_path, Path(prepared.data_dir) / bank_file(5))
-    evaluate = message("evaluate", RecordDict({
-        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 2})}))
+    evaluate = evaluate_message(server_round=2)
 
     replies = [app(train_message(), context) for _ in range(2)]  # each evaluates first
     app(evaluate, context)  # the final model's: the third of 2 + 1
