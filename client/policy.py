@@ -69,7 +69,8 @@ membership-audit = false
 # model on its own rows and keeps the better copy for its own scoring. true: it also
 # tells the server how that copy scores its validation rows (histograms at
 # histogram-resolution) and which model it kept, for the report; false: it keeps both
-# to itself. The copy is trained without DP noise and the server never sees its weights.
+# to itself. Either way the server never sees the copy's weights (and in a DP run
+# there is no copy: fine-tuning without noise would escape the bank's epsilon).
 personalization-report = true
 '''
 
