@@ -99,9 +99,7 @@ def final_evaluate(config: Config, state: Path, bank: int = 5) -> RecordDict:
     context = Context(run_id=1, node_id=5, node_config={"partition-id": bank,
                                                         "state": str(state)},
                       state=RecordDict(), run_config=config.as_run_config())
-    return app(message("evaluate", RecordDict({
-        keys.ARRAYS: global_arrays(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 10}),
-    })), context).content[keys.METRICS]
+    return app(evaluate_message(server_round=10), context).content[keys.METRICS]
 
 
 def test_a_bank_personalizes_the_final_model_and_keeps_the_better_one_for_scoring(
