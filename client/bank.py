@@ -183,7 +183,7 @@ class Bank:
         batch_size, learning_rate = config.steps
         loss = train(
             model, self.x_train, self.y_train,
-            epochs=config.local_epochs, batch_size=batch_size,
+            epochs=config.local_epochs_for(rows), batch_size=batch_size,
             learning_rate=learning_rate, pos_weight=config.pos_weight,
             seed=(secrets.randbits(63) if self.secret_randomness and privacy
                   else config.seed + 1000 * server_round + self.id),

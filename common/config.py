@@ -7,6 +7,7 @@ as Flower hands it to both apps) into typed attributes.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -46,6 +47,7 @@ class Config:
     secagg_shares: int
     secagg_threshold: int
     local_epochs: int
+    min_local_steps: int
     personalize_epochs: int
     batch_size: int
     learning_rate: float
@@ -96,6 +98,9 @@ class Config:
             if value not in allowed:
                 raise ValueError(f"run config: {key} must be one of {allowed}")
         self.attacker_ids  # noqa: B018 - validates the list
+        if self.local_epochs < 1 or self.min_local_steps < 0:
+            raise ValueError("run config: local-epochs must be at least 1 and "
+                             "min-local-steps at least 0")
         if self.max_categories < 1:
             raise ValueError("run config: max-categories must be at least 1")
         if self.secure_aggregation and (self.strategy, self.bank_weighting) != (
@@ -134,6 +139,15 @@ class Config:
             return self.dp_batch_size, self.dp_learning_rate
         return self.batch_size, self.learning_rate
 
+    def local_epochs_for(self, rows: int) -> int:
+        """The epochs a bank with ``rows`` training rows trains per round: local-epochs,
+        or more for a small bank, so that it takes at least min-local-steps optimizer
+        steps. Not under DP, whose noise is set for local-epochs epochs."""
+        if self.differential_privacy:
+            return self.local_epochs
+        per_epoch = steps_per_epoch(rows, self.batch_size)
+        return max(self.local_epochs, math.ceil(self.min_local_steps / per_epoch))
+
     @property
     def model_activation(self) -> str:
         """FraudNet's hidden-layer activation in this run: DP-SGD's when DP is on."""
@@ -142,6 +156,11 @@ class Config:
     def as_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping Flower uses (inverse of ``from_run_config``)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over ``rows`` rows (at least one)."""
+    return max(1, math.ceil(rows / batch_size))
 
 
 def column_names(text: str) -> tuple[str, ...]:

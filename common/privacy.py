@@ -9,15 +9,10 @@ accountant state has to survive between messages.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
-from common.config import Config
+from common.config import Config, steps_per_epoch
 from common.task import Privacy
-
-
-def steps_per_epoch(rows: int, batch_size: int) -> int:
-    return max(1, math.ceil(rows / batch_size))
 
 
 @lru_cache(maxsize=64)

@@ -2,7 +2,8 @@
 
 Both use the banks' own splits (``read_bank``), the same model, the same initial
 weights, the same train loop and the same training budget as the federation
-(``num-server-rounds x local-epochs`` epochs), and are scored like the federated model:
+(``num-server-rounds`` rounds of the epochs a bank of that size trains per round), and
+are scored like the federated model:
 on the server's test set, with the threshold chosen on validation data.
 
 - centralized: one model on all banks' pooled training rows. It needs every bank's
@@ -30,11 +31,12 @@ Scaler = tuple[np.ndarray, np.ndarray]
 
 def fit_alone(split: BankSplit, scaler: Scaler, spec: ModelSpec,
               initial: dict[str, torch.Tensor], config: Config, seed: int) -> FraudNet:
-    """One model trained on ``split`` alone, for the federation's whole budget."""
+    """One model trained on ``split`` alone, for the federation's whole budget: the
+    run's rounds times the epochs a bank with these rows trains in a round."""
     model = FraudNet(spec)
     model.load_state_dict(initial)
     train(model, standardize(split.x_train, *scaler), split.y_train,
-          epochs=config.num_server_rounds * config.local_epochs,
+          epochs=config.num_server_rounds * config.local_epochs_for(len(split.y_train)),
           batch_size=config.batch_size, learning_rate=config.learning_rate,
           pos_weight=config.pos_weight, seed=seed)
     return model

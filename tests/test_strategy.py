@@ -111,6 +111,18 @@ def test_fedprox_term_keeps_the_bank_near_the_global_model() -> None:
     assert fit(mu=10.0)[0] < 0.5 * fit(mu=0.0)[0]
 
 
+def test_a_small_bank_trains_at_least_min_local_steps_a_round_but_not_under_dp() -> None:
+    config = app_config(local_epochs=3, min_local_steps=60, batch_size=64)
+
+    assert config.local_epochs_for(20_000) == 3  # 313 steps an epoch
+    assert config.local_epochs_for(150) == 20  # 3 steps an epoch: 60 steps
+    assert config.local_epochs_for(100) == 30  # 2 steps an epoch
+    assert app_config(min_local_steps=0).local_epochs_for(150) == 3
+    assert app_config(dp_epsilon=3.0, min_local_steps=60).local_epochs_for(150) == 3
+    with pytest.raises(ValueError, match="min-local-steps"):
+        app_config(min_local_steps=-1)
+
+
 def test_dp_noise_meets_the_target_epsilon_over_the_run() -> None:
     config = app_config(dp_epsilon=3.0, num_server_rounds=10, local_epochs=3)
     privacy = privacy_for(config, rows=5_000)
