@@ -2,9 +2,9 @@
 
 Both use the banks' own splits (``read_bank``), the same model, the same initial
 weights, the same train loop and the same training budget as the federation
-(``num-server-rounds`` rounds of the epochs a bank of that size trains per round), and
-are scored like the federated model:
-on the server's test set, with the threshold chosen on validation data.
+(``num-server-rounds`` rounds of the epochs a bank of that size trains in a round), and
+are scored like the federated model: on the server's test set, with the threshold
+chosen on validation data.
 
 - centralized: one model on all banks' pooled training rows. It needs every bank's
   rows in one place, so only a simulation, where every shard is on one disk, computes it.
