@@ -21,6 +21,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "fedavg
 ATTACKS = ("none", "scale", "sign-flip", "nan", "inf")
 SERVER_TEST_SETS = ("simulation", "always", "never")
 ACTIVATIONS = ("relu", "tanh")  # FraudNet's hidden-layer activations (common/model.py)
+# A bank's round must end: a run config asking a small bank for more steps a round than
+# this (~1 s of CPU at batch 64 here; the default is 60) is refused at every bank.
+MAX_LOCAL_STEPS = 2_000
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,13 @@ class Config:
             if value not in allowed:
                 raise ValueError(f"run config: {key} must be one of {allowed}")
         self.attacker_ids  # noqa: B018 - validates the list
-        if self.local_epochs < 1 or self.min_local_steps < 0:
-            raise ValueError("run config: local-epochs must be at least 1 and "
-                             "min-local-steps at least 0")
+        if self.num_server_rounds < 1 or self.local_epochs < 1:
+            raise ValueError("run config: num-server-rounds and local-epochs must be at "
+                             "least 1")
+        if not 0 <= self.min_local_steps <= MAX_LOCAL_STEPS:
+            raise ValueError(f"run config: min-local-steps must be 0 to {MAX_LOCAL_STEPS}")
+        if self.differential_privacy and not 0 < self.dp_delta < 1:
+            raise ValueError("run config: dp-delta must be above 0 and below 1")
         if self.max_categories < 1:
             raise ValueError("run config: max-categories must be at least 1")
         if self.secure_aggregation and (self.strategy, self.bank_weighting) != (

@@ -119,8 +119,16 @@ def test_a_small_bank_trains_at_least_min_local_steps_a_round_but_not_under_dp()
     assert config.local_epochs_for(100) == 30  # 2 steps an epoch
     assert app_config(min_local_steps=0).local_epochs_for(150) == 3
     assert app_config(dp_epsilon=3.0, min_local_steps=60).local_epochs_for(150) == 3
-    with pytest.raises(ValueError, match="min-local-steps"):
-        app_config(min_local_steps=-1)
+    for steps in (-1, 10**15):  # a server cannot make a bank train forever
+        with pytest.raises(ValueError, match="min-local-steps"):
+            app_config(min_local_steps=steps)
+
+
+@pytest.mark.parametrize("setting", [{"num_server_rounds": 0}, {"num_server_rounds": -1},
+                                     {"dp_delta": float("nan")}, {"dp_delta": 0.0}])
+def test_a_run_config_that_would_hang_or_void_dp_accounting_is_refused(setting) -> None:
+    with pytest.raises(ValueError, match="run config"):
+        app_config(dp_epsilon=3.0, **setting)
 
 
 def test_dp_noise_meets_the_target_epsilon_over_the_run() -> None:
