@@ -24,6 +24,7 @@ ACTIVATIONS = ("relu", "tanh")  # FraudNet's hidden-layer activations (common/mo
 # A bank's round must end: a run config asking a small bank for more steps a round than
 # this (~1 s of CPU at batch 64 here; the default is 60) is refused at every bank.
 MAX_LOCAL_STEPS = 2_000
+MAX_EPOCHS = 100  # likewise for local-epochs and personalize-epochs (defaults 3)
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,12 @@ class Config:
             if value not in allowed:
                 raise ValueError(f"run config: {key} must be one of {allowed}")
         self.attacker_ids  # noqa: B018 - validates the list
-        if self.num_server_rounds < 1 or self.local_epochs < 1:
-            raise ValueError("run config: num-server-rounds and local-epochs must be at "
-                             "least 1")
+        if self.num_server_rounds < 1:
+            raise ValueError("run config: num-server-rounds must be at least 1")
+        for key, epochs, least in (("local-epochs", self.local_epochs, 1),
+                                   ("personalize-epochs", self.personalize_epochs, 0)):
+            if not least <= epochs <= MAX_EPOCHS:
+                raise ValueError(f"run config: {key} must be {least} to {MAX_EPOCHS}")
         if not 0 <= self.min_local_steps <= MAX_LOCAL_STEPS:
             raise ValueError(f"run config: min-local-steps must be 0 to {MAX_LOCAL_STEPS}")
         if self.differential_privacy and not 0 < self.dp_delta < 1:

@@ -125,7 +125,9 @@ def test_a_small_bank_trains_at_least_min_local_steps_a_round_but_not_under_dp()
 
 
 @pytest.mark.parametrize("setting", [{"num_server_rounds": 0}, {"num_server_rounds": -1},
-                                     {"dp_delta": float("nan")}, {"dp_delta": 0.0}])
+                                     {"dp_delta": float("nan")}, {"dp_delta": 0.0},
+                                     {"local_epochs": 0}, {"local_epochs": 10**9},
+                                     {"personalize_epochs": 10**9}])
 def test_a_run_config_that_would_hang_or_void_dp_accounting_is_refused(setting) -> None:
     with pytest.raises(ValueError, match="run config"):
         app_config(dp_epsilon=3.0, **setting)
