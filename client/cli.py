@@ -93,7 +93,7 @@ def executor(args: argparse.Namespace) -> int:
     bank = bank_files(args)
     policy = Policy.load(bank.policy)
     serve(args.runtime, args.secret_file.read_bytes(), policy.approved(bank.app_dir),
-          bank.name, bank.shard, bank.bank_id, dp=policy.require_dp)
+          bank.name, bank.shard, bank.bank_id, dp=policy.require_dp, bells=args.bells)
     return 0
 
 
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     executor_cmd = bank("executor", "the task executor alone (run starts it)")
     executor_cmd.add_argument("--runtime", required=True, help="SuperNode Runtime API")
     executor_cmd.add_argument("--secret-file", type=Path, required=True)
+    executor_cmd.add_argument("--bells", type=Path, required=True,
+                              help="the folder of the SuperNode's and executor's doorbells")
     summary_cmd = commands.add_parser(
         "summarize", help="the bank's summary for agreeing the federation's schema")
     summary_cmd.add_argument("--transactions", type=Path, required=True,

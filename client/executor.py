@@ -5,8 +5,9 @@ it serves its Runtime API (on 127.0.0.1, behind a SuperExec auth secret only the
 holds) to this executor, which replaces Flower's SuperExec:
 
 1. it acquires each task with Flower's ``AcquireTask`` (the call Flower's SuperExec
-   makes) and forks; the child runs Flower's unchanged ``run_clientapp`` with the
-   task's token. Flower, torch and the bank's ClientApp are imported once, here, so a
+   makes) when the SuperNode rings its doorbell (client/supernode.py; at least once
+   a second without), and forks; the child runs Flower's unchanged ``run_clientapp``
+   with the task's token. Flower, torch and the bank's ClientApp are imported once, here, so a
    task starts in milliseconds instead of a fresh ``flwr-clientapp`` process per
    message (~1.1 s of Flower's imports plus torch's, on every message);
 2. in the child, before Flower installs the run's app bundle (FAB), ``only_approved``
@@ -29,8 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.processes import Backoff
+from client.supernode import REPLY_BELL, TASK_BELL, Doorbell
 
+IDLE_S = 1.0  # the longest the executor waits for a doorbell before it asks anyway
 # The Runtime API calls Flower's SuperExec signs with the shared secret.
 AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask",
                           "/flwr.proto.Runtime/PullPendingTasks",
@@ -44,21 +46,31 @@ class AppNotApproved(RuntimeError):
 
 def only_approved(install: Callable[..., Path], approved: frozenset[str], bank: str,
                   ) -> Callable[..., Path]:
-    """Flower's ``install_from_fab``, refusing any bundle outside ``approved``."""
+    """Flower's ``install_from_fab``, refusing any bundle outside ``approved``, and
+    installing an approved one once: Flower unpacks and checks the bundle into a
+    temporary folder on every task and then keeps the folder it installed before
+    (named after the bundle's digest; ~40 files written and removed again per task).
+    A bundle whose SHA-256 is approved is byte for byte the one installed then."""
     from logging import ERROR
 
+    from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
     from flwr.supercore import log
+    from flwr.supercore.utils import get_flwr_home
 
     from client.policy import fab_digest
 
-    def install_approved(fab: bytes, *args: object, **kwargs: object) -> Path:
+    def install_approved(fab: bytes, install_dir: Path | None = None,
+                         skip_prompt: bool = False) -> Path:
         digest = fab_digest(fab)
         if digest not in approved:
             log(ERROR, "%s: refused app bundle sha256 %s: not approved in the bank's "
                     "policy (approved: %s)", bank, digest, sorted(approved))
             raise AppNotApproved(f"{bank} refuses app bundle sha256 {digest}: not "
                                  "approved by the bank's policy")
-        return install(fab, *args, **kwargs)
+        apps = (install_dir or get_flwr_home()) / APP_DIR
+        for installed in apps.glob(f"*.{digest[:FAB_HASH_TRUNCATION]}"):
+            return installed
+        return install(fab, install_dir, skip_prompt)
 
     return install_approved
 
@@ -131,8 +143,12 @@ def reported(pipe: int) -> bool:
 
 
 def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
-          shard: Path, bank_id: int, dp: bool) -> None:
+          shard: Path, bank_id: int, dp: bool, bells: Path) -> None:
     """Acquire and run the SuperNode's tasks until killed.
+
+    Between tasks the executor sleeps on its doorbell (``bells``): the SuperNode rings
+    it when it has stored a task, and the executor rings the SuperNode's when a task
+    has ended (its reply is then stored), so neither side polls the other.
 
     Opacus is warmed up at start only for a bank whose policy requires DP: importing
     it costs ~2 s of CPU (ten banks starting on two cores: ~10 s of every start), and a
@@ -160,15 +176,16 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
         retry_invoker=make_simple_http_retry_invoker())
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     print(f"{bank}: executor ready; approved apps {sorted(approved)}", flush=True)
-    children: dict[int, float] = {}  # pid -> when its task started
-    # AcquireTask is a local HTTP call; a task's end means the round's next one is near.
-    poll = Backoff(busy_s=0.02, idle_s=0.2)
+    tasks, replies = Doorbell(bells / TASK_BELL), Doorbell(bells / REPLY_BELL)
+    children: dict[int, tuple[float, int]] = {}  # pid -> when its task started, its pidfd
     while True:
         for pid in list(children):
             done, _, usage = os.wait4(pid, os.WNOHANG)
             if done:
-                poll.active()
-                print(f"{bank}: task done in {time.monotonic() - children.pop(pid):.2f} s "
+                started, pidfd = children.pop(pid)
+                os.close(pidfd)
+                replies.ring()
+                print(f"{bank}: task done in {time.monotonic() - started:.2f} s "
                       f"({usage.ru_utime + usage.ru_stime:.2f} s CPU)", flush=True)
         if not dp and reported(used_dp):
             dp = True  # once, whatever comes of it
@@ -181,9 +198,9 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
                       flush=True)
         acquired = runtime_api.AcquireTask(request)
         if not (acquired.HasField("task") and acquired.token):
-            poll.sleep()
+            # Until the SuperNode rings or a task ends (its pidfd becomes readable).
+            tasks.wait(IDLE_S, *(pidfd for _, pidfd in children.values()))
             continue
-        poll.active()
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -200,4 +217,4 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        children[pid] = time.monotonic()
+        children[pid] = (time.monotonic(), os.pidfd_open(pid))

@@ -5,7 +5,8 @@ waits; ``--isolation process``) keeps the bank's gRPC link to the SuperLink
 (TLS, the bank's own key) and serves its Runtime API on 127.0.0.1 only, behind a
 SuperExec auth secret made here (0600, in a private temporary folder); the executor
 (client/executor.py) is the only process that takes tasks from it, and it runs only
-apps the bank's policy approves. The SuperNode is told its bank's files through its
+apps the bank's policy approves. The two ring each other's doorbell (named pipes in
+the same private folder) instead of polling each other. The SuperNode is told its bank's files through its
 node config (set here, by the bank; never by the server).
 """
 
@@ -66,7 +67,8 @@ def supernode_command(bank: BankFiles, superlink: str, ca: Path | None,
     transport = (["--insecure"] if ca is None else
                  ["--root-certificates", str(ca),
                   "--auth-supernode-private-key", str(bank.key_dir / PRIVATE_KEY)])
-    return [sys.executable, "-m", "client.supernode", *transport, "--superlink", superlink,
+    return [sys.executable, "-m", "client.supernode", "--bells", str(secret.parent),
+            *transport, "--superlink", superlink,
             "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
             "--superexec-auth-secret-file", str(secret),
             "--node-config", bank.node_config()]
@@ -77,7 +79,8 @@ def start_executor(started: Services, bank: BankFiles, runtime_port: int,
     return started.start("executor", [
         str(BIN / "fedfraud-bank"), "executor", "--bank-id", str(bank.bank_id),
         "--bank-dir", str(bank.bank_dir), "--app-dir", str(bank.app_dir),
-        "--runtime", f"127.0.0.1:{runtime_port}", "--secret-file", str(secret)])
+        "--runtime", f"127.0.0.1:{runtime_port}", "--secret-file", str(secret),
+        "--bells", str(secret.parent)])
 
 
 def run(bank: BankFiles, superlink: str, ca: Path | None, flwr_home: Path,

@@ -118,7 +118,7 @@ def test_the_pruned_bundle_is_flower_s_for_any_fab_include(tmp_path: Path,
         assert build_fab_from_files(files)[0] == expected
 
 
-def test_only_approved_bundles_are_installed() -> None:
+def test_only_approved_bundles_are_installed(tmp_path: Path) -> None:
     installed: list[bytes] = []
 
     def install(fab: bytes, *args: object, **kwargs: object) -> Path:
@@ -130,10 +130,33 @@ def test_only_approved_bundles_are_installed() -> None:
     good = b"the approved bundle"
     guard = only_approved(install, frozenset({hashlib.sha256(good).hexdigest()}), "bank 3")
 
-    assert guard(good, skip_prompt=True) == Path("/installed")
+    assert guard(good, tmp_path, skip_prompt=True) == Path("/installed")
     with pytest.raises(AppNotApproved, match="bank 3 refuses app bundle sha256 [0-9a-f]{64}"):
-        guard(b"the approved bundle, altered")
+        guard(b"the approved bundle, altered", tmp_path)
     assert installed == [good]
+
+
+def test_an_approved_bundle_is_installed_once_where_flower_installs_it(
+        tmp_path: Path) -> None:
+    """The executor skips Flower's unpacking of a bundle it installed before: it finds
+    Flower's install folder by the bundle's digest, so Flower's folder naming must not
+    change; a bundle that is not approved is refused also when one is installed."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.install import install_from_fab
+
+    fab = build_fab_from_disk(APP_DIR)
+    calls: list[Path] = []
+
+    def flower_install(*args: object) -> Path:
+        calls.append(install_from_fab(*args))  # type: ignore[arg-type]
+        return calls[-1]
+
+    guard = only_approved(flower_install, frozenset({app_digest(APP_DIR)}), "bank 3")
+    first = guard(fab, tmp_path, True)
+    assert calls == [first] and (first / "pyproject.toml").is_file()
+    assert guard(fab, tmp_path, True) == first and calls == [first]  # not unpacked again
+    with pytest.raises(AppNotApproved):
+        guard(fab + b"\0", tmp_path, True)
 
 
 def test_flower_runtime_still_installs_the_bundle_where_the_executor_checks_it() -> None:
@@ -216,30 +239,48 @@ def test_bank_commands_fail_in_one_line_naming_the_policy_file(tmp_path: Path) -
         f"fedfraud-bank: {tmp_path / 'policy.toml'}: max-rounds has the wrong type ('many')"]
 
 
-def test_flower_supernode_still_idles_through_its_module_s_time_sleep() -> None:
+def test_flower_supernode_still_idles_through_its_module_s_time_sleep(
+        tmp_path: Path) -> None:
     """client/supernode.py replaces the sleeps of this one module: they must still be
     there (a 3 s idle pull, 0.5 s reply waits) and go through its ``time``; idle pulls
-    back off from busy_s to idle_s, and a reply wait makes the next pull prompt."""
+    back off from busy_s to idle_s; a reply wait rings the executor's doorbell, ends
+    when the executor rings back, and makes the next pull prompt."""
+    import threading
     import time
 
     from flwr.supernode import start_client_internal as internal
 
-    from client.supernode import REPLY_S, prompt_time
+    from client.supernode import REPLY_BELL, TASK_BELL, Doorbell, prompt_time
     from common.processes import Backoff
 
     source = inspect.getsource(internal)
     assert internal.time is time and "import time" in source
     assert source.count("time.sleep(3)") == 1 and source.count("time.sleep(0.5)") == 2
+    # A reply wait is the loop's wait right after it stored a task:
+    push = inspect.getsource(internal._push_messages)
+    assert "while not (reply_messages := state.get_messages(is_reply=True)):" in push
+    assert "time.sleep(0.5)" in push.split("for message in reply_messages")[0]
     idle_wait = Backoff(busy_s=0.01, idle_s=0.04)
-    clock = prompt_time(idle_wait)
+    tasks, replies = Doorbell(tmp_path / TASK_BELL), Doorbell(tmp_path / REPLY_BELL)
+    clock = prompt_time(idle_wait, tasks, replies)
     started = time.monotonic()
     for _ in range(4):
         clock.sleep(3)
     assert 0.01 + 0.02 + 0.04 + 0.04 <= time.monotonic() - started < 0.5
     assert idle_wait.wait_s == 0.04
+    # The executor's end of the same pipes, opened as it opens them.
+    executor_tasks = Doorbell(tmp_path / TASK_BELL)
+    executor_replies = Doorbell(tmp_path / REPLY_BELL)
+    assert not executor_tasks.wait(0)
     started = time.monotonic()
-    clock.sleep(0.5)
-    assert time.monotonic() - started < REPLY_S + 0.2 and idle_wait.wait_s == 0.01
+    clock.sleep(0.5)  # nobody rings back: Flower's own wait
+    assert 0.45 <= time.monotonic() - started < 0.7 and idle_wait.wait_s == 0.01
+    assert executor_tasks.wait(0) and not executor_tasks.wait(0)  # rung once, cleared
+    threading.Timer(0.1, executor_replies.ring).start()
+    started = time.monotonic()
+    clock.sleep(0.5)  # the executor rings back after 0.1 s
+    assert 0.08 <= time.monotonic() - started < 0.3
+    assert executor_tasks.wait(0)
     assert clock.monotonic is time.monotonic and clock.time is time.time
 
 
