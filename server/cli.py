@@ -140,13 +140,16 @@ def ensure_certificates(certs: Path | None) -> Tls | None:
 
 def register_banks(env: dict[str, str], flwr_home: Path, control: str, tls: Tls | None,
                    public_keys: list[Path]) -> None:
-    """Let exactly these banks' public keys join (with TLS; without, anyone may)."""
+    """Let exactly these banks' public keys join (with TLS; without, anyone may).
+    All at once: each is a ``flwr`` command (~0.9 s of CPU, mostly imports)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from server.launch import register_bank, write_connection
 
     write_connection(flwr_home, CONNECTION, control, tls)
-    if tls is not None:
-        for public_key in public_keys:
-            register_bank(env, CONNECTION, public_key)
+    if tls is not None and public_keys:
+        with ThreadPoolExecutor(len(public_keys)) as pool:
+            list(pool.map(lambda key: register_bank(env, CONNECTION, key), public_keys))
 
 
 def submit(app_dir: Path, config: Config, env: dict[str, str], flwr_home: Path,
