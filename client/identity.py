@@ -16,12 +16,13 @@ PRIVATE_KEY, PUBLIC_KEY = "bank.key", "bank.key.pub"
 
 def ensure_key_pair(key_dir: Path, bank: int) -> Path:
     """The bank's key pair in ``key_dir`` (made once); returns the public key's path."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     private, public = key_dir / PRIVATE_KEY, key_dir / PUBLIC_KEY
     if private.exists() and public.exists():
         return public
+    # Only here: ``fedfraud-bank run`` stays up for the bank's life, importing little.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP384R1())
     write_private(private, key.private_bytes(serialization.Encoding.PEM,

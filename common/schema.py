@@ -38,9 +38,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 SCHEMA_FILE = "schema.json"
 NUMERIC, CATEGORICAL = "numeric", "categorical"
@@ -192,6 +193,7 @@ class Schema:
         saturates without a word. An empty cell stays NaN: a missing value, which the
         bank's scaler fills.
         """
+        import numpy as np  # here: a bank's long-lived supervisor imports this module
         import pandas as pd
 
         expected = [column.name for column in self.columns]

@@ -336,3 +336,14 @@ def test_a_bank_whose_runtime_port_was_taken_moves_both_its_processes(
         runner.join(60)
         assert not runner.is_alive()
         assert not processes_with_env(f"FLWR_HOME={flwr_home}")
+
+
+def test_a_bank_s_long_lived_supervisor_imports_no_data_libraries() -> None:
+    """``fedfraud-bank run`` stays up for the bank's life beside its SuperNode and
+    executor: it imports neither numpy, pandas nor torch (~15-220 MB each, ten banks
+    on one machine)."""
+    code = ("import sys; import client.cli, client.node, client.identity; "
+            "print(sorted({'numpy', 'pandas', 'torch', 'cryptography'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=APP_DIR).stdout
+    assert out.strip() == "[]"
