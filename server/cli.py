@@ -109,7 +109,7 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
               f"{'TLS + bank authentication' if tls else 'INSECURE'}; control API on "
               f"127.0.0.1:{control_port}, for the operator only)", flush=True)
         control = f"127.0.0.1:{control_port}"
-        register_banks(started.env, flwr_home, control, tls,
+        register_banks(flwr_home, control, tls,
                        [folder / "keys" / "bank.key.pub" for folder in banks])
         for bank, folder in enumerate(banks):
             transport = ["--ca", str(tls.certs / CA_CERT)] if tls else ["--insecure"]
@@ -138,18 +138,15 @@ def ensure_certificates(certs: Path | None) -> Tls | None:
     return Tls(certs)
 
 
-def register_banks(env: dict[str, str], flwr_home: Path, control: str, tls: Tls | None,
+def register_banks(flwr_home: Path, control: str, tls: Tls | None,
                    public_keys: list[Path]) -> None:
-    """Let exactly these banks' public keys join (with TLS; without, anyone may).
-    All at once: each is a ``flwr`` command (~0.9 s of CPU, mostly imports)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from server.launch import register_bank, write_connection
+    """Let exactly these banks' public keys join (with TLS; without, anyone may)."""
+    from server.launch import register_banks as register
+    from server.launch import write_connection
 
     write_connection(flwr_home, CONNECTION, control, tls)
     if tls is not None and public_keys:
-        with ThreadPoolExecutor(len(public_keys)) as pool:
-            list(pool.map(lambda key: register_bank(env, CONNECTION, key), public_keys))
+        register(flwr_home, CONNECTION, public_keys)
 
 
 def submit(app_dir: Path, config: Config, env: dict[str, str], flwr_home: Path,
@@ -277,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     tls = Tls(certs) if certs else None
     if args.command == "register-banks":
         keys = wait_for_public_keys(args.keys, config.num_banks)
-        register_banks(flower_env(flwr_home), flwr_home, args.control, tls, keys)
+        register_banks(flwr_home, args.control, tls, keys)
         print(f"fedfraud: registered {len(keys)} banks' public keys")
         return 0
     if args.command == "submit":

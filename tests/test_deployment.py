@@ -27,7 +27,7 @@ from common.processes import (
 )
 from server.certs import CA_CERT, make_certificates
 from server.launch import (
-    Tls, flwr_json, register_bank, start_deployment_superlink, submit_and_wait,
+    Tls, flwr_json, register_banks, start_deployment_superlink, submit_and_wait,
     write_connection,
 )
 from tests.conftest import APP_DIR, app_config
@@ -158,7 +158,8 @@ def test_unregistered_bank_is_refused_and_registered_bank_joins(superlink, prepa
     started, fleet_port, tls = superlink
     folders = [bank_folder(prepared, tmp_path, bank) for bank in (0, 1)]
     # Each bank made its own pair; the operator registers bank 0's public key only.
-    register_bank(started.env, "test", folders[0] / "keys" / "bank.key.pub")
+    register_banks(Path(started.env["FLWR_HOME"]), "test",
+                   [folders[0] / "keys" / "bank.key.pub"])
 
     start_bank(started, tmp_path, folders[0], 0, fleet_port, tls)
     refused_logs = start_bank(started, tmp_path, folders[1], 1, fleet_port, tls)
@@ -209,7 +210,8 @@ def test_an_app_that_is_not_the_approved_one_reads_no_row_at_any_bank(
     logs = []
     for bank in (0, 1):
         folder = bank_folder(prepared, tmp_path, bank)
-        register_bank(started.env, "test", folder / "keys" / "bank.key.pub")
+        register_banks(Path(started.env["FLWR_HOME"]), "test",
+                       [folder / "keys" / "bank.key.pub"])
         logs.append(start_bank(started, tmp_path, folder, bank, fleet_port, tls))
     wait_for(lambda: online(started) == 2, 180, "two banks online")
 

@@ -65,3 +65,28 @@ def test_a_flwr_command_that_reports_failure_raises(tmp_path) -> None:
     public = ensure_key_pair(tmp_path / "keys", 0)
     with pytest.raises(FlowerCommandError, match="unavailable"):
         flwr_json(flower_env(tmp_path), "supernode", "register", str(public), "nowhere")
+
+
+def test_a_bank_registration_that_fails_is_one_line_naming_the_key(tmp_path) -> None:
+    """The operator registers the banks' keys in-process with Flower's CLI functions:
+    an unreachable SuperLink or a file that is no bank's public key is one error naming
+    the key (Flower's own check would ``flwr_exit``, and end the operator's process
+    seconds later, also when caught), and FLWR_HOME is as before."""
+    import os
+    import threading
+
+    from common.processes import free_port
+    from server.launch import FlowerCommandError, register_banks, write_connection
+
+    from client.identity import ensure_key_pair
+
+    write_connection(tmp_path, "nowhere", f"127.0.0.1:{free_port()}")
+    public = ensure_key_pair(tmp_path / "keys", 0)
+    before, threads = os.environ.get("FLWR_HOME"), threading.active_count()
+    with pytest.raises(FlowerCommandError, match=f"{public}: .*refused"):
+        register_banks(tmp_path, "nowhere", [public])
+    (tmp_path / "not-a-key.pub").write_text("ssh-rsa nonsense\n")
+    with pytest.raises(FlowerCommandError, match="not-a-key.pub: not a bank's public key"):
+        register_banks(tmp_path, "nowhere", [tmp_path / "not-a-key.pub"])
+    assert os.environ.get("FLWR_HOME") == before
+    assert threading.active_count() == threads  # no flwr_exit timer counting down
