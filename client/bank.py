@@ -102,8 +102,8 @@ class Bank:
         """The bank's own copy of the run's result, for its production scoring.
 
         With personalization (``config.personalization``) the bank first fine-tunes the
-        federated model on its own training rows (``personalize-epochs``, the run's
-        batch size and learning rate) and keeps whichever of the two has the higher AP
+        federated model on its own training rows (``personalize-epochs``, at least
+        ``min-local-steps`` steps, the run's batch size and learning rate) and keeps whichever of the two has the higher AP
         on its own validation rows; otherwise it keeps the federated model. The kept
         model goes to the bank's state folder as ``models/<run id>/`` (model.ts,
         model.pt, model_card.json with a threshold chosen on the bank's validation
@@ -127,7 +127,8 @@ class Bank:
         kept, curve = "federated", federated
         if config.personalization:
             tuned = self._model(arrays, config)
-            train(tuned, self.x_train, self.y_train, epochs=config.personalize_epochs,
+            train(tuned, self.x_train, self.y_train,
+                  epochs=config.personalize_epochs_for(len(self.y_train)),
                   batch_size=config.batch_size, learning_rate=config.learning_rate,
                   pos_weight=config.pos_weight, seed=config.seed + 1000 * (
                       config.num_server_rounds + 1) + self.id)

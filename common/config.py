@@ -156,8 +156,19 @@ class Config:
         steps. Not under DP, whose noise is set for local-epochs epochs."""
         if self.differential_privacy:
             return self.local_epochs
+        return self.at_least_min_steps(self.local_epochs, rows)
+
+    def personalize_epochs_for(self, rows: int) -> int:
+        """The epochs a bank with ``rows`` training rows fine-tunes the final model:
+        personalize-epochs, with the same floor of min-local-steps steps (a 300-row
+        bank would otherwise fine-tune 12 steps). 0 when personalization is off."""
+        if not self.personalization:
+            return 0
+        return self.at_least_min_steps(self.personalize_epochs, rows)
+
+    def at_least_min_steps(self, epochs: int, rows: int) -> int:
         per_epoch = steps_per_epoch(rows, self.batch_size)
-        return max(self.local_epochs, math.ceil(self.min_local_steps / per_epoch))
+        return max(epochs, math.ceil(self.min_local_steps / per_epoch))
 
     @property
     def model_activation(self) -> str:

@@ -111,7 +111,7 @@ def test_fedprox_term_keeps_the_bank_near_the_global_model() -> None:
     assert fit(mu=10.0)[0] < 0.5 * fit(mu=0.0)[0]
 
 
-def test_a_small_bank_trains_at_least_min_local_steps_a_round_but_not_under_dp() -> None:
+def test_a_small_bank_trains_and_fine_tunes_at_least_min_local_steps_but_not_under_dp() -> None:
     config = app_config(local_epochs=3, min_local_steps=60, batch_size=64)
 
     assert config.local_epochs_for(20_000) == 3  # 313 steps an epoch
@@ -119,6 +119,11 @@ def test_a_small_bank_trains_at_least_min_local_steps_a_round_but_not_under_dp()
     assert config.local_epochs_for(100) == 30  # 2 steps an epoch
     assert app_config(min_local_steps=0).local_epochs_for(150) == 3
     assert app_config(dp_epsilon=3.0, min_local_steps=60).local_epochs_for(150) == 3
+    # ...and fine-tunes the final model at least as many steps (off: none at all)
+    assert config.personalize_epochs_for(20_000) == 3
+    assert config.personalize_epochs_for(300) == 12  # 5 steps an epoch: 60 steps
+    assert app_config(personalize_epochs=0).personalize_epochs_for(300) == 0
+    assert app_config(dp_epsilon=3.0).personalize_epochs_for(300) == 0
     for steps in (-1, 10**15):  # a server cannot make a bank train forever
         with pytest.raises(ValueError, match="min-local-steps"):
             app_config(min_local_steps=steps)
