@@ -13,11 +13,14 @@ holds) to this executor, which replaces Flower's SuperExec:
 2. in the child, before Flower installs the run's app bundle (FAB), ``only_approved``
    checks the bundle's SHA-256 against the bank's policy. Any other bundle is refused:
    Flower replies with an error naming the digest, and nothing from that bundle is
-   installed, imported or run, so it reads no row. The bank's log says why.
+   installed, imported or run, so it reads no row. The bank's log says why. Flower
+   then loads the app from a folder named by the run's app id, version and hash
+   (strings the server sends): ``loaded_where_installed`` refuses any folder but the
+   one the approved bundle was installed to.
 
 An approved bundle is byte for byte the app the bank approved (by default its own
 installed copy); Flower then loads the ClientApp module already imported here.
-This is the one place fedfraud reaches into Flower's ClientApp runtime:
+These two swaps are the one place fedfraud reaches into Flower's ClientApp runtime:
 ``tests/test_bank_boundary.py`` fails if a Flower upgrade moves what it relies on.
 """
 
@@ -45,12 +48,13 @@ class AppNotApproved(RuntimeError):
 
 
 def only_approved(install: Callable[..., Path], approved: frozenset[str], bank: str,
-                  ) -> Callable[..., Path]:
+                  installed: list[Path] | None = None) -> Callable[..., Path]:
     """Flower's ``install_from_fab``, refusing any bundle outside ``approved``, and
     installing an approved one once: Flower unpacks and checks the bundle into a
     temporary folder on every task and then keeps the folder it installed before
     (named after the bundle's digest; ~40 files written and removed again per task).
-    A bundle whose SHA-256 is approved is byte for byte the one installed then."""
+    A bundle whose SHA-256 is approved is byte for byte the one installed then.
+    The folder goes to ``installed`` for ``loaded_where_installed``."""
     from logging import ERROR
 
     from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
@@ -68,19 +72,50 @@ def only_approved(install: Callable[..., Path], approved: frozenset[str], bank: 
             raise AppNotApproved(f"{bank} refuses app bundle sha256 {digest}: not "
                                  "approved by the bank's policy")
         apps = (install_dir or get_flwr_home()) / APP_DIR
-        for installed in apps.glob(f"*.{digest[:FAB_HASH_TRUNCATION]}"):
-            return installed
-        return install(fab, install_dir, skip_prompt)
+        folder = next(apps.glob(f"*.{digest[:FAB_HASH_TRUNCATION]}"), None) or install(
+            fab, install_dir, skip_prompt)
+        if installed is not None:
+            installed.append(folder)
+        return folder
 
     return install_approved
 
 
+def loaded_where_installed(project_dir: Callable[[str, str, str], Path],
+                           installed: list[Path], bank: str,
+                           ) -> Callable[[str, str, str], Path]:
+    """Flower's ``get_project_dir``, refusing any folder but the one the approved
+    bundle was just installed to. Flower installs the bundle by its content, then loads
+    the ClientApp from ``get_project_dir(run.fab_id, run.fab_version, fab.hash_str)``:
+    strings the server sends. A server could send an approved bundle and have the app
+    loaded from ``../../<elsewhere>`` (``fab_version = "/../../../tmp/x"``) or from
+    another app's folder (another hash)."""
+    from logging import ERROR
+
+    from flwr.supercore import log
+
+    def project_dir_checked(fab_id: str, fab_version: str, fab_hash: str) -> Path:
+        folder = project_dir(fab_id, fab_version, fab_hash)
+        if not installed or folder != installed[-1]:
+            log(ERROR, "%s: refused a run whose app id %r, version %r and hash %s name "
+                    "the folder %s, not the approved bundle's", bank, fab_id, fab_version,
+                fab_hash, folder)
+            raise AppNotApproved(f"{bank} refuses to load the app from a folder other "
+                                 "than its approved bundle's (app id, version or hash)")
+        return folder
+
+    return project_dir_checked
+
+
 def run_task(runtime: str, token: str, approved: frozenset[str], bank: str) -> None:
-    """In the forked child: Flower's own ClientApp runtime, with the app check."""
+    """In the forked child: Flower's own ClientApp runtime, with the app checks."""
     from flwr.supernode.runtime import run_clientapp as runtime_module
 
+    installed: list[Path] = []
     runtime_module.install_from_fab = only_approved(  # type: ignore[assignment]
-        runtime_module.install_from_fab, approved, bank)
+        runtime_module.install_from_fab, approved, bank, installed)
+    runtime_module.get_project_dir = loaded_where_installed(  # type: ignore[assignment]
+        runtime_module.get_project_dir, installed, bank)
     runtime_module.run_clientapp(runtime_api_address=runtime, token=token, insecure=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from client.executor import AppNotApproved, only_approved
+from client.executor import AppNotApproved, loaded_where_installed, only_approved
 from client.identity import PRIVATE_KEY, PUBLIC_KEY, ensure_key_pair
 from client.policy import DEFAULT_POLICY, INSTALLED, Policy, PolicyError, app_digest
 from common.files import write_private
@@ -159,6 +160,36 @@ def test_an_approved_bundle_is_installed_once_where_flower_installs_it(
         guard(fab + b"\0", tmp_path, True)
 
 
+def test_a_run_naming_another_folder_than_its_approved_bundles_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A malicious server sends an approved bundle but a run whose app id, version or
+    hash name another folder: Flower alone would load the ClientApp from there (here a
+    folder planted outside the bank's apps folder); the executor refuses."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.install import install_from_fab
+    from flwr.common.config import get_project_dir
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    fab, digest = build_fab_from_disk(APP_DIR), app_digest(APP_DIR)
+    installed: list[Path] = []
+    only_approved(install_from_fab, frozenset({digest}), "bank 3", installed)(fab, None, True)
+    publisher, name, *version, _ = installed[-1].name.split(".")
+    fab_id, fab_version = f"{publisher}/{name}", ".".join(version)
+    checked = loaded_where_installed(get_project_dir, installed, "bank 3")
+    assert checked(fab_id, fab_version, digest) == installed[-1]
+
+    planted = tmp_path / f"evil.{digest[:8]}"
+    planted.mkdir()
+    escape = "/" + "/..".join([""] * (len(installed[-1].parts) - 1)) + str(tmp_path / "evil")
+    assert get_project_dir("/", escape, digest).resolve() == planted.resolve()  # Flower alone
+    other = (tmp_path / "flwr" / "apps" / f"{publisher}.{name}.{fab_version}.{'0' * 8}")
+    other.mkdir()
+    for attack in [("/", escape, digest), (fab_id, fab_version, "0" * 64),
+                   (fab_id, "9.9.9", digest), ("other/app", fab_version, digest)]:
+        with pytest.raises(AppNotApproved, match="bank 3 refuses to load the app"):
+            checked(*attack)
+
+
 def test_flower_runtime_still_installs_the_bundle_where_the_executor_checks_it() -> None:
     """The executor swaps ``install_from_fab`` in Flower's ClientApp runtime: it must
     still be that module's name for it, called after the task input is pulled and
@@ -167,10 +198,15 @@ def test_flower_runtime_still_installs_the_bundle_where_the_executor_checks_it()
 
     source = inspect.getsource(runtime.run_clientapp)
     order = [source.index(call) for call in (
-        "pull_task_input(client)", "install_from_fab(fab.content", "load_client_app_fn(",
-        "client_app(message=message")]
+        "pull_task_input(client)", "install_from_fab(fab.content",
+        "get_project_dir(run.fab_id, run.fab_version, fab.hash_str)",
+        "load_client_app_fn(", "client_app(message=message")]
     assert order == sorted(order)
+    # the folder checked is the folder the app is loaded from: the same three strings
+    assert re.search(r"load_client_app_fn\(\s*run.fab_id, run.fab_version, fab.hash_str\s*\)",
+                     source)
     assert "from flwr.cli.install import install_from_fab" in inspect.getsource(runtime)
+    assert "from flwr.common.config import get_project_dir" in inspect.getsource(runtime)
     # A refusal raised there becomes an error reply to the server (not a silent hang).
     assert "reply_message = Message(Error(code=e_code, reason=reason)" in source
 
