@@ -180,7 +180,8 @@ def test_a_run_naming_another_folder_than_its_approved_bundles_is_refused(
 
     planted = tmp_path / f"evil.{digest[:8]}"
     planted.mkdir()
-    escape = "/" + "/..".join([""] * (len(installed[-1].parts) - 1)) + str(tmp_path / "evil")
+    # the folder Flower names is apps/ + "..<version>.<hash>": climb to / and down again
+    escape = "/" + "../" * len(installed[-1].parents) + str(tmp_path / "evil").lstrip("/")
     assert get_project_dir("/", escape, digest).resolve() == planted.resolve()  # Flower alone
     other = (tmp_path / "flwr" / "apps" / f"{publisher}.{name}.{fab_version}.{'0' * 8}")
     other.mkdir()
