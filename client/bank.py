@@ -72,6 +72,11 @@ class Bank:
                          activation=config.model_activation)
 
     def _model(self, arrays: Arrays, config: Config) -> FraudNet:
+        """The model the server sent, refused when it holds weights that are not
+        numbers (an honest server refuses such updates itself: server/strategy.py)."""
+        if not all(np.isfinite(array).all() for array in arrays.values()):
+            raise BankDataError(f"bank {self.id}: the model the server sent holds "
+                                "non-finite weights; not used")
         model = FraudNet(self.spec(config))
         model.load_state_dict({name: torch.from_numpy(a) for name, a in arrays.items()})
         return model
@@ -118,9 +123,6 @@ class Bank:
         folder = self.state_dir / MODELS_DIR / run_id
         if folder.exists():  # one per run: a later evaluate request changes nothing
             return {}
-        if not all(np.isfinite(array).all() for array in arrays.values()):
-            raise BankDataError(f"bank {self.id}: the final model holds non-finite "
-                                "weights; not kept")
         model = self._model(arrays, config)
         federated = PooledCurve.from_scores(self.y_val, score(model, self.x_val))
         reported: dict[str, Any] = {}

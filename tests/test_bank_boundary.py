@@ -208,6 +208,11 @@ def test_flower_runtime_still_installs_the_bundle_where_the_executor_checks_it()
                      source)
     assert "from flwr.cli.install import install_from_fab" in inspect.getsource(runtime)
     assert "from flwr.common.config import get_project_dir" in inspect.getsource(runtime)
+    # ... and Flower's loader finds that folder the same way (run_clientapp passes no app_path)
+    from flwr.clientapp import utils as loader
+    assert "app_path=None" in source
+    assert "get_project_dir(fab_id, fab_version, fab_hash)" in inspect.getsource(
+        loader.get_load_client_app_fn)
     # A refusal raised there becomes an error reply to the server (not a silent hang).
     assert "reply_message = Message(Error(code=e_code, reason=reason)" in source
 

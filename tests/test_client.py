@@ -145,6 +145,21 @@ def test_a_crafted_final_model_with_nan_weights_is_not_kept(prepared,
     assert not (tmp_path / "models").exists()
 
 
+def test_a_crafted_model_with_nan_or_inf_weights_is_neither_trained_nor_evaluated(
+        prepared, tmp_path: Path) -> None:
+    """A malicious server's model mid-run: refused before it touches a row."""
+    from client.bank import Bank
+
+    bank = Bank(5, Path(prepared.data_dir) / bank_file(5), prepared, state_dir=tmp_path)
+    for value in (np.nan, np.inf):
+        arrays = {name: array.numpy() for name, array in global_arrays().items()}
+        arrays["net.0.bias"][0] = value
+        with pytest.raises(BankDataError, match="non-finite"):
+            bank.train(arrays, prepared, server_round=2, evaluate_incoming=False)
+        with pytest.raises(BankDataError, match="non-finite"):
+            bank.evaluate(arrays, prepared)
+
+
 def test_without_personalization_a_bank_keeps_the_federated_model(
         prepared, tmp_path: Path) -> None:
     from client.score import Scorer
