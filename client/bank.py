@@ -72,12 +72,26 @@ class Bank:
                          activation=config.model_activation)
 
     def _model(self, arrays: Arrays, config: Config) -> FraudNet:
-        """The model the server sent, refused when it holds weights that are not
-        numbers (an honest server refuses such updates itself: server/strategy.py)."""
+        """The model the server sent, refused unless it is the bank's own architecture
+        (the layers and shapes its schema and settings give; a crafted model cannot
+        choose them) with finite float weights (an honest server refuses non-finite
+        updates itself: server/strategy.py)."""
+        model = FraudNet(self.spec(config))
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        sent = {name: tuple(array.shape) for name, array in arrays.items()}
+        if sent != expected:
+            wrong = "; ".join(
+                f"{name}: {sent.get(name)}, the bank's {expected.get(name)}"
+                for name in sorted(expected.keys() | sent.keys())
+                if sent.get(name) != expected.get(name))
+            raise BankDataError(f"bank {self.id}: the model the server sent does not fit "
+                                f"the bank's model ({wrong}); not used")
+        if any(array.dtype.kind != "f" for array in arrays.values()):
+            raise BankDataError(f"bank {self.id}: the model the server sent holds "
+                                "weights that are not floating-point numbers; not used")
         if not all(np.isfinite(array).all() for array in arrays.values()):
             raise BankDataError(f"bank {self.id}: the model the server sent holds "
                                 "non-finite weights; not used")
-        model = FraudNet(self.spec(config))
         model.load_state_dict({name: torch.from_numpy(a) for name, a in arrays.items()})
         return model
 

@@ -160,6 +160,32 @@ def test_a_crafted_model_with_nan_or_inf_weights_is_neither_trained_nor_evaluate
             bank.evaluate(arrays, prepared)
 
 
+def test_a_crafted_model_of_another_shape_or_type_is_refused_with_a_clear_error(
+        prepared, tmp_path: Path) -> None:
+    """A malicious server's model that is not the bank's architecture (another layer
+    width, a layer more or less) or not floating-point numbers: a one-line data error
+    naming the bank, before any row is touched."""
+    from client.bank import Bank
+
+    bank = Bank(5, Path(prepared.data_dir) / bank_file(5), prepared, state_dir=tmp_path)
+    honest = {name: array.numpy() for name, array in global_arrays().items()}
+    wider = {**honest, "net.0.weight": np.zeros((65, 30), np.float32)}
+    extra = {**honest, "net.9.weight": np.zeros((1, 1), np.float32)}
+    missing = {name: a for name, a in honest.items() if name != "net.6.bias"}
+    text = {**honest, "net.0.bias": np.array(["1"] * 64)}
+    for arrays, why in ((wider, r"net\.0\.weight: \(65, 30\), the bank's \(64, 30\)"),
+                        (extra, r"net\.9\.weight: \(1, 1\), the bank's None"),
+                        (missing, r"net\.6\.bias: None, the bank's \(1,\)"),
+                        (text, "not floating-point")):
+        for use in (lambda: bank.train(arrays, prepared, server_round=2,
+                                       evaluate_incoming=False),
+                    lambda: bank.evaluate(arrays, prepared),
+                    lambda: bank.keep_final(arrays, prepared, "1")):
+            with pytest.raises(BankDataError, match=f"^bank 5: .*{why}"):
+                use()
+    assert not (tmp_path / "models").exists()
+
+
 def test_without_personalization_a_bank_keeps_the_federated_model(
         prepared, tmp_path: Path) -> None:
     from client.score import Scorer
