@@ -15,6 +15,10 @@ tutorial's configuration on the same shards. Per seed, the goals:
   least as good in AP on those rows as its local-only model;
 - best-local: the federated model beats the best local-only model on the test set (AUC).
 
+Beside central and best-local: the AUC difference with its 95 % paired bootstrap
+interval over the test rows (metrics.json ``baselines.federated_minus``), so a miss or
+a win smaller than the test set's noise reads as such.
+
 A seed whose run fails is reported, not hidden; the exit code is 1 if any run failed.
 Goals not met are printed, not turned into an exit code: this measures, it does not gate.
 """
@@ -68,13 +72,23 @@ def goals(metrics: dict[str, Any]) -> dict[str, str]:
     best_local = max(entry["test"]["local_only"]["auc"] for entry in baselines["local_only"]
                      if entry["test"]["local_only"]["auc"] is not None)
     gap = final["auc"] - central["auc"]
+    minus = baselines["federated_minus"]
     return {
-        "central": "ok" if gap >= -CENTRAL_MARGIN else f"{gap:+.3f}",
+        "central": ("ok" if gap >= -CENTRAL_MARGIN else f"{gap:+.3f}")
+                   + interval(minus["centralized"]),
         "banks": (f"ok ({compared})" if not short else
                   f"{compared - len(short)}/{compared}: " + ", ".join(short)),
         "best-local": ("ok" if final["auc"] > best_local else
-                       f"{final['auc']:.3f}<={best_local:.3f}"),
+                       f"{final['auc']:.3f}<={best_local:.3f}")
+                      + interval(minus["best_local_only"]),
     }
+
+
+def interval(difference: dict[str, Any]) -> str:
+    """The federated model's test AUC minus the other's, with its 95 % bootstrap
+    interval: an interval that holds 0 says the test set cannot tell the two apart."""
+    low, high = difference["ci95"]
+    return f" (AUC {difference['auc_difference']:+.3f}, 95 % {low:+.3f}..{high:+.3f})"
 
 
 def cells(result: dict | None) -> str:

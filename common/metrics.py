@@ -206,6 +206,44 @@ def summarize(y: np.ndarray, logits: np.ndarray, threshold: float) -> dict[str, 
     }
 
 
+def auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int = 1000,
+                   seed: int = 0) -> dict[str, Any]:
+    """AUC of scores ``a`` minus AUC of scores ``b`` on the same rows, with a 95 %
+    paired bootstrap interval: is a test-set difference bigger than the test set's
+    noise (a few hundred frauds make AUC move by ~0.01)? Each resample draws every row
+    Poisson(1) times (the Poisson bootstrap; the same draw for ``a`` and ``b``) and
+    computes both AUCs from those counts: one sort per score vector, not one per
+    resample. Ties count a half, as in ``roc_auc_score``."""
+    rng = np.random.default_rng(seed)
+    differences = []
+    for begin in range(0, resamples, 50):  # 50 resamples at a time bounds the memory
+        counts = rng.poisson(1.0, size=(min(50, resamples - begin), len(y)))
+        differences.append(weighted_auc(y, a, counts) - weighted_auc(y, b, counts))
+    low, high = np.percentile(np.concatenate(differences), [2.5, 97.5])
+    every_row_once = np.ones((1, len(y)))
+    difference = weighted_auc(y, a, every_row_once) - weighted_auc(y, b, every_row_once)
+    return {"auc_difference": float(difference[0]), "ci95": [float(low), float(high)],
+            "resamples": resamples}
+
+
+def weighted_auc(y: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The AUC of ``scores`` for each row of ``counts`` (how often each transaction is
+    drawn): P(a drawn fraud scores above a drawn legitimate one), ties a half."""
+    values, bins = np.unique(scores, return_inverse=True)
+    fraud = np.asarray(y) == 1
+    offsets = np.arange(len(counts))[:, None] * len(values)
+
+    def per_bin(rows: np.ndarray) -> np.ndarray:  # (resamples, distinct scores) counts
+        flat = (offsets + bins[rows]).ravel()
+        return np.bincount(flat, weights=counts[:, rows].ravel(),
+                           minlength=len(counts) * len(values)).reshape(len(counts), -1)
+
+    legit_at, fraud_at = per_bin(~fraud), per_bin(fraud)
+    legit_below = np.cumsum(legit_at, axis=1) - legit_at
+    pairs = fraud_at.sum(axis=1) * legit_at.sum(axis=1)
+    return (fraud_at * (legit_below + legit_at / 2)).sum(axis=1) / pairs
+
+
 def without_nan(value: Any) -> Any:
     """NaN (e.g. AUC of a bank whose validation rows hold no fraud) becomes None, so
     a JSON file (metrics.json, a model card) is strict JSON and says "undefined" instead of a number."""

@@ -97,8 +97,8 @@ def main(grid: Grid, context: Context) -> None:
     if config.baselines and mode == "simulation" and y_test is not None:
         log(INFO, "fedfraud: training the centralized and local-only references")
         try:
-            baselines, central_logits = compute_baselines(config, spec, fresh, x_test,
-                                                          y_test)
+            baselines, central_logits = compute_baselines(
+                config, spec, fresh, x_test, y_test, evaluation.logits[last])
             curves["centralized, test set"] = PooledCurve.from_scores(y_test, central_logits)
         except BankDataError as err:  # keep the federated results all the same
             log(WARNING, "fedfraud: no baselines: %s", err)

@@ -269,18 +269,30 @@ def federation_gains(metrics: dict[str, Any]) -> list[str]:
         f"{sum(1 for local, model in chosen if model['ap'] >= local['ap'])} of "
         f"{len(chosen)} banks; pooled validation AP {personal['federated']['ap']:.3f} "
         f"(federated) -> {personal['kept']['ap']:.3f} (kept; chosen on the same rows)."]
+    minus = baselines.get("federated_minus") or {}
     return [
         f"Against the centralized reference (all banks' rows pooled, same model and "
         f"budget): AUC {final['auc']:.3f} vs {central['auc']:.3f} "
-        f"({final['auc'] - central['auc']:+.3f}), AP {final['ap']:.3f} vs "
-        f"{central['ap']:.3f} ({final['ap'] - central['ap']:+.3f}).",
+        f"({final['auc'] - central['auc']:+.3f}{interval(minus.get('centralized'))}), "
+        f"AP {final['ap']:.3f} vs {central['ap']:.3f} ({final['ap'] - central['ap']:+.3f}).",
         f"On its own validation data the federated model matches or beats the bank's "
         f"local-only model in AP at {better} of {len(pairs)} banks with fraud in their "
         f"validation rows; on the test set the "
         f"local-only models reach AUC {min(local_test_auc):.3f} to {max(local_test_auc):.3f} "
-        f"against the federated {final['auc']:.3f}.",
+        f"against the federated {final['auc']:.3f} (federated minus the best: "
+        f"{final['auc'] - max(local_test_auc):+.3f}"
+        f"{interval(minus.get('best_local_only'))}).",
         *personal_lines,
     ]
+
+
+def interval(difference: dict[str, Any] | None) -> str:
+    """'; 95 % interval -0.021 to +0.004' for an AUC difference's bootstrap interval
+    (``common.metrics.auc_difference``): a difference inside it may be test-set noise."""
+    if not difference:
+        return ""
+    low, high = difference["ci95"]
+    return f"; 95 % interval {low:+.3f} to {high:+.3f}"
 
 
 def _number(value: float | None) -> str:

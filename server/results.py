@@ -247,7 +247,8 @@ def build_metrics(
                        final.get("threshold", config.decision_threshold))
     if baselines is not None:
         baselines = {"centralized": baselines["centralized"],
-                     "local_only": compare_banks(baselines["local_only"], banks, final)}
+                     "local_only": compare_banks(baselines["local_only"], banks, final),
+                     "federated_minus": baselines["federated_minus"]}
     return without_nan({
         "run_id": run_id,
         "mode": mode,

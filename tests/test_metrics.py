@@ -9,8 +9,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from common import keys
 from common.metrics import (
-    SCORE_EDGES, Confusion, PooledCurve, bce_loss, confusion, recall_at_fpr,
-    score_histograms, summarize,
+    SCORE_EDGES, Confusion, PooledCurve, auc_difference, bce_loss, confusion,
+    recall_at_fpr, score_histograms, summarize, weighted_auc,
 )
 from server.evaluation import aggregate_bank_metrics
 
@@ -174,3 +174,30 @@ def test_pooled_metrics_of_two_banks_by_hand() -> None:
     # A bank without fraud rows has no AUC or AP, not a made-up number.
     none = PooledCurve.from_histograms(*score_histograms(np.zeros(3, int), np.zeros(3)))
     assert math.isnan(none.auc()) and math.isnan(none.summary(0.5)["ap"])
+
+
+def test_weighted_auc_is_sklearns_auc_with_those_row_weights_ties_included() -> None:
+    rng = np.random.default_rng(3)
+    y = (rng.random(2000) < 0.05).astype(int)
+    scores = np.round(rng.normal(size=2000) + y, 1)  # rounded: many ties
+    counts = rng.poisson(1.0, size=(4, 2000))
+    expected = [roc_auc_score(y, scores, sample_weight=row) for row in counts]
+    np.testing.assert_allclose(weighted_auc(y, scores, counts), expected, rtol=1e-12)
+
+
+def test_auc_difference_tells_a_real_gap_from_test_set_noise() -> None:
+    rng = np.random.default_rng(4)
+    y = (rng.random(5000) < 0.03).astype(int)
+    good = rng.normal(size=5000) + 2.0 * y
+    noisy = good + rng.normal(size=5000)  # the same model with noise added: worse
+    gap = auc_difference(y, good, noisy)
+    assert gap["auc_difference"] == pytest.approx(
+        roc_auc_score(y, good) - roc_auc_score(y, noisy), abs=1e-12)
+    assert 0 < gap["ci95"][0] < gap["auc_difference"] < gap["ci95"][1]
+    same = auc_difference(y, good, good)
+    assert same["auc_difference"] == 0 and same["ci95"] == [0, 0]
+    # Two equally good but different models: the interval holds 0.
+    other = rng.normal(size=5000) + 2.0 * y
+    tie = auc_difference(y, good, other)
+    assert tie["ci95"][0] < 0 < tie["ci95"][1]
+    assert auc_difference(y, good, other, seed=1) != tie  # resamples follow the seed

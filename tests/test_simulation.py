@@ -54,6 +54,14 @@ def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
         assert set(entry["test"]) == {"local_only", "federated"}
         assert set(entry["own_validation"]) == {"local_only", "federated", "personalized"}
         assert entry["test"]["federated"]["auc"] == final["auc"]
+    # ...and whether the test set can tell the federated model from them (AUC).
+    best = max(baselines["local_only"], key=lambda entry: entry["test"]["local_only"]["auc"])
+    for name, other in (("centralized", baselines["centralized"]),
+                        ("best_local_only", best["test"]["local_only"])):
+        minus = baselines["federated_minus"][name]
+        assert minus["auc_difference"] == pytest.approx(final["auc"] - other["auc"])
+        assert minus["ci95"][0] <= minus["auc_difference"] <= minus["ci95"][1]
+    assert baselines["federated_minus"]["best_local_only"]["bank"] == best["bank"]
     # Each bank personalized the final model and says which one it keeps.
     assert all(bank["kept"] in ("federated", "personalized") for bank in metrics["banks"])
     personal = metrics["personalization"]
