@@ -104,7 +104,9 @@ def sample_metrics() -> dict:
              "test": {"local_only": {**final, "auc": 0.81, "ap": 0.41}, "federated": final}},
             {"bank": 1, "own_validation": {"local_only": no_fraud, "federated": no_fraud},
              "test": {"local_only": {**final, "auc": 0.6, "ap": 0.05}, "federated": final}},
-        ]},
+        ], "federated_minus": {
+            "centralized": {"auc_difference": -0.01, "ci95": [-0.031, 0.012]},
+            "best_local_only": {"bank": 0, "auc_difference": 0.07, "ci95": [0.041, 0.1]}}},
     }
 
 
@@ -260,9 +262,23 @@ def test_html_report_shows_tables_figures_and_the_text_but_runs_no_html(
 def test_offline_report_says_whether_federation_paid(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     report = run_report(tmp_path, None, monkeypatch)
-    assert "AUC 0.880 vs 0.890 (-0.010), AP 0.740 vs 0.760 (-0.020)" in report
+    assert ("AUC 0.880 vs 0.890 (-0.010; 95 % interval -0.031 to +0.012), "
+            "AP 0.740 vs 0.760 (-0.020)") in report
     assert "in AP at 1 of 1 banks with fraud in their validation rows" in report
-    assert "local-only models reach AUC 0.600 to 0.810" in report
+    assert ("local-only models reach AUC 0.600 to 0.810 against the federated 0.880 "
+            "(federated minus the best: +0.070; 95 % interval +0.041 to +0.100)") in report
+
+
+def test_a_report_of_a_run_without_intervals_still_compares(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """metrics.json written before the bootstrap intervals existed."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    metrics = sample_metrics()
+    del metrics["baselines"]["federated_minus"]
+    write_report(tmp_path, metrics, app_config(), {})
+    report = (tmp_path / REPORT_FILE).read_text()
+    assert "AUC 0.880 vs 0.890 (-0.010), AP 0.740 vs 0.760 (-0.020)" in report
+    assert "(federated minus the best: +0.070)" in report
 
 
 def test_no_key_means_offline_without_any_request(tmp_path: Path, monkeypatch) -> None:
