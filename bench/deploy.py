@@ -8,6 +8,9 @@ process table and prints: total wall time (startup included), per-round seconds,
 peak memory of every process of the run together, and an idle bank's memory (all its
 processes, once every bank is online and before the run starts). Memory is PSS: shared
 pages (e.g. a task forked from its bank's executor) are counted once, not per process.
+Also the whole run's CPU seconds by part (SuperLink, SuperNodes, executors with their
+tasks, ServerApp), sampled every 0.2 s: where a round's time goes on a machine that
+is short of cores.
 """
 
 from __future__ import annotations
@@ -49,13 +52,49 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def cpu_s(pid: int, reaped: bool) -> float:
+    """CPU seconds of the process, with ``reaped`` also of the children it has reaped
+    (a bank's executor reaps every task it forks; a supervisor's would count its
+    SuperNode and executor twice once it stops them)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
+
+
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return 0
+
+
+def role(command: str) -> str:
+    """Which part of the network a process is, for the CPU breakdown."""
+    for marker, name in (("flower-superlink", "SuperLink"), ("client.supernode", "SuperNode"),
+                         ("executor", "bank executor + tasks"),
+                         ("flwr-serverapp", "ServerApp"), ("fedfraud-bank", "bank supervisor")):
+        if marker in command:
+            return name
+    return command.split()[0].rsplit("/", 1)[-1] if command else "?"
+
+
 class Sampler(threading.Thread):
-    """Samples the summed PSS of every process of the run every 0.2 s."""
+    """Samples the summed PSS of every process of the run every 0.2 s, and each
+    process's CPU time (the last reading before it ends)."""
 
     def __init__(self, marker: str) -> None:
         super().__init__(daemon=True)
         self.marker, self.peak_mb, self.idle_bank_mb = marker, 0.0, 0.0
+        self.cpu: dict[int, tuple[str, float]] = {}
         self.stopped = threading.Event()
+
+    def cpu_by_role(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for command, seconds in self.cpu.values():
+            totals[role(command)] = totals.get(role(command), 0.0) + seconds
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
     def bank_mb(self, pids: list[int], bank: int) -> float:
         """One bank's processes: its command, SuperNode and executor."""
@@ -70,6 +109,12 @@ class Sampler(threading.Thread):
         while not self.stopped.is_set():
             pids = processes_with_env(self.marker)
             self.peak_mb = max(self.peak_mb, sum(rss_mb(p) for p in pids))
+            for pid in pids:
+                command = self.cpu.get(pid, ("", 0.0))[0] or cmdline(pid)
+                if command == cmdline(parent(pid)):
+                    continue  # a forked task: its parent's reaped-children time counts it
+                if seconds := cpu_s(pid, reaped=role(command) == "bank executor + tasks"):
+                    self.cpu[pid] = (command, seconds)
             time.sleep(0.2)
 
 
@@ -104,7 +149,8 @@ def run_deploy(rounds: int, banks: int, work: Path) -> dict:
         raise SystemExit(f"{path} deployment failed with exit code {code}")
     metrics = json.loads((work / f"runs-{path}" / "latest" / "metrics.json").read_text())
     return {"wall_s": wall, "round_s": metrics["timing"]["round_s"],
-            "peak_mb": sampler.peak_mb, "idle_bank_mb": sampler.idle_bank_mb}
+            "peak_mb": sampler.peak_mb, "idle_bank_mb": sampler.idle_bank_mb,
+            "cpu_s": sampler.cpu_by_role()}
 
 
 def main() -> None:
@@ -123,6 +169,8 @@ def main() -> None:
         print(f"{path:6} {r['wall_s']:8.1f} {r['round_s'][0]:14.1f} {median:22.1f} "
               f"{r['peak_mb']:8.0f} {r['idle_bank_mb']:13.0f}")
         print(f"       per round: {' '.join(f'{s:.1f}' for s in r['round_s'])}")
+        print("       CPU s (whole run, sampled): " + ", ".join(
+            f"{name} {seconds:.1f}" for name, seconds in r["cpu_s"].items()))
 
 
 if __name__ == "__main__":
