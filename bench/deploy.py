@@ -29,7 +29,9 @@ APP_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(APP_DIR))
 
-from common.processes import descendants, processes_with_env  # noqa: E402
+from common.processes import descendants, proc_stat, processes_with_env  # noqa: E402
+
+EXECUTOR = "bank executor + tasks"
 
 
 def rss_mb(pid: int) -> float:
@@ -52,28 +54,10 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def cpu_s(pid: int, reaped: bool) -> float:
-    """CPU seconds of the process, with ``reaped`` also of the children it has reaped
-    (a bank's executor reaps every task it forks; a supervisor's would count its
-    SuperNode and executor twice once it stops them)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(f) for f in fields[11:15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
-
-
-def parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError):
-        return 0
-
-
 def role(command: str) -> str:
     """Which part of the network a process is, for the CPU breakdown."""
     for marker, name in (("flower-superlink", "SuperLink"), ("client.supernode", "SuperNode"),
-                         ("executor", "bank executor + tasks"),
+                         ("executor", EXECUTOR),
                          ("flwr-serverapp", "ServerApp"), ("fedfraud-bank", "bank supervisor")):
         if marker in command:
             return name
@@ -87,14 +71,29 @@ class Sampler(threading.Thread):
     def __init__(self, marker: str) -> None:
         super().__init__(daemon=True)
         self.marker, self.peak_mb, self.idle_bank_mb = marker, 0.0, 0.0
-        self.cpu: dict[int, tuple[str, float]] = {}
+        self.roles: dict[int, str | None] = {}  # None: a forked task
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> its role, its CPU seconds
         self.stopped = threading.Event()
 
     def cpu_by_role(self) -> dict[str, float]:
         totals: dict[str, float] = {}
-        for command, seconds in self.cpu.values():
-            totals[role(command)] = totals.get(role(command), 0.0) + seconds
+        for name, seconds in self.cpu.values():
+            totals[name] = totals.get(name, 0.0) + seconds
         return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+    def sample_cpu(self, pid: int) -> None:
+        """The process's CPU seconds so far. An executor's include the tasks it has
+        reaped; a forked task is counted there, not itself; a supervisor's reaped
+        children (its SuperNode and executor, once it stops them) are not counted."""
+        fields = proc_stat(pid)
+        if fields is None:
+            return
+        if pid not in self.roles:
+            command = cmdline(pid)
+            self.roles[pid] = None if command == cmdline(int(fields[1])) else role(command)
+        if (name := self.roles[pid]) is not None:
+            times = fields[11:15] if name == EXECUTOR else fields[11:13]
+            self.cpu[pid] = (name, sum(int(t) for t in times) / os.sysconf("SC_CLK_TCK"))
 
     def bank_mb(self, pids: list[int], bank: int) -> float:
         """One bank's processes: its command, SuperNode and executor."""
@@ -110,11 +109,7 @@ class Sampler(threading.Thread):
             pids = processes_with_env(self.marker)
             self.peak_mb = max(self.peak_mb, sum(rss_mb(p) for p in pids))
             for pid in pids:
-                command = self.cpu.get(pid, ("", 0.0))[0] or cmdline(pid)
-                if command == cmdline(parent(pid)):
-                    continue  # a forked task: its parent's reaped-children time counts it
-                if seconds := cpu_s(pid, reaped=role(command) == "bank executor + tasks"):
-                    self.cpu[pid] = (command, seconds)
+                self.sample_cpu(pid)
             time.sleep(0.2)
 
 
