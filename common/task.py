@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +40,8 @@ def train(
     the same in any process (simulation actor or a bank executor's task).
     """
     features, labels = torch.from_numpy(x), torch.from_numpy(y).float()
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    untraced_adam_step()  # before the optimizer: its constructor is wrapped too
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
     start = [p.detach().clone() for p in model.parameters()]
     model.train()
@@ -61,11 +64,61 @@ def train(
                     loss = loss + proximal_mu / 2 * sum(
                         (p - p0).pow(2).sum() for p, p0 in zip(model.parameters(), start))
                 loss.backward()
-                optimizer.step()
+                step(optimizer)
                 total += loss.item() * len(y_batch)
                 rows += len(y_batch)
             epoch_loss = total / max(rows, 1)
     return epoch_loss
+
+
+# torch.optim and torch.compile: torch.optim wraps ``Optimizer.add_param_group``,
+# ``zero_grad`` and Adam's update in ``torch._disable_dynamo`` ("never trace this with
+# torch.compile") and Adam's ``step`` in ``torch._dynamo.graph_break()`` calls. Both
+# import ``torch._dynamo`` (sympy, torch.fx, torch.distributed: ~800 modules, ~70 MB
+# and ~1 s of CPU) on first use, in every process that trains. fedfraud never compiles:
+# ``untraced_adam_step`` marks each wrapped function as its own untraced version (what
+# ``_disable_dynamo`` would look up and keep as ``__dynamo_disable``) and returns
+# Adam's step without its wrappers. ``tests/test_client.py`` fails if a torch upgrade
+# imports ``torch._dynamo`` in training anyway, or steps differently.
+@cache
+def untraced_adam_step() -> Callable[[torch.optim.Adam], Any]:
+    """``Adam.step`` without torch's wrappers (graph breaks, the profiler's step
+    hooks: fedfraud registers none), after marking ``Optimizer``'s and Adam's
+    ``_disable_dynamo`` functions as their own untraced versions."""
+    import inspect
+
+    from torch.optim import adam
+
+    for wrapper in [*vars(torch.optim.Optimizer).values(), adam.adam]:
+        _untraced_is_itself(wrapper)
+    return inspect.unwrap(torch.optim.Adam.step)
+
+
+def _untraced_is_itself(wrapper: object) -> None:
+    """Mark the function ``torch._disable_dynamo`` wrapped in ``wrapper`` (or in its
+    closure) as its own untraced version."""
+    code = getattr(wrapper, "__code__", None)
+    if code is None:
+        return
+    cells = dict(zip(code.co_freevars, getattr(wrapper, "__closure__", None) or ()))
+    if code.co_qualname == "_disable_dynamo.<locals>.inner":
+        wrapped = cells["fn"].cell_contents
+        setattr(wrapped, "__dynamo_disable", wrapped)
+        return
+    for cell in cells.values():
+        if getattr(cell.cell_contents, "__code__", None) is not None and \
+                cell.cell_contents is not wrapper:
+            _untraced_is_itself(cell.cell_contents)
+
+
+def step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``: plain Adam's through ``untraced_adam_step``, under
+    ``no_grad`` as its wrapper runs it; Opacus's DP optimizer's as it ships."""
+    if type(optimizer) is torch.optim.Adam and not optimizer.defaults["differentiable"]:
+        with torch.no_grad():
+            untraced_adam_step()(optimizer)
+    else:
+        optimizer.step()
 
 
 def shuffled(features: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Batches:

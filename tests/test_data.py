@@ -83,6 +83,38 @@ def test_a_bank_without_fraud_still_trains() -> None:
     assert any(not (a == b).all() for a, b in zip(before, model.parameters()))
 
 
+def test_training_steps_as_torch_s_adam_and_imports_no_torch_compile_machinery() -> None:
+    """common/task.py's way around torch.optim's torch._dynamo imports: it must step
+    exactly as ``Adam.step()`` does, and a process that trains must not import
+    torch._dynamo (a torch upgrade that moves the wrappers fails here)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from common.task import step
+
+    x, y = torch.randn(64, 4), (torch.arange(64) % 2).float()
+    models = [FraudNet(ModelSpec(in_features=4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model, ours in zip(models, (False, True)):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+        for _ in range(5):
+            optimizer.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(model.eval()(x), y).backward()
+            step(optimizer) if ours else optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
+
+    code = ("import sys, numpy as np; from common.task import train; "
+            "from common.model import FraudNet, ModelSpec; "
+            "train(FraudNet(ModelSpec(in_features=4)), np.ones((64, 4), np.float32), "
+            "np.arange(64) % 2, epochs=2, batch_size=16, learning_rate=1e-2, "
+            "pos_weight=1.0, seed=0); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=APP_DIR).stdout
+    assert out.strip() == "False"
+
+
 def test_hold_out_is_stratified() -> None:
     x = np.zeros((len(LABELS), 1), np.float32)
     _, y_keep, _, y_out = hold_out(x, LABELS, 0.2, seed=1)
