@@ -17,7 +17,7 @@ import torch
 from common import keys
 from common.config import Config
 from common.data import (
-    SCALER_FILE, fit_scaler, read_bank, save_scaler, scaler_file, standardize,
+    SCALER_FILE, prepared_bank, save_scaler, scaler_file, standardize,
 )
 from common.metrics import (
     PooledCurve, bce_loss, confusion, membership_histograms, row_losses, score_histograms,
@@ -52,12 +52,13 @@ class Bank:
     def __init__(self, bank_id: int, shard: Path, config: Config,
                  scaler: Scaler | None = None, state_dir: Path | None = None,
                  secret_randomness: bool = False) -> None:
-        split, self.schema = read_bank(bank_id, shard, config)
+        prepared = prepared_bank(bank_id, shard, config)
+        split, self.schema = prepared.split, prepared.schema
         self.features = self.schema.features
         self.state_dir = state_dir or shard.parent  # the bank's own, writable folder
         self.id = bank_id
         self.secret_randomness = secret_randomness
-        self.scaler: Scaler = scaler or fit_scaler(split.x_train)
+        self.scaler: Scaler = scaler or prepared.scaler
         self.x_train, self.y_train = standardize(split.x_train, *self.scaler), split.y_train
         self.x_val, self.y_val = standardize(split.x_val, *self.scaler), split.y_val
 

@@ -30,6 +30,7 @@ from common.schema import BankDataError
 
 if TYPE_CHECKING:
     from client.node import BankFiles
+    from common.config import Config
 
 
 def bank_files(args: argparse.Namespace) -> BankFiles:
@@ -87,13 +88,29 @@ def run(args: argparse.Namespace) -> int:
     return run_bank(bank, args.superlink, ca, args.flwr_home.resolve(), args.outbox)
 
 
+def default_config(bank: BankFiles) -> Config:
+    """The bank's app's default settings, with the label column its schema names: what
+    the executor prepares the bank's file with before the first task."""
+    from dataclasses import replace
+
+    from common.config import Config, read_app_config
+    from common.schema import SCHEMA_FILE, Schema
+
+    config = Config.from_run_config(read_app_config(bank.app_dir))
+    try:
+        return replace(config, label_column=Schema.load(bank.shard.parent / SCHEMA_FILE).label)
+    except BankDataError:  # the first task reports it
+        return config
+
+
 def executor(args: argparse.Namespace) -> int:
     from client.executor import serve
 
     bank = bank_files(args)
     policy = Policy.load(bank.policy)
     serve(args.runtime, args.secret_file.read_bytes(), policy.approved(bank.app_dir),
-          bank.name, bank.shard, bank.bank_id, dp=policy.require_dp, bells=args.bells)
+          bank.name, bank.shard, bank.bank_id, dp=policy.require_dp, bells=args.bells,
+          config=default_config(bank))
     return 0
 
 

@@ -26,14 +26,20 @@ These two swaps are the one place fedfraud reaches into Flower's ClientApp runti
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.supernode import REPLY_BELL, TASK_BELL, Doorbell
+
+if TYPE_CHECKING:
+    from common.config import Config
+    from common.data import PreparedVersion
 
 IDLE_S = 1.0  # the longest the executor waits for a doorbell before it asks anyway
 # The Runtime API calls Flower's SuperExec signs with the shared secret.
@@ -119,40 +125,55 @@ def run_task(runtime: str, token: str, approved: frozenset[str], bank: str) -> N
     runtime_module.run_clientapp(runtime_api_address=runtime, token=token, insecure=True)
 
 
-def warm_up(shard: Path, bank_id: int, dp: bool) -> None:
+def warm_up(shard: Path, bank_id: int, dp: bool, config: Config) -> None:
     """Import everything a task imports, once, before any fork: Flower's ClientApp
-    runtime and the bank's code, and what torch, pandas and scikit-learn only import on
-    first use (a tiny training step, a score, a split, a scaler, a CSV read; ~3 s here,
-    saved on every task), Opacus's DP-SGD too when ``dp``; then read the bank's own
-    file with its schema's label column (common/data.py keeps it while the file is
-    unchanged). A file that does not read is left to the task, which reports it in the
-    bank's log. Runs no thread that outlives it."""
+    runtime and the bank's code, and what torch only imports on first use (a tiny
+    training step and score), Opacus's DP-SGD too when ``dp``; then the bank's own
+    file, prepared with ``config``'s split settings (``prepare_in_child``). pandas and
+    scikit-learn are not imported here. Runs no thread that outlives it."""
     import encodings.cp437  # noqa: F401 - zipfile's, for the app bundle
-    import io
-
-    import pandas as pd
 
     import client.app  # noqa: F401 - the ClientApp
     import client.bank  # noqa: F401 - the bank's training and evaluation
     import client.ledger  # noqa: F401 - its privacy ledger
     import flwr.supernode.runtime.run_clientapp  # noqa: F401 - Flower's task runtime
-    from common.data import fit_scaler, hold_out, read_bank_file
-    from common.schema import SCHEMA_FILE, Schema
 
-    pd.read_csv(io.StringIO("a,b\n1,2\n"))
-    x, y = warm_training(privacy=False)
-    hold_out(x, y, 0.25, 0)
-    fit_scaler(x)
+    warm_training(privacy=False)
     if dp:
         warm_training(privacy=True)
-    try:
-        schema = Schema.load(shard.parent / SCHEMA_FILE)
-        read_bank_file(bank_id, shard, schema.label)
-    except Exception:  # noqa: BLE001 - a speed-up only: the task reads and reports it
-        pass
+    prepare_in_child(bank_id, shard, config)
 
 
-def warm_training(privacy: bool) -> tuple[Any, Any]:
+def prepare_in_child(bank_id: int, shard: Path, config: Config) -> None:
+    """The bank's file read, split and its scaler fitted (``prepared_bank``) in a
+    forked child that exits when done; kept here, so the tasks forked later start with
+    it. pandas and scikit-learn (~130 MB, ~1 s of imports) live only in that child. A
+    file that does not read is left to the task, which reports it in the bank's log."""
+    import pickle
+
+    from common.data import keep_prepared, prepared_bank, prepared_version
+
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: prepare, send, exit without the parent's handlers
+        code = 1
+        try:
+            os.close(readable)
+            prepared = prepared_bank(bank_id, shard, config)
+            with os.fdopen(writable, "wb") as parent:
+                pickle.dump((prepared_version(shard, config), prepared), parent)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writable)
+    with os.fdopen(readable, "rb") as child:
+        sent = child.read()
+    os.waitpid(pid, 0)
+    if sent:
+        keep_prepared(bank_id, *pickle.loads(sent))  # from our own child
+
+
+def warm_training(privacy: bool) -> None:
     """One tiny training step and score; with ``privacy`` through Opacus's DP-SGD."""
     import numpy as np
 
@@ -166,19 +187,36 @@ def warm_training(privacy: bool) -> tuple[Any, Any]:
     train(model, x, y, epochs=1, batch_size=32, learning_rate=1e-3, pos_weight=1.0, seed=0,
           privacy=Privacy(noise_multiplier=1.0, max_grad_norm=1.0) if privacy else None)
     score_histograms(y, score(model, x))
-    return x, y
 
 
-def reported(pipe: int) -> bool:
-    """Whether a task wrote to ``pipe`` (non-blocking)."""
+def tell(pipe: int, dp: bool, bank_id: int, prepared: PreparedVersion | None) -> None:
+    """In a task's child, as it ends: tell the executor what to make ready for the next
+    tasks (one JSON line, shorter than a pipe's atomic write): Opacus, if the task
+    trained with DP and the executor has not warmed it up; the task's split settings,
+    if it prepared the bank's file anew (``prepared`` is what the executor holds)."""
+    from common.data import prepared_with
+
+    note: dict[str, Any] = {}
+    if not dp and "opacus" in sys.modules:
+        note["dp"] = True
+    now = prepared_with(bank_id)
+    if now is not None and now != prepared:
+        note["split"] = {"label_column": now.label_column,
+                         "val_fraction": now.val_fraction, "seed": now.seed}
+    if note:
+        os.write(pipe, json.dumps(note).encode() + b"\n")
+
+
+def told(pipe: int) -> list[dict[str, Any]]:
+    """What ended tasks wrote to ``pipe`` (non-blocking)."""
     try:
-        return bool(os.read(pipe, 64))
+        return [json.loads(line) for line in os.read(pipe, 1 << 16).splitlines()]
     except BlockingIOError:
-        return False
+        return []
 
 
 def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
-          shard: Path, bank_id: int, dp: bool, bells: Path) -> None:
+          shard: Path, bank_id: int, dp: bool, bells: Path, config: Config) -> None:
     """Acquire and run the SuperNode's tasks until killed.
 
     Between tasks the executor sleeps on its doorbell (``bells``): the SuperNode rings
@@ -187,14 +225,18 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
 
     Opacus is warmed up at start only for a bank whose policy requires DP: importing
     it costs ~2 s of CPU (ten banks starting on two cores: ~10 s of every start), and a
-    DP-optional bank mostly trains without it. A task that used it says so through a
-    pipe, and the executor warms it up then, once, for the tasks that follow."""
+    DP-optional bank mostly trains without it. The bank's file is prepared with
+    ``config`` (the app's defaults). A task that used Opacus, or whose run split the
+    file otherwise, says so through a pipe (``tell``), and the executor makes that
+    ready then, once, for the tasks that follow."""
     import torch
 
+    from common.data import prepared_with
+
     torch.set_num_threads(1)  # one thread per bank process, before torch runs anything
-    warm_up(shard, bank_id, dp)
-    used_dp, told_dp = os.pipe()
-    os.set_blocking(used_dp, False)
+    warm_up(shard, bank_id, dp, config)
+    notes, note = os.pipe()
+    os.set_blocking(notes, False)
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import (
@@ -222,15 +264,20 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
                 replies.ring()
                 print(f"{bank}: task done in {time.monotonic() - started:.2f} s "
                       f"({usage.ru_utime + usage.ru_stime:.2f} s CPU)", flush=True)
-        if not dp and reported(used_dp):
-            dp = True  # once, whatever comes of it
-            print(f"{bank}: a task trained with DP: warming Opacus up for the next ones",
-                  flush=True)
-            try:
-                warm_training(privacy=True)
-            except Exception as err:  # noqa: BLE001 - a speed-up only: tasks import it
-                print(f"{bank}: warming Opacus up failed ({err}); tasks import it",
-                      flush=True)
+        for told_now in told(notes):
+            if told_now.get("dp") and not dp:
+                dp = True  # once, whatever comes of it
+                print(f"{bank}: a task trained with DP: warming Opacus up for the next "
+                      "ones", flush=True)
+                try:
+                    warm_training(privacy=True)
+                except Exception as err:  # noqa: BLE001 - a speed-up only: tasks import it
+                    print(f"{bank}: warming Opacus up failed ({err}); tasks import it",
+                          flush=True)
+            if settings := told_now.get("split"):
+                print(f"{bank}: a run split the bank's file with {settings}: preparing it "
+                      "so for the next tasks", flush=True)
+                prepare_in_child(bank_id, shard, replace(config, **settings))
         acquired = runtime_api.AcquireTask(request)
         if not (acquired.HasField("task") and acquired.token):
             # Until the SuperNode rings or a task ends (its pidfd becomes readable).
@@ -238,6 +285,7 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
             continue
         sys.stdout.flush()
         sys.stderr.flush()
+        prepared = prepared_with(bank_id)
         pid = os.fork()
         if pid == 0:  # the child: one task, then exit without the parent's handlers
             code = 1
@@ -247,9 +295,10 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
             except SystemExit as end:  # flwr_exit ends a task this way
                 code = end.code if isinstance(end.code, int) else 1
             finally:
-                if not dp and "opacus" in sys.modules:
-                    os.write(told_dp, b"1")
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+                try:
+                    tell(note, dp, bank_id, prepared)
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
         children[pid] = (time.monotonic(), os.pidfd_open(pid))

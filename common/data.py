@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -679,23 +679,72 @@ def split_bank(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int,
     return BankSplit(x[train], y[train], x[val], y[val])
 
 
-def read_bank(bank_id: int, shard: Path, config: Config) -> tuple[BankSplit, Schema]:
-    """A bank's own file, read and split the one way every part of fedfraud does it
-    (unscaled; the bank fits its scaler on the train split). Out-of-time when the
-    federation's schema has a time column."""
-    x, y, schema, times = read_bank_file(bank_id, shard, config.label_column)
-    return split_bank(x, y, config.val_fraction, config.seed + bank_id, times), schema
+@dataclass(frozen=True)
+class PreparedBank:
+    """A bank's own file as its tasks use it: split the one way every part of fedfraud
+    splits it (unscaled), with its schema and the scaler fitted on its training rows."""
+
+    split: BankSplit
+    schema: Schema
+    scaler: tuple[np.ndarray, np.ndarray]
 
 
-# Each bank's file as last read in this process, while neither it nor its schema.json
-# changed (by content: a same-size rewrite within the file system's timestamp
-# granularity, or a copy that keeps the old mtime, is still seen): a bank's executor
-# reads it once before it forks its tasks (client/executor.py), so each task starts
-# with the rows in memory instead of parsing the CSV again (0.3-1 s of a round, per
-# bank; hashing the file takes ~1/30 of that); a simulation reads each bank's file
-# once per run. Read-only arrays: no caller may change what the next one gets.
-_LAST_READ: dict[int, tuple[tuple[Any, ...], tuple[np.ndarray, np.ndarray, Schema,
-                                                    np.ndarray | None]]] = {}
+# Each bank's file as last prepared in this process, while neither it, its schema.json
+# nor the split's settings changed (files by content: a same-size rewrite within the
+# file system's timestamp granularity, or a copy that keeps the old mtime, is still
+# seen; hashing the file takes ~1/30 of reading it). A bank's executor gets it from a
+# short-lived child before it forks its tasks (client/executor.py), so each task starts
+# with its rows split and scaled without pandas or scikit-learn in the executor
+# (~130 MB and ~1 s of imports a bank) and without parsing the CSV again (0.3-1 s of a
+# round, per bank); a simulation prepares each bank's file once per run. Read-only
+# arrays: no caller may change what the next one gets.
+_PREPARED: dict[int, tuple[PreparedVersion, PreparedBank]] = {}
+
+
+class PreparedVersion(NamedTuple):
+    """What a bank's prepared file depends on: the file and schema by content, and the
+    run's split settings (the split's seed is ``seed`` + the bank's id)."""
+
+    shard: str
+    label_column: str
+    val_fraction: float
+    seed: int
+    file: str | None  # SHA-256; None: the file does not read
+    schema: str | None
+
+
+def prepared_version(shard: Path, config: Config) -> PreparedVersion:
+    return PreparedVersion(str(shard.resolve()), config.label_column, config.val_fraction,
+                           config.seed, file_digest(shard),
+                           file_digest(shard.parent / SCHEMA_FILE))
+
+
+def prepared_bank(bank_id: int, shard: Path, config: Config) -> PreparedBank:
+    """``read_labelled`` of the bank's own file, split (out-of-time when the
+    federation's schema has a time column) and its scaler fitted, kept for reuse."""
+    version = prepared_version(shard, config)
+    kept = _PREPARED.get(bank_id)
+    if kept is None or kept[0] != version or version.file is None:
+        x, y, schema, times = read_labelled(shard, config.label_column, f"bank {bank_id}",
+                                            with_times=True)
+        split = split_bank(x, y, config.val_fraction, config.seed + bank_id, times)
+        prepared = PreparedBank(split, schema, fit_scaler(split.x_train))
+        keep_prepared(bank_id, version, prepared)
+        kept = _PREPARED[bank_id]
+    return kept[1]
+
+
+def keep_prepared(bank_id: int, version: PreparedVersion, prepared: PreparedBank) -> None:
+    """Keep ``prepared`` (made in this process or sent by a child) for reuse."""
+    for array in (*vars(prepared.split).values(), *prepared.scaler):
+        array.setflags(write=False)
+    _PREPARED[bank_id] = (version, prepared)
+
+
+def prepared_with(bank_id: int) -> PreparedVersion | None:
+    """What the bank's file was last prepared with in this process, if it was."""
+    kept = _PREPARED.get(bank_id)
+    return kept[0] if kept else None
 
 
 def file_digest(path: Path) -> str | None:
@@ -706,21 +755,6 @@ def file_digest(path: Path) -> str | None:
             return hashlib.file_digest(file, "sha256").hexdigest()
     except OSError:
         return None
-
-
-def read_bank_file(bank_id: int, shard: Path, label_column: str,
-                   ) -> tuple[np.ndarray, np.ndarray, Schema, np.ndarray | None]:
-    """``read_labelled`` of a bank's own file (with its rows' times), kept for reuse."""
-    version = (str(shard.resolve()), label_column, file_digest(shard),
-               file_digest(shard.parent / SCHEMA_FILE))
-    kept = _LAST_READ.get(bank_id)
-    if kept is None or kept[0] != version or version[2] is None:
-        read = read_labelled(shard, label_column, f"bank {bank_id}", with_times=True)
-        for array in (read[0], read[1], read[3]):
-            if array is not None:
-                array.setflags(write=False)
-        kept = _LAST_READ[bank_id] = (version, read)
-    return kept[1]
 
 
 def fit_scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

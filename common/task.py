@@ -39,7 +39,7 @@ def train(
     Shuffling, sampling, noise and dropout follow ``seed`` alone, so a bank's update is
     the same in any process (simulation actor or a bank executor's task).
     """
-    features, labels = torch.from_numpy(x), torch.from_numpy(y).float()
+    features, labels = torch.from_numpy(x), torch.tensor(y, dtype=torch.float32)
     untraced_adam_step()  # before the optimizer: its constructor is wrapped too
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))

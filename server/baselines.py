@@ -1,6 +1,6 @@
 """The references that say whether federation pays: centralized and local-only models.
 
-Both use the banks' own splits (``read_bank``), the same model, the same initial
+Both use the banks' own splits and scalers (``prepared_bank``), the same model, the same initial
 weights, the same train loop and the same training budget as the federation
 (``num-server-rounds`` rounds of the epochs a bank of that size trains in a round), and
 are scored like the federated model: on the server's test set, with the threshold
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from common.config import Config
-from common.data import BankSplit, bank_file, fit_scaler, read_bank, standardize
+from common.data import BankSplit, bank_file, fit_scaler, prepared_bank, standardize
 from common.metrics import PooledCurve, auc_difference, summarize
 from common.model import FraudNet, ModelSpec
 from common.task import score, train
@@ -64,11 +64,11 @@ def compute_baselines(
     """``{"centralized": ..., "local_only": [...], "federated_minus": ...}`` and the
     centralized test logits."""
     banks = range(config.num_banks)
-    splits = [read_bank(bank, Path(config.data_dir) / bank_file(bank), config)[0]
-              for bank in banks]
+    prepared = [prepared_bank(bank, Path(config.data_dir) / bank_file(bank), config)
+                for bank in banks]
+    splits = [bank.split for bank in prepared]
     local_only, best = [], (-1.0, 0, np.empty(0))  # the best bank's (AUC, id, logits)
-    for bank, split in zip(banks, splits):
-        scaler = fit_scaler(split.x_train)
+    for bank, split, scaler in zip(banks, splits, (bank.scaler for bank in prepared)):
         model = fit_alone(split, scaler, spec, initial, config, config.seed + bank)
         curve = validation_curve(model, standardize(split.x_val, *scaler), split.y_val)
         logits = score(model, x_test)

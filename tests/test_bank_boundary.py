@@ -389,3 +389,50 @@ def test_a_bank_s_long_lived_supervisor_imports_no_data_libraries() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=APP_DIR).stdout
     assert out.strip() == "[]"
+
+
+def test_a_bank_s_executor_gets_its_file_prepared_without_pandas_or_scikit_learn(
+        prepared) -> None:
+    """The executor also stays up for the bank's life: a short-lived child reads,
+    splits and scales the bank's file for it, so neither the executor nor the tasks it
+    forks import pandas, scikit-learn or scipy (~130 MB a bank), and a task's bank
+    starts from the prepared rows."""
+    from common.data import bank_file
+
+    shard = Path(prepared.data_dir) / bank_file(2)
+    code = (
+        "import sys; from pathlib import Path; import torch; "
+        "from client.bank import Bank; from client.executor import warm_up; "
+        "from common.data import prepared_version, prepared_with; "
+        "from tests.conftest import app_config; "
+        f"config, shard = app_config(data_dir={prepared.data_dir!r}), Path({str(shard)!r}); "
+        "warm_up(shard, 2, False, config); "
+        "print(prepared_with(2) == prepared_version(shard, config)); "
+        "print(len(Bank(2, shard, config).y_val) > 0); "
+        "print(sorted({'pandas', 'sklearn', 'scipy', 'torch._dynamo'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=APP_DIR).stdout
+    assert out.split() == ["True", "True", "[]"]
+
+
+def test_a_task_tells_its_executor_what_to_make_ready_for_the_next_ones(prepared) -> None:
+    """A task whose run splits the bank's file otherwise (another seed here) prepares
+    it itself, and tells the executor those settings: it then prepares the file so for
+    the tasks that follow. Nothing to tell: nothing told."""
+    from dataclasses import replace
+
+    from client.executor import tell, told
+    from common.data import bank_file, prepared_bank, prepared_version, prepared_with
+
+    shard = Path(prepared.data_dir) / bank_file(2)
+    prepared_bank(2, shard, prepared)
+    held = prepared_with(2)
+    notes, note = os.pipe()
+    os.set_blocking(notes, False)
+    tell(note, True, 2, held)
+    assert told(notes) == []
+
+    prepared_bank(2, shard, replace(prepared, seed=prepared.seed + 1))
+    tell(note, True, 2, held)
+    [settings] = [told_now["split"] for told_now in told(notes)]
+    assert prepared_version(shard, replace(prepared, **settings)) == prepared_with(2) != held

@@ -13,7 +13,7 @@ import pandas as pd
 from common.data import (
     ACCOUNT_TAKEOVER, CARD_TESTING, CARDS_COLUMNS, LEGIT, MANIFEST, TEST_FILE,
     BankDataError, bank_file, dirichlet_partition, fit_scaler, hold_out, load_transactions,
-    make_cards, make_synthetic, prepare, read_bank, read_bank_file, split_bank, standardize,
+    make_cards, make_synthetic, prepare, prepared_bank, split_bank, standardize,
     time_order,
 )
 from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema, summarize
@@ -236,20 +236,28 @@ def test_loader_reads_features_and_labels(tmp_path: Path) -> None:
     assert y.tolist() == [0, 1]
 
 
-def test_a_bank_s_file_is_read_once_while_unchanged(tmp_path: Path) -> None:
-    """The executor reads the bank's file before forking its tasks; a task gets the
-    same rows, read-only, and a changed file is read again (even with its old mtime)."""
+def test_a_bank_s_file_is_prepared_once_while_unchanged(tmp_path: Path) -> None:
+    """The executor gets the bank's file prepared before forking its tasks; a task gets
+    the same rows and scaler, read-only, and a changed file (even with its old mtime)
+    or other split settings prepare it again."""
     import os
+    from dataclasses import replace
 
-    path = write(tmp_path / "b.csv", "f1,Class\n1.5,0\n3,1\n")
-    first = read_bank_file(0, path, "Class")
-    assert read_bank_file(0, path, "Class") is first
+    rows = "".join(f"{value}.5,{value % 2}\n" for value in range(20))
+    path = write(tmp_path / "b.csv", "f1,Class\n" + rows)
+    config = app_config()
+    first = prepared_bank(0, path, config)
+    assert prepared_bank(0, path, config) is first
     with pytest.raises(ValueError, match="read-only"):
-        first[0][0, 0] = 9.0
+        first.split.x_train[0, 0] = 9.0
+    with pytest.raises(ValueError, match="read-only"):
+        first.scaler[0][0] = 9.0
+    assert prepared_bank(0, path, replace(config, seed=config.seed + 1)) is not first
     stat = path.stat()
-    write(path, "f1,Class\n2.5,0\n4,1\n")  # the same size: a rewrite stat cannot tell
+    write(path, "f1,Class\n" + rows.replace(".5,", ".7,"))  # the same size
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert read_bank_file(0, path, "Class")[0].tolist() == [[2.5], [4.0]]
+    again = prepared_bank(0, path, config)
+    assert np.allclose(again.split.x_train[:, 0] % 1, 0.7) and again.split.x_train.shape[0] > 10
 
 
 def test_categories_use_the_shared_schema_and_gaps_become_the_banks_mean(
@@ -382,8 +390,9 @@ def test_out_of_time_split_holds_out_the_latest_rows(tmp_path: Path) -> None:
     assert test["ts"].min() > max(bank["ts"].max() for bank in banks)  # latest 20 %
     config = app_config(label_column="fraud", val_fraction=0.15)
     for bank in range(4):
-        split, schema = read_bank(bank, data_dir / bank_file(bank), config)
-        t = schema.features.index("copy_of_ts")
+        bank_rows = prepared_bank(bank, data_dir / bank_file(bank), config)
+        split = bank_rows.split
+        t = bank_rows.schema.features.index("copy_of_ts")
         assert split.x_val[:, t].min() > split.x_train[:, t].max()  # its latest rows
         assert len(split.y_val) == round(0.15 * len(banks[bank]))
 
@@ -733,7 +742,7 @@ def test_prepare_cards_marks_its_id_and_time_and_every_bank_loads_it(tmp_path: P
     test_start = pd.read_csv(data_dir / TEST_FILE, usecols=["TransactionDT"]).min().item()
     config = app_config(data_dir=str(data_dir))
     for bank in (0, 9):
-        split, _ = read_bank(bank, data_dir / bank_file(bank), config)
+        split = prepared_bank(bank, data_dir / bank_file(bank), config).split
         assert split.x_train.shape[1] == len(features)
         shard = pd.read_csv(data_dir / bank_file(bank), usecols=["TransactionDT"])
         assert shard["TransactionDT"].max() < test_start
