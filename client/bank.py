@@ -210,11 +210,12 @@ class Bank:
         )
         metrics.update({
             keys.NUM_EXAMPLES: rows, keys.VOTE: 1, keys.BANK_ID: self.id,
-            keys.TRAIN_LOSS: loss,
             keys.N_TRAIN: rows, keys.N_VAL: len(self.y_val),
             keys.N_FRAUD: int(self.y_train.sum() + self.y_val.sum()),
         })
-        if privacy is not None:
+        if privacy is None:
+            metrics[keys.TRAIN_LOSS] = loss
+        else:  # the loss of the protected rows, without noise: it stays with the bank
             rounds = (server_round - 1 if rounds_before is None else rounds_before) + 1
             metrics[keys.DP_EPSILON] = epsilon_spent(config, rows, privacy, rounds)
             metrics[keys.DP_NOISE] = privacy.noise_multiplier

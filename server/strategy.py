@@ -53,6 +53,20 @@ def non_finite(content: RecordDict) -> list[str]:
             for name, array in record.items() if not np.isfinite(array.numpy()).all()]
 
 
+def wrong_weight(content: RecordDict, weight_key: str) -> str | None:
+    """Why a reply's FedAvg weight is not one an honest bank sends, if it is not. Each
+    bank states its own weight: with equal weighting it must be 1 (a bank claiming
+    1e9 would replace the global model with its own), else its training rows, a
+    positive count that matches the ``n-train`` it reports."""
+    metrics = next(iter(content.metric_records.values()), MetricRecord())
+    weight = metrics.get(weight_key)
+    if weight_key == keys.VOTE:
+        honest = weight == 1
+    else:
+        honest = isinstance(weight, int) and weight >= 1 and weight == metrics.get(keys.N_TRAIN)
+    return None if honest else f"{weight_key} {weight!r} is not an honest bank's weight"
+
+
 def fingerprint(record: ArrayRecord) -> str:
     """A short hash of a record's arrays: equal fingerprints, equal weights."""
     return hashlib.sha256(b"".join(array.data for array in record.values())).hexdigest()[:16]
@@ -107,9 +121,10 @@ class BankGuard:
             if reply.has_content():
                 self.ledger.append(ledger_entry("train", server_round, reply.content))
                 bad = non_finite(reply.content)
-                if bad:
+                why = (f"non-finite values in {', '.join(bad)}" if bad
+                       else wrong_weight(reply.content, self.weighted_by_key))
+                if why:
                     bank = bank_of(reply.content)
-                    why = f"non-finite values in {', '.join(bad)}"
                     log(WARNING, "fedfraud: refused bank %d's update in round %d: %s",
                         bank, server_round, why)
                     self.refused.append({"round": server_round, "bank": bank, "why": why})

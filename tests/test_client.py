@@ -328,6 +328,19 @@ def test_a_deployed_bank_s_dp_noise_is_secret_and_a_simulated_bank_s_reproducibl
     np.testing.assert_array_equal(simulated[0], simulated[1])
 
 
+def test_a_bank_training_with_dp_keeps_its_training_loss(prepared, tmp_path: Path) -> None:
+    """The training loss is computed on the rows DP-SGD protects, without noise: with
+    a learning rate of 0 and one batch, it would hand the server those rows' losses
+    outside the epsilon the bank counts. Under DP it does not leave the bank."""
+    dp = Config.from_run_config({**prepared.as_run_config(), "dp-epsilon": 3.0})
+    shard = Path(prepared.data_dir) / bank_file(5)
+
+    for config, context in ((dp, deployed_context(dp, tmp_path, shard)),
+                            (dp, bank_context(dp)), (prepared, bank_context(prepared))):
+        sent = app(train_message(), context).content[keys.METRICS]
+        assert (keys.TRAIN_LOSS in sent) == (not config.differential_privacy)
+
+
 def dp_train_message(server_round: int) -> Message:
     settings = ConfigRecord({keys.SERVER_ROUND: server_round, keys.EVALUATE_INCOMING: False})
     return message("train", RecordDict({keys.ARRAYS: global_arrays(), keys.CONFIG: settings}))

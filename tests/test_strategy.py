@@ -56,6 +56,26 @@ def test_non_finite_updates_are_refused_and_recorded(bad: float) -> None:
     assert [entry["bank"] for entry in strategy.ledger] == [0, 1, 2, 3, 7]
 
 
+@pytest.mark.parametrize(("weighting", "key", "claim"), [
+    ("equal", keys.VOTE, 1e9), ("equal", keys.VOTE, -3), ("equal", keys.VOTE, 0),
+    ("samples", keys.NUM_EXAMPLES, 10**9), ("samples", keys.NUM_EXAMPLES, -100),
+    ("samples", keys.NUM_EXAMPLES, 0.5)])
+def test_a_bank_claiming_a_weight_no_honest_bank_sends_is_refused(weighting, key,
+                                                                  claim) -> None:
+    """FedAvg weights each update by what its bank says: a bank that says 1e9 (or a
+    negative weight that nearly cancels the others) would make the global model its
+    own. Its update is refused and recorded; the honest banks' average stands."""
+    malicious = reply(7, np.array([1e3, -1e3], np.float32))
+    malicious.content[keys.METRICS][key] = claim
+    replies = [reply(bank, w) for bank, w in enumerate(HONEST)] + [malicious]
+    strategy = make_strategy(app_config(bank_weighting=weighting, min_banks=1))
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    np.testing.assert_allclose(arrays["w"].numpy(), np.mean(HONEST, axis=0), rtol=1e-6)
+    assert [(r["bank"], r["why"].split()[0]) for r in strategy.refused] == [(7, key)]
+
+
 def test_ledger_lists_each_record_with_its_size_and_no_rows() -> None:
     strategy, _, _ = aggregate("fedavg", [reply(0, HONEST[0])])
     entry = strategy.ledger[0]
