@@ -125,12 +125,11 @@ def run_task(runtime: str, token: str, approved: frozenset[str], bank: str) -> N
     runtime_module.run_clientapp(runtime_api_address=runtime, token=token, insecure=True)
 
 
-def warm_up(shard: Path, bank_id: int, dp: bool, config: Config) -> None:
+def warm_up(dp: bool) -> None:
     """Import everything a task imports, once, before any fork: Flower's ClientApp
     runtime and the bank's code, and what torch only imports on first use (a tiny
-    training step and score), Opacus's DP-SGD too when ``dp``; then the bank's own
-    file, prepared with ``config``'s split settings (``prepare_in_child``). pandas and
-    scikit-learn are not imported here. Runs no thread that outlives it."""
+    training step and score), Opacus's DP-SGD too when ``dp``. pandas and scikit-learn
+    are not imported here (``Preparing``). Runs no thread that outlives it."""
     import encodings.cp437  # noqa: F401 - zipfile's, for the app bundle
 
     import client.app  # noqa: F401 - the ClientApp
@@ -141,36 +140,46 @@ def warm_up(shard: Path, bank_id: int, dp: bool, config: Config) -> None:
     warm_training(privacy=False)
     if dp:
         warm_training(privacy=True)
-    prepare_in_child(bank_id, shard, config)
 
 
-def prepare_in_child(bank_id: int, shard: Path, config: Config) -> None:
+class Preparing:
     """The bank's file read, split and its scaler fitted (``prepared_bank``) in a
-    forked child that exits when done; kept here, so the tasks forked later start with
-    it. pandas and scikit-learn (~130 MB, ~1 s of imports) live only in that child. A
-    file that does not read is left to the task, which reports it in the bank's log."""
-    import pickle
+    forked child; ``keep`` waits for it and keeps the result here, so the tasks forked
+    later start with it. pandas and scikit-learn (~130 MB, ~1 s of imports) live only
+    in that child, which exits when done; started before torch is imported, it shares
+    no pages it would copy. A file that does not read is left to the task, which
+    reports it in the bank's log."""
 
-    from common.data import keep_prepared, prepared_bank, prepared_version
+    def __init__(self, bank_id: int, shard: Path, config: Config) -> None:
+        import pickle
 
-    readable, writable = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: prepare, send, exit without the parent's handlers
-        code = 1
-        try:
-            os.close(readable)
-            prepared = prepared_bank(bank_id, shard, config)
-            with os.fdopen(writable, "wb") as parent:
-                pickle.dump((prepared_version(shard, config), prepared), parent)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(writable)
-    with os.fdopen(readable, "rb") as child:
-        sent = child.read()
-    os.waitpid(pid, 0)
-    if sent:
-        keep_prepared(bank_id, *pickle.loads(sent))  # from our own child
+        from common.data import prepared_bank, prepared_version
+
+        self.bank_id = bank_id
+        self.pipe, writable = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: prepare, send, exit without the parent's handlers
+            code = 1
+            try:
+                os.close(self.pipe)
+                prepared = prepared_bank(bank_id, shard, config)
+                with os.fdopen(writable, "wb") as parent:
+                    pickle.dump((prepared_version(shard, config), prepared), parent)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(writable)
+
+    def keep(self) -> None:
+        import pickle
+
+        from common.data import keep_prepared
+
+        with os.fdopen(self.pipe, "rb") as child:
+            sent = child.read()
+        os.waitpid(self.pid, 0)
+        if sent:
+            keep_prepared(self.bank_id, *pickle.loads(sent))  # from our own child
 
 
 def warm_training(privacy: bool) -> None:
@@ -226,15 +235,17 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
     Opacus is warmed up at start only for a bank whose policy requires DP: importing
     it costs ~2 s of CPU (ten banks starting on two cores: ~10 s of every start), and a
     DP-optional bank mostly trains without it. The bank's file is prepared with
-    ``config`` (the app's defaults). A task that used Opacus, or whose run split the
+    ``config`` (the app's defaults) while the executor warms up. A task that used Opacus, or whose run split the
     file otherwise, says so through a pipe (``tell``), and the executor makes that
     ready then, once, for the tasks that follow."""
+    preparing = Preparing(bank_id, shard, config)
     import torch
 
     from common.data import prepared_with
 
     torch.set_num_threads(1)  # one thread per bank process, before torch runs anything
-    warm_up(shard, bank_id, dp, config)
+    warm_up(dp)
+    preparing.keep()
     notes, note = os.pipe()
     os.set_blocking(notes, False)
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
@@ -277,7 +288,7 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
             if settings := told_now.get("split"):
                 print(f"{bank}: a run split the bank's file with {settings}: preparing it "
                       "so for the next tasks", flush=True)
-                prepare_in_child(bank_id, shard, replace(config, **settings))
+                Preparing(bank_id, shard, replace(config, **settings)).keep()
         acquired = runtime_api.AcquireTask(request)
         if not (acquired.HasField("task") and acquired.token):
             # Until the SuperNode rings or a task ends (its pidfd becomes readable).

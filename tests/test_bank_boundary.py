@@ -401,12 +401,13 @@ def test_a_bank_s_executor_gets_its_file_prepared_without_pandas_or_scikit_learn
 
     shard = Path(prepared.data_dir) / bank_file(2)
     code = (
-        "import sys; from pathlib import Path; import torch; "
-        "from client.bank import Bank; from client.executor import warm_up; "
+        "import sys; from pathlib import Path; "
+        "from client.executor import Preparing, warm_up; "
         "from common.data import prepared_version, prepared_with; "
         "from tests.conftest import app_config; "
         f"config, shard = app_config(data_dir={prepared.data_dir!r}), Path({str(shard)!r}); "
-        "warm_up(shard, 2, False, config); "
+        "preparing = Preparing(2, shard, config); warm_up(False); preparing.keep(); "
+        "from client.bank import Bank; "
         "print(prepared_with(2) == prepared_version(shard, config)); "
         "print(len(Bank(2, shard, config).y_val) > 0); "
         "print(sorted({'pandas', 'sklearn', 'scipy', 'torch._dynamo'} & set(sys.modules)))")
