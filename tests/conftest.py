@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,13 @@ from common.config import Config, read_app_config
 from common.data import data_settings, prepare
 
 APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def fresh_python(code: str) -> str:
+    """What ``code`` prints in a new interpreter in the app folder (what a fresh process
+    imports, without this test session's modules)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=APP_DIR, timeout=300).stdout
 
 
 def app_config(**overrides: object) -> Config:

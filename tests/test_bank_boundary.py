@@ -18,7 +18,7 @@ from client.identity import PRIVATE_KEY, PUBLIC_KEY, ensure_key_pair
 from client.policy import DEFAULT_POLICY, INSTALLED, Policy, PolicyError, app_digest
 from common.files import write_private
 from server.certs import make_certificates
-from tests.conftest import APP_DIR, app_config
+from tests.conftest import APP_DIR, app_config, fresh_python
 
 BIN = Path(sys.executable).parent
 
@@ -386,8 +386,7 @@ def test_a_bank_s_long_lived_supervisor_imports_no_data_libraries() -> None:
     on one machine)."""
     code = ("import sys; import client.cli, client.node, client.identity; "
             "print(sorted({'numpy', 'pandas', 'torch', 'cryptography'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=APP_DIR).stdout
+    out = fresh_python(code)
     assert out.strip() == "[]"
 
 
@@ -411,8 +410,7 @@ def test_a_bank_s_executor_gets_its_file_prepared_without_pandas_or_scikit_learn
         "print(prepared_with(2) == prepared_version(shard, config)); "
         "print(len(Bank(2, shard, config).y_val) > 0); "
         "print(sorted({'pandas', 'sklearn', 'scipy', 'torch._dynamo'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=APP_DIR).stdout
+    out = fresh_python(code)
     assert out.split() == ["True", "True", "[]"]
 
 

@@ -19,7 +19,7 @@ from common.data import (
 from common.schema import CATEGORICAL, NUMERIC, SCHEMA_FILE, Column, Schema, summarize
 from common.model import FraudNet, ModelSpec
 from common.task import train
-from tests.conftest import APP_DIR, app_config
+from tests.conftest import APP_DIR, app_config, fresh_python
 
 LABELS = np.array([0] * 9_850 + [1] * 150)  # 1.5 % fraud, like the product's data
 
@@ -87,9 +87,6 @@ def test_training_steps_as_torch_s_adam_and_imports_no_torch_compile_machinery()
     """common/task.py's way around torch.optim's torch._dynamo imports: it must step
     exactly as ``Adam.step()`` does, and a process that trains must not import
     torch._dynamo (a torch upgrade that moves the wrappers fails here)."""
-    import subprocess
-    import sys
-
     import torch
 
     from common.task import step
@@ -110,8 +107,7 @@ def test_training_steps_as_torch_s_adam_and_imports_no_torch_compile_machinery()
             "train(FraudNet(ModelSpec(in_features=4)), np.ones((64, 4), np.float32), "
             "np.arange(64) % 2, epochs=2, batch_size=16, learning_rate=1e-2, "
             "pos_weight=1.0, seed=0); print('torch._dynamo' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=APP_DIR).stdout
+    out = fresh_python(code)
     assert out.strip() == "False"
 
 
