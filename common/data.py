@@ -689,18 +689,6 @@ class PreparedBank:
     scaler: tuple[np.ndarray, np.ndarray]
 
 
-# Each bank's file as last prepared in this process, while neither it, its schema.json
-# nor the split's settings changed (files by content: a same-size rewrite within the
-# file system's timestamp granularity, or a copy that keeps the old mtime, is still
-# seen; hashing the file takes ~1/30 of reading it). A bank's executor gets it from a
-# short-lived child before it forks its tasks (client/executor.py), so each task starts
-# with its rows split and scaled without pandas or scikit-learn in the executor
-# (~130 MB and ~1 s of imports a bank) and without parsing the CSV again (0.3-1 s of a
-# round, per bank); a simulation prepares each bank's file once per run. Read-only
-# arrays: no caller may change what the next one gets.
-_PREPARED: dict[int, tuple[PreparedVersion, PreparedBank]] = {}
-
-
 class PreparedVersion(NamedTuple):
     """What a bank's prepared file depends on: the file and schema by content, and the
     run's split settings (the split's seed is ``seed`` + the bank's id)."""
@@ -711,6 +699,18 @@ class PreparedVersion(NamedTuple):
     seed: int
     file: str | None  # SHA-256; None: the file does not read
     schema: str | None
+
+
+# Each bank's file as last prepared in this process, while neither it, its schema.json
+# nor the split's settings changed (files by content: a same-size rewrite within the
+# file system's timestamp granularity, or a copy that keeps the old mtime, is still
+# seen; hashing the file takes ~1/30 of reading it). A bank's executor gets it from a
+# short-lived child before it forks its tasks (client/executor.py), so each task starts
+# with its rows split and scaled without pandas or scikit-learn in the executor
+# (~130 MB and ~1 s of imports a bank) and without parsing the CSV again (0.3-1 s of a
+# round, per bank); a simulation prepares each bank's file once per run. Read-only
+# arrays: no caller may change what the next one gets.
+_PREPARED: dict[int, tuple[PreparedVersion, PreparedBank]] = {}
 
 
 def prepared_version(shard: Path, config: Config) -> PreparedVersion:
