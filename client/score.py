@@ -18,10 +18,15 @@ each flagged transaction its reason codes (``reason_codes``).
 Reason codes: the three features that contributed most to the transaction's fraud
 probability, each with the direction it pushed ("raises" / "lowers") and its share in
 probability units. Contributions are Integrated Gradients (Sundararajan et al., 2017) of
-the TorchScript model's probability with respect to its standardized input, from the
+the model's probability with respect to its standardized input, from the
 baseline 0 — the bank's own mean transaction (a missing value sits at the baseline and
 gets 0) — to the transaction: a 64-point midpoint rule along the straight path,
-gradients by torch autograd through the TorchScript model (any model.ts; no captum).
+gradients by torch autograd through the model (no captum).
+
+The model is the run's ``model.pt`` (weights, loaded ``weights_only``) in the bank's
+own FraudNet, never the run's TorchScript ``model.ts``: that file is a program the
+operator (or whoever wrote the run folder) made, and it would run on the bank's rows
+outside the apps its policy approves.
 They add up to the difference between the transaction's probability and that of the
 bank's mean transaction up to the rule's error: on a trained FraudNet's flagged test
 rows, at most 0.003 (99th percentile 0.002), and the top three features matched a
@@ -43,7 +48,7 @@ import numpy as np
 import torch
 
 from common.data import BankDataError, load_scaler, standardize
-from common.model import CARD_JSON_FILE, TORCHSCRIPT_FILE
+from common.model import CARD_JSON_FILE, STATE_DICT_FILE, FraudProbability, load_model
 from common.schema import NUMERIC, Schema
 
 REASONS = 3  # reason codes per flagged transaction
@@ -59,7 +64,7 @@ class ScoreInputError(BankDataError):
 class Scorer:
     """The exported model plus the bank's scaler, warm in memory."""
 
-    model: torch.jit.ScriptModule
+    model: FraudProbability
     mean: np.ndarray
     scale: np.ndarray
     schema: Schema
@@ -87,7 +92,7 @@ class Scorer:
         if schema.features != card["features"]:
             raise BankDataError(f"{scaler}: scaler features {schema.features} do not match "
                                 f"the model card's {card['features']}")
-        model = torch.jit.load(str(run_dir / TORCHSCRIPT_FILE))
+        model = FraudProbability(load_model(run_dir / STATE_DICT_FILE, card["features"]))
         model.eval()
         for parameter in model.parameters():  # reason codes need input gradients only
             parameter.requires_grad_(False)

@@ -38,9 +38,10 @@ NaN/Infinity/non-finite numbers — ``{"detail": "..."}`` names the column and t
 (1-based position in the batch), e.g. ``transactions: column 'f03' must be numeric
 (row 2: 'abc')``.
 
-Model updates without downtime. The service loads a run folder completely (card,
-TorchScript, warm-up calls), checks that the card's features equal the bank's schema
-(from its own ``scaler.json``, re-read), and only then swaps one reference. A request
+Model updates without downtime. The service loads a run folder completely (card, its
+weights into the bank's own FraudNet, warm-up calls), checks that the card's features
+equal the bank's schema (from its own ``scaler.json``, re-read), and only then swaps
+one reference. A request
 takes that reference once when it starts, so requests in flight finish on the old
 model. A run that cannot be loaded or does not fit the bank's schema is refused and
 the old model keeps serving. Two ways to ask for it:
@@ -211,8 +212,8 @@ class ScoringService:
 
 
 def load_warm(run_dir: Path, scaler: Path) -> Scorer:
-    """A run's model, loaded and called until TorchScript has settled (its first calls
-    profile and optimize), so that the first requests after a switch are not slow."""
+    """A run's model, loaded and called a few times (torch's first calls allocate and
+    pick their kernels), so that the first requests after a switch are not slow."""
     scorer = Scorer.load(run_dir, scaler)
     x = np.zeros((64, len(scorer.features)), np.float32)
     for _ in range(3):

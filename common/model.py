@@ -54,6 +54,31 @@ class FraudProbability(nn.Module):
         return torch.sigmoid(self.net(x))
 
 
+def load_model(path: Path, features: list[str]) -> FraudNet:
+    """A model ``save_model`` wrote (its ``model.pt``), rebuilt as FraudNet in eval
+    mode, if it was trained on ``features``: tensors and plain values only
+    (``weights_only``; a crafted file runs no code, whereas a TorchScript file is a
+    program). Anything else is one BankDataError naming the file."""
+    from common.schema import BankDataError
+
+    try:
+        saved = torch.load(path, weights_only=True)
+        spec = dict(saved["spec"])
+        if list(saved["features"]) != list(features):
+            raise ValueError(f"trained on other features than {features}")
+        net = FraudNet(ModelSpec(in_features=len(features),
+                                 hidden=tuple(int(width) for width in spec["hidden"]),
+                                 dropout=float(spec["dropout"]),
+                                 activation=str(spec.get("activation", "relu"))))
+        net.load_state_dict(saved["state_dict"], strict=True)
+    except Exception as err:  # noqa: BLE001 - any unusable file gets the same answer
+        raise BankDataError(f"{path}: not a usable fedfraud model "
+                            f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if not all(torch.isfinite(tensor).all() for tensor in net.state_dict().values()):
+        raise BankDataError(f"{path}: the model holds non-finite weights")
+    return net.eval()
+
+
 def save_model(folder: Path, state_dict: dict[str, torch.Tensor], spec: ModelSpec,
                features: list[str], threshold: float) -> None:
     """``model.pt`` (state dict + spec) and ``model.ts`` (TorchScript: standardized

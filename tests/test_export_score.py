@@ -19,10 +19,11 @@ from client.score import (
 from common.data import (
     TEST_FILE, bank_file, load_transactions, save_scaler, scaler_file, standardize,
 )
-from common.model import CARD_JSON_FILE, TORCHSCRIPT_FILE, FraudNet, ModelSpec
-from common.schema import NUMERIC, Column, Schema
+from common.model import (
+    CARD_JSON_FILE, STATE_DICT_FILE, TORCHSCRIPT_FILE, FraudNet, ModelSpec, save_model,
+)
+from common.schema import NUMERIC, BankDataError, Column, Schema
 from common.task import score
-from common.model import FraudProbability
 from server.export import export_model
 from tests.test_report import sample_metrics
 
@@ -202,8 +203,8 @@ def tiny_run(path: Path, weights: list[float], threshold: float = 0.5, run_id: s
             net.net[0].bias.zero_()
     net.eval()
     path.mkdir(parents=True)
-    torch.jit.trace(FraudProbability(net), torch.zeros(2, len(weights))).save(
-        str(path / TORCHSCRIPT_FILE))
+    save_model(path, net.state_dict(), ModelSpec(in_features=len(weights), hidden=hidden),
+               features, threshold)
     (path / CARD_JSON_FILE).write_text(json.dumps(
         {"run_id": run_id, "features": features, "threshold": threshold}))
     scaler = path.parent / f"{path.name}-scaler.json"
@@ -211,6 +212,39 @@ def tiny_run(path: Path, weights: list[float], threshold: float = 0.5, run_id: s
     save_scaler(scaler, np.array(mean or [0.0] * len(weights)),
                 np.array(scale or [1.0] * len(weights)), schema)
     return path, scaler
+
+
+class Payload:
+    """What a crafted model file could carry: code that runs when it is unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_bank_scores_with_the_run_s_weights_never_with_its_torchscript(
+        tmp_path: Path) -> None:
+    """A run folder comes from the operator: its model.ts is a program that would run
+    on the bank's rows outside the apps the bank approved. The bank rebuilds its own
+    FraudNet from model.pt's tensors instead: a different model.ts changes nothing, and
+    a model.pt carrying code is refused in one line, its code not run."""
+    run, scaler = tiny_run(tmp_path / "run", [0.1, -0.5, 3.0, 0.05])
+    x = np.array([[1.0, 2.0, 0.5, -1.0]], np.float32)
+    honest = Scorer.load(run, scaler).probabilities(x)
+    always_fraud = torch.jit.trace(lambda rows: torch.ones(rows.shape[0]), torch.zeros(2, 4))
+    always_fraud.save(str(run / TORCHSCRIPT_FILE))
+
+    assert Scorer.load(run, scaler).probabilities(x) == pytest.approx(honest)
+    assert honest[0] == pytest.approx(1 / (1 + np.exp(-(0.1 - 1.0 + 1.5 - 0.05))), abs=1e-6)
+
+    marker = tmp_path / "payload-ran"
+    torch.save({"state_dict": {}, "spec": Payload(marker), "features": []},
+               run / STATE_DICT_FILE)
+    with pytest.raises(BankDataError, match="not a usable fedfraud model") as refused:
+        Scorer.load(run, scaler)
+    assert "\n" not in str(refused.value) and not marker.exists()
 
 
 def test_reason_codes_name_the_dominant_feature(tmp_path: Path) -> None:
