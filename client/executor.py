@@ -153,7 +153,7 @@ class Preparing:
     def __init__(self, bank_id: int, shard: Path, config: Config) -> None:
         import pickle
 
-        from common.data import prepared_bank, prepared_version
+        from common.data import prepared_bank, prepared_with
 
         self.bank_id = bank_id
         self.pipe, writable = os.pipe()
@@ -164,7 +164,7 @@ class Preparing:
                 os.close(self.pipe)
                 prepared = prepared_bank(bank_id, shard, config)
                 with os.fdopen(writable, "wb") as parent:
-                    pickle.dump((prepared_version(shard, config), prepared), parent)
+                    pickle.dump((prepared_with(bank_id), prepared), parent)
                 code = 0
             finally:
                 os._exit(code)

@@ -22,11 +22,6 @@ the model's probability with respect to its standardized input, from the
 baseline 0 — the bank's own mean transaction (a missing value sits at the baseline and
 gets 0) — to the transaction: a 64-point midpoint rule along the straight path,
 gradients by torch autograd through the model (no captum).
-
-The model is the run's ``model.pt`` (weights, loaded ``weights_only``) in the bank's
-own FraudNet, never the run's TorchScript ``model.ts``: that file is a program the
-operator (or whoever wrote the run folder) made, and it would run on the bank's rows
-outside the apps its policy approves.
 They add up to the difference between the transaction's probability and that of the
 bank's mean transaction up to the rule's error: on a trained FraudNet's flagged test
 rows, at most 0.003 (99th percentile 0.002), and the top three features matched a
@@ -34,6 +29,11 @@ rows, at most 0.003 (99th percentile 0.002), and the top three features matched 
 input at the transaction alone, this stays meaningful where the sigmoid saturates,
 which is exactly where flagged transactions sit; for a logistic model the shares are
 exactly proportional to weight x standardized value.
+
+The model is the run's ``model.pt`` (weights, loaded ``weights_only``) in the bank's
+own FraudNet, never the run's TorchScript ``model.ts``: that file is a program the
+operator (or whoever wrote the run folder) made, and it would run on the bank's rows
+outside the apps its policy approves.
 """
 
 from __future__ import annotations

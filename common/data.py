@@ -724,14 +724,14 @@ def prepared_bank(bank_id: int, shard: Path, config: Config) -> PreparedBank:
     federation's schema has a time column) and its scaler fitted, kept for reuse."""
     version = prepared_version(shard, config)
     kept = _PREPARED.get(bank_id)
-    if kept is None or kept[0] != version or version.file is None:
-        x, y, schema, times = read_labelled(shard, config.label_column, f"bank {bank_id}",
-                                            with_times=True)
-        split = split_bank(x, y, config.val_fraction, config.seed + bank_id, times)
-        prepared = PreparedBank(split, schema, fit_scaler(split.x_train))
-        keep_prepared(bank_id, version, prepared)
-        kept = _PREPARED[bank_id]
-    return kept[1]
+    if kept is not None and kept[0] == version and version.file is not None:
+        return kept[1]
+    x, y, schema, times = read_labelled(shard, config.label_column, f"bank {bank_id}",
+                                        with_times=True)
+    split = split_bank(x, y, config.val_fraction, config.seed + bank_id, times)
+    prepared = PreparedBank(split, schema, fit_scaler(split.x_train))
+    keep_prepared(bank_id, version, prepared)
+    return prepared
 
 
 def keep_prepared(bank_id: int, version: PreparedVersion, prepared: PreparedBank) -> None:

@@ -78,7 +78,7 @@ def train(
 # and ~1 s of CPU) on first use, in every process that trains. fedfraud never compiles:
 # ``untraced_adam_step`` marks each wrapped function as its own untraced version (what
 # ``_disable_dynamo`` would look up and keep as ``__dynamo_disable``) and returns
-# Adam's step without its wrappers. ``tests/test_client.py`` fails if a torch upgrade
+# Adam's step without its wrappers. ``tests/test_data.py`` fails if a torch upgrade
 # imports ``torch._dynamo`` in training anyway, or steps differently.
 @cache
 def untraced_adam_step() -> Callable[[torch.optim.Adam], Any]:

@@ -1,7 +1,7 @@
 """The references that say whether federation pays: centralized and local-only models.
 
-Both use the banks' own splits and scalers (``prepared_bank``), the same model, the same initial
-weights, the same train loop and the same training budget as the federation
+Both use the banks' own splits and scalers (``prepared_bank``), the same model, the
+same initial weights, the same train loop and the same training budget as the federation
 (``num-server-rounds`` rounds of the epochs a bank of that size trains in a round), and
 are scored like the federated model: on the server's test set, with the threshold
 chosen on validation data.
@@ -66,9 +66,10 @@ def compute_baselines(
     banks = range(config.num_banks)
     prepared = [prepared_bank(bank, Path(config.data_dir) / bank_file(bank), config)
                 for bank in banks]
-    splits = [bank.split for bank in prepared]
+    splits = [rows.split for rows in prepared]
     local_only, best = [], (-1.0, 0, np.empty(0))  # the best bank's (AUC, id, logits)
-    for bank, split, scaler in zip(banks, splits, (bank.scaler for bank in prepared)):
+    for bank, rows in zip(banks, prepared):
+        split, scaler = rows.split, rows.scaler
         model = fit_alone(split, scaler, spec, initial, config, config.seed + bank)
         curve = validation_curve(model, standardize(split.x_val, *scaler), split.y_val)
         logits = score(model, x_test)
