@@ -66,11 +66,14 @@ def load_model(path: Path, features: list[str]) -> FraudNet:
         spec = dict(saved["spec"])
         if list(saved["features"]) != list(features):
             raise ValueError(f"trained on other features than {features}")
-        net = FraudNet(ModelSpec(in_features=len(features),
-                                 hidden=tuple(int(width) for width in spec["hidden"]),
-                                 dropout=float(spec["dropout"]),
-                                 activation=str(spec.get("activation", "relu"))))
-        net.load_state_dict(saved["state_dict"], strict=True)
+        # Built without memory (meta device) and given the file's own tensors: a spec
+        # naming layers far wider than the file's weights allocates nothing.
+        with torch.device("meta"):
+            net = FraudNet(ModelSpec(in_features=len(features),
+                                     hidden=tuple(int(width) for width in spec["hidden"]),
+                                     dropout=float(spec["dropout"]),
+                                     activation=str(spec.get("activation", "relu"))))
+        net.load_state_dict(saved["state_dict"], strict=True, assign=True)
     except Exception as err:  # noqa: BLE001 - any unusable file gets the same answer
         raise BankDataError(f"{path}: not a usable fedfraud model "
                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from None

@@ -228,8 +228,9 @@ def test_a_bank_scores_with_the_run_s_weights_never_with_its_torchscript(
         tmp_path: Path) -> None:
     """A run folder comes from the operator: its model.ts is a program that would run
     on the bank's rows outside the apps the bank approved. The bank rebuilds its own
-    FraudNet from model.pt's tensors instead: a different model.ts changes nothing, and
-    a model.pt carrying code is refused in one line, its code not run."""
+    FraudNet from model.pt's tensors instead: a different model.ts changes nothing, a
+    spec that would allocate terabytes is refused, and a model.pt carrying code is
+    refused in one line, its code not run."""
     run, scaler = tiny_run(tmp_path / "run", [0.1, -0.5, 3.0, 0.05])
     x = np.array([[1.0, 2.0, 0.5, -1.0]], np.float32)
     honest = Scorer.load(run, scaler).probabilities(x)
@@ -238,6 +239,12 @@ def test_a_bank_scores_with_the_run_s_weights_never_with_its_torchscript(
 
     assert Scorer.load(run, scaler).probabilities(x) == pytest.approx(honest)
     assert honest[0] == pytest.approx(1 / (1 + np.exp(-(0.1 - 1.0 + 1.5 - 0.05))), abs=1e-6)
+
+    # A spec whose hidden layer would take terabytes: refused, nothing allocated.
+    saved = torch.load(run / STATE_DICT_FILE, weights_only=True)
+    torch.save({**saved, "spec": {**saved["spec"], "hidden": [2**40]}}, run / STATE_DICT_FILE)
+    with pytest.raises(BankDataError, match="loading state_dict"):
+        Scorer.load(run, scaler)
 
     marker = tmp_path / "payload-ran"
     torch.save({"state_dict": {}, "spec": Payload(marker), "features": []},
