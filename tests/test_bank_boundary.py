@@ -435,3 +435,37 @@ def test_a_task_tells_its_executor_what_to_make_ready_for_the_next_ones(prepared
     tell(note, True, 2, held)
     [settings] = [told_now["split"] for told_now in told(notes)]
     assert prepared_version(shard, replace(prepared, **settings)) == prepared_with(2) != held
+
+
+@pytest.mark.parametrize("bad", ["inf", "abc", "odd column"])
+def test_a_bad_file_is_reported_by_the_task_not_lost_in_the_preparer(prepared, tmp_path,
+                                                                      bad) -> None:
+    """The executor's preparer child fails quietly on a file with inf, text in a number
+    column or a column the schema lacks; nothing is kept, and the task that reads the
+    file then reports the one-line error naming the bank, the file and the column."""
+    import shutil
+
+    from client.executor import Preparing
+    from common.data import BankDataError, bank_file, prepared_bank, prepared_with
+    from common.schema import SCHEMA_FILE
+
+    source = Path(prepared.data_dir) / bank_file(0)
+    header, *rows = source.read_text().splitlines()[:41]
+    cells = [row.split(",") for row in rows]
+    if bad == "odd column":
+        header, cells = header + ",odd", [row + ["1"] for row in cells]
+    else:
+        cells[3][header.split(",").index("f05")] = bad
+    shard = tmp_path / "bank_09" / "transactions.csv"
+    shard.parent.mkdir()
+    shutil.copy(source.parent / SCHEMA_FILE, shard.parent / SCHEMA_FILE)
+    shard.write_text("\n".join([header, *(",".join(row) for row in cells)]) + "\n")
+
+    Preparing(9, shard, prepared).keep()
+
+    assert prepared_with(9) is None
+    with pytest.raises(BankDataError) as refused:
+        prepared_bank(9, shard, prepared)
+    message = str(refused.value)
+    assert "\n" not in message and "bank 9" in message and str(shard) in message
+    assert ("odd" if bad == "odd column" else "f05") in message
