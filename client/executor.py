@@ -177,8 +177,8 @@ class Preparing:
 
         with os.fdopen(self.pipe, "rb") as child:
             sent = child.read()
-        os.waitpid(self.pid, 0)
-        if sent:
+        _, status = os.waitpid(self.pid, 0)
+        if os.waitstatus_to_exitcode(status) == 0:  # all it sent (not killed half-way)
             keep_prepared(self.bank_id, *pickle.loads(sent))  # from our own child
 
 

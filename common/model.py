@@ -63,21 +63,27 @@ def load_model(path: Path, features: list[str]) -> FraudNet:
 
     try:
         saved = torch.load(path, weights_only=True)
-        spec = dict(saved["spec"])
+        spec, state = dict(saved["spec"]), dict(saved["state_dict"])
         if list(saved["features"]) != list(features):
             raise ValueError(f"trained on other features than {features}")
+        hidden = tuple(int(width) for width in spec["hidden"])
+        if len(state) != 2 * (len(hidden) + 1):  # a weight and a bias per layer
+            raise ValueError(f"{len(hidden)} hidden layers named, {len(state)} tensors held")
         # Built without memory (meta device) and given the file's own tensors: a spec
         # naming layers far wider than the file's weights allocates nothing.
         with torch.device("meta"):
-            net = FraudNet(ModelSpec(in_features=len(features),
-                                     hidden=tuple(int(width) for width in spec["hidden"]),
+            net = FraudNet(ModelSpec(in_features=len(features), hidden=hidden,
                                      dropout=float(spec["dropout"]),
                                      activation=str(spec.get("activation", "relu"))))
-        net.load_state_dict(saved["state_dict"], strict=True, assign=True)
+        net.load_state_dict(state, strict=True, assign=True)
+        tensors = net.state_dict().values()
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+            raise ValueError("weights that are not float32 on the CPU")
     except Exception as err:  # noqa: BLE001 - any unusable file gets the same answer
+        first_line = (str(err).splitlines() or [""])[0]
         raise BankDataError(f"{path}: not a usable fedfraud model "
-                            f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    if not all(torch.isfinite(tensor).all() for tensor in net.state_dict().values()):
+                            f"({type(err).__name__}: {first_line})") from None
+    if not all(torch.isfinite(tensor).all() for tensor in tensors):
         raise BankDataError(f"{path}: the model holds non-finite weights")
     return net.eval()
 

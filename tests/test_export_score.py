@@ -240,11 +240,14 @@ def test_a_bank_scores_with_the_run_s_weights_never_with_its_torchscript(
     assert Scorer.load(run, scaler).probabilities(x) == pytest.approx(honest)
     assert honest[0] == pytest.approx(1 / (1 + np.exp(-(0.1 - 1.0 + 1.5 - 0.05))), abs=1e-6)
 
-    # A spec whose hidden layer would take terabytes: refused, nothing allocated.
-    saved = torch.load(run / STATE_DICT_FILE, weights_only=True)
-    torch.save({**saved, "spec": {**saved["spec"], "hidden": [2**40]}}, run / STATE_DICT_FILE)
-    with pytest.raises(BankDataError, match="loading state_dict"):
-        Scorer.load(run, scaler)
+    # A spec whose hidden layer would take terabytes: refused, nothing allocated; one
+    # with more layers than the file holds tensors for: refused before building any.
+    mlp, mlp_scaler = tiny_run(tmp_path / "mlp", [0.1, -0.5, 3.0, 0.05], hidden=(3,))
+    saved = torch.load(mlp / STATE_DICT_FILE, weights_only=True)
+    for hidden, why in (([2**40], "loading state_dict"), ([1] * 20_000, "hidden layers named")):
+        torch.save({**saved, "spec": {**saved["spec"], "hidden": hidden}}, mlp / STATE_DICT_FILE)
+        with pytest.raises(BankDataError, match=why):
+            Scorer.load(mlp, mlp_scaler)
 
     marker = tmp_path / "payload-ran"
     torch.save({"state_dict": {}, "spec": Payload(marker), "features": []},
