@@ -68,7 +68,11 @@ def goals(metrics: dict[str, Any]) -> dict[str, str]:
         if model is None:
             short.append(f"bank {entry['bank']} no federated result")
         elif model["ap"] < local["ap"]:
-            short.append(f"bank {entry['bank']} {model['ap']:.3f}<{local['ap']:.3f}")
+            # AP on a bank that is nearly all fraud ranks its few legitimate rows: say how
+            # many, so a miss that rests on two of them reads as such.
+            short.append(f"bank {entry['bank']} {model['ap']:.3f}<{local['ap']:.3f} "
+                         f"({local['tp'] + local['fn']} frauds, "
+                         f"{local['tn'] + local['fp']} legitimate)")
     best_local = max(entry["test"]["local_only"]["auc"] for entry in baselines["local_only"]
                      if entry["test"]["local_only"]["auc"] is not None)
     gap = final["auc"] - central["auc"]
