@@ -1,7 +1,8 @@
 """One bank: its own data (read once), its own scaler, and what it does in a round.
 
-Plain numpy in, plain numpy and numbers out. This is the only client module that
-imports torch.
+Plain numpy in, plain numpy and numbers out: the model arrives and leaves as one
+vector of weights (``keys.WEIGHTS``). This is the only client module that trains or
+scores (through common/task.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from common import keys
 from common.config import Config
@@ -23,13 +23,13 @@ from common.metrics import (
     PooledCurve, bce_loss, confusion, membership_histograms, row_losses, score_histograms,
     without_nan,
 )
-from common.model import CARD_JSON_FILE, FraudNet, ModelSpec, save_model
+from common.model import CARD_JSON_FILE, FraudNet, ModelSpec, packed, save_model, unpacked
 from common.schema import BankDataError
 from common.privacy import epsilon_spent, privacy_for
 from common.task import score, train
 from client.attack import poison
 
-Arrays = dict[str, np.ndarray]
+Arrays = dict[str, np.ndarray]  # as the model travels: {keys.WEIGHTS: one vector}
 MODELS_DIR = "models"  # in the bank's state folder: <run id>/ per kept model, and latest
 MIN_THRESHOLD_FRAUDS = 20  # validation frauds a bank needs to choose its own threshold
 Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's train split
@@ -73,27 +73,27 @@ class Bank:
                          activation=config.model_activation)
 
     def _model(self, arrays: Arrays, config: Config) -> FraudNet:
-        """The model the server sent, refused unless it is the bank's own architecture
-        (the layers and shapes its schema and settings give; a crafted model cannot
-        choose them) with finite float weights (an honest server refuses non-finite
-        updates itself: server/strategy.py)."""
+        """The model the server sent (``keys.WEIGHTS``, one vector), refused unless it
+        fits the bank's own architecture (the layers and shapes its schema and settings
+        give; a crafted model cannot choose them) with finite float weights (an honest
+        server refuses non-finite updates itself: server/strategy.py)."""
         model = FraudNet(self.spec(config))
-        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-        sent = {name: tuple(array.shape) for name, array in arrays.items()}
-        if sent != expected:
-            wrong = "; ".join(
-                f"{name}: {sent.get(name)}, the bank's {expected.get(name)}"
-                for name in sorted(expected.keys() | sent.keys())
-                if sent.get(name) != expected.get(name))
-            raise BankDataError(f"bank {self.id}: the model the server sent does not fit "
-                                f"the bank's model ({wrong}); not used")
-        if any(array.dtype.kind != "f" for array in arrays.values()):
+        weights = arrays.get(keys.WEIGHTS)
+        if set(arrays) != {keys.WEIGHTS} or weights is None:
+            raise BankDataError(f"bank {self.id}: the model the server sent has arrays "
+                                f"{sorted(arrays)}, not the one {keys.WEIGHTS!r}; not used")
+        if weights.dtype.kind != "f":
             raise BankDataError(f"bank {self.id}: the model the server sent holds "
                                 "weights that are not floating-point numbers; not used")
-        if not all(np.isfinite(array).all() for array in arrays.values()):
+        try:
+            state = unpacked(weights, model)
+        except ValueError as err:
+            raise BankDataError(f"bank {self.id}: the model the server sent does not fit "
+                                f"the bank's model ({err}); not used") from None
+        if not np.isfinite(weights).all():
             raise BankDataError(f"bank {self.id}: the model the server sent holds "
                                 "non-finite weights; not used")
-        model.load_state_dict({name: torch.from_numpy(a) for name, a in arrays.items()})
+        model.load_state_dict(state)
         return model
 
     def evaluate(self, arrays: Arrays, config: Config, audit: bool = False,
@@ -219,7 +219,7 @@ class Bank:
             rounds = (server_round - 1 if rounds_before is None else rounds_before) + 1
             metrics[keys.DP_EPSILON] = epsilon_spent(config, rows, privacy, rounds)
             metrics[keys.DP_NOISE] = privacy.noise_multiplier
-        trained = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+        trained = {keys.WEIGHTS: packed(model.state_dict())}
         if self.id in config.attacker_ids and config.attack != "none":
             trained = poison(arrays, trained, config.attack, config.attack_scale)
         return trained, metrics

@@ -5,6 +5,13 @@ replies carry one MetricRecord ``METRICS``. Metric keys are kebab-case like Flow
 """
 
 ARRAYS = "arrays"
+# The model's weights inside ARRAYS: one float vector in the order of FraudNet's
+# state_dict (common/model.py: packed/unpacked). Flower sends every Array as two
+# objects, each by its own call at each of a message's six hops (ServerApp, SuperLink,
+# SuperNode, task, and back); one vector instead of six named tensors takes a message
+# from 17 objects to 7, and halved the SuperNodes' and SuperLink's CPU a round
+# (`make bench-deploy`).
+WEIGHTS = "weights"
 CONFIG = "config"
 METRICS = "metrics"
 SCALER = "scaler"  # ArrayRecord in the bank's own context.state: [mean, scale]
@@ -12,7 +19,7 @@ SCALER = "scaler"  # ArrayRecord in the bank's own context.state: [mean, scale]
 # Config sent to banks
 SERVER_ROUND = "server-round"  # set by FedAvg itself
 EVALUATE_INCOMING = "evaluate-incoming"  # train replies also evaluate the incoming model
-ARRAY_NAMES = "array-names"  # SecAgg+ (legacy) fit config: the parameters' order
+ARRAY_NAMES = "array-names"  # SecAgg+ (legacy) fit config: the parameters' names
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx: the bank adds the proximal term
 
 # Metrics a bank replies with (counts and aggregates only, never rows or row scores)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +54,24 @@ class FraudProbability(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(x))
+
+
+def packed(state: Mapping[str, np.ndarray | torch.Tensor]) -> np.ndarray:
+    """A model's weights as the one vector they travel as (``keys.WEIGHTS``)."""
+    return np.concatenate([np.asarray(weights).ravel() for weights in state.values()])
+
+
+def unpacked(weights: np.ndarray, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``packed``'s vector as ``model``'s state_dict; ValueError unless it holds
+    exactly that model's number of weights."""
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    sizes = [shape.numel() for shape in shapes.values()]
+    if weights.ndim != 1 or weights.size != sum(sizes):
+        raise ValueError(f"{weights.size} weights in shape {weights.shape}, for a model "
+                         f"of {sum(sizes)}")
+    parts = np.split(weights, np.cumsum(sizes)[:-1])
+    return {name: torch.tensor(part).reshape(shape)
+            for (name, shape), part in zip(shapes.items(), parts)}
 
 
 def load_model(path: Path, features: list[str]) -> FraudNet:

@@ -7,7 +7,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -17,7 +17,7 @@ from common.data import (
     TEST_FILE, BankDataError, describe_data, fit_scaler, load_transactions, standardize,
 )
 from common.metrics import PooledCurve
-from common.model import STATE_DICT_FILE, FraudNet, ModelSpec
+from common.model import STATE_DICT_FILE, FraudNet, ModelSpec, packed, unpacked
 from common.schema import SCHEMA_FILE, Schema
 from server.baselines import compute_baselines
 from server.evaluation import TestSetEvaluation
@@ -77,7 +77,7 @@ def main(grid: Grid, context: Context) -> None:
     else:
         result = strategy.start(
             grid=PromptGrid(grid),
-            initial_arrays=ArrayRecord(initial),
+            initial_arrays=ArrayRecord({keys.WEIGHTS: Array(packed(initial))}),
             num_rounds=config.num_server_rounds,
             train_config=ConfigRecord({keys.EVALUATE_INCOMING: True}),
             evaluate_fn=evaluation,
@@ -115,8 +115,8 @@ def main(grid: Grid, context: Context) -> None:
         metrics["baselines_skipped"] = why_not
     write_metrics(run_dir, metrics)
     write_ledger(run_dir, strategy.ledger)
-    export_model(run_dir, result.arrays.to_torch_state_dict(), spec, features, metrics,
-                 describe_data(Path(config.data_dir)))
+    export_model(run_dir, unpacked(result.arrays[keys.WEIGHTS].numpy(), FraudNet(spec)),
+                 spec, features, metrics, describe_data(Path(config.data_dir)))
     figures = draw_figures(run_dir, metrics, curves)
     point_latest(run_dir)
     write_report(run_dir, metrics, config, figures)

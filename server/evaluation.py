@@ -18,7 +18,7 @@ from flwr.common import log
 
 from common import keys
 from common.metrics import bce_loss
-from common.model import FraudNet, ModelSpec
+from common.model import FraudNet, ModelSpec, unpacked
 from common.task import score
 
 
@@ -92,7 +92,7 @@ class TestSetEvaluation:
                     self.seconds[server_round])
             return MetricRecord({})
         model = FraudNet(self.spec)
-        model.load_state_dict(arrays.to_torch_state_dict())
+        model.load_state_dict(unpacked(arrays[keys.WEIGHTS].numpy(), model))
         logits = score(model, self.x)
         self.logits[server_round] = logits
         auc, ap = roc_auc_score(self.y, logits), average_precision_score(self.y, logits)

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Result
 
 from common import keys
 from common.config import Config
+from common.model import packed
 from server.evaluation import TestSetEvaluation
 from server.strategy import BankGuard, ledger_entry
 
@@ -71,13 +72,11 @@ def run_secure(grid: Grid, context: Context, config: Config,
                initial: dict[str, Any], evaluation: TestSetEvaluation,
                guard: BankGuard) -> Result:
     """The run with SecAgg+; ``guard`` (the plain strategy) keeps the ledger."""
-    names = list(initial)
-    dtypes = [tensor.numpy().dtype for tensor in initial.values()]
-
     def as_record(arrays: list[np.ndarray]) -> ArrayRecord:
-        """Named arrays in the model's own dtypes (SecAgg+ dequantizes to float64)."""
-        return ArrayRecord({name: Array(np.asarray(a, dtype)) for name, a, dtype in
-                            zip(names, arrays, dtypes)})
+        """The model's one vector, as the plain run sends it, in float32 (SecAgg+
+        dequantizes to float64)."""
+        [weights] = arrays
+        return ArrayRecord({keys.WEIGHTS: Array(np.asarray(weights, np.float32))})
 
     def evaluate(server_round: int, arrays: list[np.ndarray],
                  _: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
@@ -87,9 +86,9 @@ def run_secure(grid: Grid, context: Context, config: Config,
     strategy = LegacyFedAvg(
         fraction_fit=1.0, fraction_evaluate=0.0,
         min_fit_clients=config.min_banks, min_available_clients=config.min_banks,
-        initial_parameters=ndarrays_to_parameters([t.numpy() for t in initial.values()]),
+        initial_parameters=ndarrays_to_parameters([packed(initial)]),
         on_fit_config_fn=lambda server_round: {
-            keys.SERVER_ROUND: server_round, keys.ARRAY_NAMES: ",".join(names)},
+            keys.SERVER_ROUND: server_round, keys.ARRAY_NAMES: keys.WEIGHTS},
         evaluate_fn=evaluate,
         fit_metrics_aggregation_fn=aggregate_fit_metrics,
     )

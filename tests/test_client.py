@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import Metadata
 
 from client.app import app
@@ -18,7 +18,7 @@ from common import keys
 from common.config import Config
 from common.data import BankDataError, bank_file, load_transactions, split_bank, standardize
 from common.metrics import SCORE_EDGES, PooledCurve
-from common.model import FraudNet, ModelSpec
+from common.model import FraudNet, ModelSpec, packed, unpacked
 from tests.conftest import app_config
 
 
@@ -36,8 +36,10 @@ def bank_context(config: Config, bank: int = 5) -> Context:
 
 
 def global_arrays() -> ArrayRecord:
+    """The model as the server sends it: one vector of weights."""
     torch.manual_seed(0)
-    return ArrayRecord(FraudNet(ModelSpec(in_features=30)).state_dict())
+    return ArrayRecord({keys.WEIGHTS: Array(packed(
+        FraudNet(ModelSpec(in_features=30)).state_dict()))})
 
 
 def evaluate_message(server_round: int = 1) -> Message:
@@ -49,6 +51,22 @@ def evaluate_message(server_round: int = 1) -> Message:
 def train_message() -> Message:
     settings = ConfigRecord({keys.SERVER_ROUND: 1, keys.EVALUATE_INCOMING: True})
     return message("train", RecordDict({keys.ARRAYS: global_arrays(), keys.CONFIG: settings}))
+
+
+def test_the_model_travels_as_one_vector_of_weights_and_unpacks_to_the_same_model() -> None:
+    """Flower sends each Array of a message as objects of their own, each by its own
+    call at every hop: the model as one vector keeps a message at 7 objects, not 17."""
+    state = FraudNet(ModelSpec(in_features=30)).state_dict()
+    back = unpacked(packed(state), FraudNet(ModelSpec(in_features=30)))
+    assert list(back) == list(state)
+    assert all(torch.equal(back[name], tensor) for name, tensor in state.items())
+
+    def objects(node) -> int:
+        return 1 + sum(objects(child) for child in (node.children or {}).values())
+
+    content = RecordDict({keys.ARRAYS: global_arrays(),
+                          keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})})
+    assert objects(content) == 5  # RecordDict, ArrayRecord, Array, its chunk, ConfigRecord
 
 
 def test_train_replies_weights_and_sample_count_but_not_the_scaler(prepared) -> None:
@@ -63,9 +81,9 @@ def test_train_replies_weights_and_sample_count_but_not_the_scaler(prepared) -> 
     assert metrics[keys.N_FRAUD] == int(y.sum()) and metrics[keys.BANK_ID] == 5
     # Only the model's weights travel; they changed; the scaler stays in the state.
     arrays = reply.content[keys.ARRAYS]
-    assert list(arrays.keys()) == list(global_arrays().keys())
-    assert not np.allclose(arrays["net.0.weight"].numpy(),
-                           global_arrays()["net.0.weight"].numpy())
+    assert list(arrays.keys()) == [keys.WEIGHTS]
+    assert arrays[keys.WEIGHTS].shape == global_arrays()[keys.WEIGHTS].shape
+    assert not np.allclose(arrays[keys.WEIGHTS].numpy(), global_arrays()[keys.WEIGHTS].numpy())
     assert list(reply.content.keys()) == [keys.ARRAYS, keys.METRICS]
     mean, scale = context.state[keys.SCALER].to_numpy_ndarrays()
     np.testing.assert_allclose(mean, split.x_train.mean(axis=0), rtol=1e-5, atol=1e-5)
@@ -138,8 +156,8 @@ def test_a_crafted_final_model_with_nan_weights_is_not_kept(prepared,
     from client.bank import Bank
 
     bank = Bank(5, Path(prepared.data_dir) / bank_file(5), prepared, state_dir=tmp_path)
-    arrays = {name: array.numpy() for name, array in global_arrays().items()}
-    arrays["net.0.weight"][0, 0] = np.nan
+    arrays = {keys.WEIGHTS: global_arrays()[keys.WEIGHTS].numpy().copy()}
+    arrays[keys.WEIGHTS][0] = np.nan
     with pytest.raises(BankDataError, match="non-finite"):
         bank.keep_final(arrays, prepared, "1")
     assert not (tmp_path / "models").exists()
@@ -152,8 +170,8 @@ def test_a_crafted_model_with_nan_or_inf_weights_is_neither_trained_nor_evaluate
 
     bank = Bank(5, Path(prepared.data_dir) / bank_file(5), prepared, state_dir=tmp_path)
     for value in (np.nan, np.inf):
-        arrays = {name: array.numpy() for name, array in global_arrays().items()}
-        arrays["net.0.bias"][0] = value
+        arrays = {keys.WEIGHTS: global_arrays()[keys.WEIGHTS].numpy().copy()}
+        arrays[keys.WEIGHTS][-1] = value
         with pytest.raises(BankDataError, match="non-finite"):
             bank.train(arrays, prepared, server_round=2, evaluate_incoming=False)
         with pytest.raises(BankDataError, match="non-finite"):
@@ -162,20 +180,24 @@ def test_a_crafted_model_with_nan_or_inf_weights_is_neither_trained_nor_evaluate
 
 def test_a_crafted_model_of_another_shape_or_type_is_refused_with_a_clear_error(
         prepared, tmp_path: Path) -> None:
-    """A malicious server's model that is not the bank's architecture (another layer
-    width, a layer more or less) or not floating-point numbers: a one-line data error
-    naming the bank, before any row is touched."""
+    """A malicious server's model that is not the bank's architecture (more or fewer
+    weights, another shape, other or more arrays) or not floating-point numbers: a
+    one-line data error naming the bank, before any row is touched."""
     from client.bank import Bank
 
     bank = Bank(5, Path(prepared.data_dir) / bank_file(5), prepared, state_dir=tmp_path)
-    honest = {name: array.numpy() for name, array in global_arrays().items()}
-    wider = {**honest, "net.0.weight": np.zeros((65, 30), np.float32)}
-    extra = {**honest, "net.9.weight": np.zeros((1, 1), np.float32)}
-    missing = {name: a for name, a in honest.items() if name != "net.6.bias"}
-    text = {**honest, "net.0.bias": np.array(["1"] * 64)}
-    for arrays, why in ((wider, r"net\.0\.weight: \(65, 30\), the bank's \(64, 30\)"),
-                        (extra, r"net\.9\.weight: \(1, 1\), the bank's None"),
-                        (missing, r"net\.6\.bias: None, the bank's \(1,\)"),
+    weights = global_arrays()[keys.WEIGHTS].numpy()
+    more = {keys.WEIGHTS: np.zeros(weights.size + 30, np.float32)}
+    fewer = {keys.WEIGHTS: weights[:-1]}
+    square = {keys.WEIGHTS: np.zeros((1, weights.size), np.float32)}
+    named = {"net.0.weight": np.zeros((64, 30), np.float32)}
+    extra = {keys.WEIGHTS: weights, "net.9.weight": np.zeros((1, 1), np.float32)}
+    text = {keys.WEIGHTS: np.array(["1"] * weights.size)}
+    for arrays, why in ((more, f"{weights.size + 30} weights .* model of {weights.size}"),
+                        (fewer, f"{weights.size - 1} weights .* model of {weights.size}"),
+                        (square, rf"shape \(1, {weights.size}\)"),
+                        (named, r"arrays \['net.0.weight'\], not the one 'weights'"),
+                        (extra, r"arrays \['net.9.weight', 'weights'\]"),
                         (text, "not floating-point")):
         for use in (lambda: bank.train(arrays, prepared, server_round=2,
                                        evaluate_incoming=False),
@@ -317,7 +339,7 @@ def test_a_deployed_bank_s_dp_noise_is_secret_and_a_simulated_bank_s_reproducibl
     shard = Path(prepared.data_dir) / bank_file(5)
 
     def weights(context: Context) -> np.ndarray:
-        return app(train_message(), context).content[keys.ARRAYS]["net.0.weight"].numpy()
+        return app(train_message(), context).content[keys.ARRAYS][keys.WEIGHTS].numpy()
 
     deployed = [weights(deployed_context(config, tmp_path, shard)) for _ in range(2)]
     simulated = [weights(bank_context(config)) for _ in range(2)]

@@ -16,11 +16,13 @@ from client.bank import Bank
 from client.score import (
     ScoreInputError, Scorer, format_reasons, reason_codes, score_file, score_matrix,
 )
+from common import keys
 from common.data import (
     TEST_FILE, bank_file, load_transactions, save_scaler, scaler_file, standardize,
 )
 from common.model import (
-    CARD_JSON_FILE, STATE_DICT_FILE, TORCHSCRIPT_FILE, FraudNet, ModelSpec, save_model,
+    CARD_JSON_FILE, STATE_DICT_FILE, TORCHSCRIPT_FILE, FraudNet, ModelSpec, packed,
+    save_model, unpacked,
 )
 from common.schema import NUMERIC, BankDataError, Column, Schema
 from common.task import score
@@ -34,12 +36,12 @@ def exported(prepared, tmp_path_factory: pytest.TempPathFactory):
     bank = Bank(3, Path(prepared.data_dir) / bank_file(3), prepared)
     torch.manual_seed(0)
     model = FraudNet(ModelSpec(in_features=30))
-    arrays = {k: v.numpy() for k, v in model.state_dict().items()}
+    arrays = {keys.WEIGHTS: packed(model.state_dict())}
     trained, _ = bank.train(arrays, prepared, server_round=1, evaluate_incoming=False)
     run_dir = tmp_path_factory.mktemp("run")
     metrics = {**sample_metrics(), "config": prepared.as_run_config(),
                "versions": {"torch": torch.__version__}}
-    state = {k: torch.from_numpy(v) for k, v in trained.items()}
+    state = unpacked(trained[keys.WEIGHTS], model)
     export_model(run_dir, state, ModelSpec(in_features=30), bank.features, metrics, "test data")
     model.load_state_dict(state)
     return run_dir, model, bank

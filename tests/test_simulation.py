@@ -104,7 +104,8 @@ def test_secure_aggregation_matches_fedavg_and_never_shows_a_banks_weights(
 
     from client.bank import Bank
     from common.data import bank_file
-    from common.model import FraudNet, ModelSpec
+    from common import keys
+    from common.model import FraudNet, ModelSpec, packed
     from server.strategy import fingerprint
     from tests.conftest import app_config
 
@@ -127,7 +128,7 @@ def test_secure_aggregation_matches_fedavg_and_never_shows_a_banks_weights(
     config = app_config(data_dir=str(tmp_path / "data"))
     torch.set_num_threads(1)  # as the banks run (client/executor.py): same float sums
     torch.manual_seed(config.seed)
-    initial = {k: v.numpy() for k, v in FraudNet(ModelSpec(30)).state_dict().items()}
+    initial = {keys.WEIGHTS: packed(FraudNet(ModelSpec(30)).state_dict())}
     trained, _ = Bank(0, tmp_path / "data" / bank_file(0), config).train(
         initial, config, server_round=1, evaluate_incoming=False)
     own = fingerprint(ArrayRecord({k: Array(v) for k, v in trained.items()}))
