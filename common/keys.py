@@ -7,10 +7,10 @@ replies carry one MetricRecord ``METRICS``. Metric keys are kebab-case like Flow
 ARRAYS = "arrays"
 # The model's weights inside ARRAYS: one float vector in the order of FraudNet's
 # state_dict (common/model.py: packed/unpacked). Flower sends every Array as two
-# objects, each by its own call at each of a message's six hops (ServerApp, SuperLink,
-# SuperNode, task, and back); one vector instead of six named tensors takes a message
-# from 17 objects to 7, and halved the SuperNodes' and SuperLink's CPU a round
-# (`make bench-deploy`).
+# objects, each by its own call at each hop (ServerApp -> SuperLink -> SuperNode -> task,
+# a reply the same way back); one vector instead of six named tensors takes a message
+# from 17 objects to 7, and about halved the SuperNodes' and the SuperLink's CPU a
+# round (README, "Real processes").
 WEIGHTS = "weights"
 CONFIG = "config"
 METRICS = "metrics"

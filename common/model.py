@@ -62,16 +62,17 @@ def packed(state: Mapping[str, np.ndarray | torch.Tensor]) -> np.ndarray:
 
 
 def unpacked(weights: np.ndarray, model: nn.Module) -> dict[str, torch.Tensor]:
-    """``packed``'s vector as ``model``'s state_dict; ValueError unless it holds
-    exactly that model's number of weights."""
-    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    sizes = [shape.numel() for shape in shapes.values()]
+    """``packed``'s vector as ``model``'s state_dict, in the model's own dtypes (an
+    average may come back as float64); ValueError unless it holds exactly that model's
+    number of weights."""
+    state = model.state_dict()
+    sizes = [tensor.numel() for tensor in state.values()]
     if weights.ndim != 1 or weights.size != sum(sizes):
         raise ValueError(f"{weights.size} weights in shape {weights.shape}, for a model "
                          f"of {sum(sizes)}")
     parts = np.split(weights, np.cumsum(sizes)[:-1])
-    return {name: torch.tensor(part).reshape(shape)
-            for (name, shape), part in zip(shapes.items(), parts)}
+    return {name: torch.tensor(part, dtype=tensor.dtype).reshape(tensor.shape)
+            for (name, tensor), part in zip(state.items(), parts)}
 
 
 def load_model(path: Path, features: list[str]) -> FraudNet:
