@@ -184,12 +184,14 @@ def legacy_train(msg: Message, context: Context, config: Config,
     bank (``num_examples`` 1). Beside the masked weights the reply names the bank and
     nothing else: no loss, sizes or epsilon in the clear (the bank's ledger keeps it)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    names = str(fitins.config[keys.ARRAY_NAMES]).split(",")
-    arrays = dict(zip(names, parameters_to_ndarrays(fitins.parameters)))
+    sent = parameters_to_ndarrays(fitins.parameters)
+    # The one vector of weights, as in a plain run; the bank refuses anything else.
+    arrays = ({keys.WEIGHTS: sent[0]} if len(sent) == 1 else
+              {f"parameters-{i}": array for i, array in enumerate(sent)})
     trained, metrics = train_within_budget(
         context, config, policy, arrays, int(fitins.config[keys.SERVER_ROUND]), False)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
-        [trained[name] for name in names]), num_examples=1,
+        [trained[keys.WEIGHTS]]), num_examples=1,
         metrics={keys.BANK_ID: metrics[keys.BANK_ID]})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 

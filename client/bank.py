@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from common import keys
 from common.config import Config
@@ -30,6 +31,7 @@ from common.task import score, train
 from client.attack import poison
 
 Arrays = dict[str, np.ndarray]  # as the model travels: {keys.WEIGHTS: one vector}
+FLOATS = (np.dtype(np.float32), np.dtype(np.float64))  # what a model may arrive as
 MODELS_DIR = "models"  # in the bank's state folder: <run id>/ per kept model, and latest
 MIN_THRESHOLD_FRAUDS = 20  # validation frauds a bank needs to choose its own threshold
 Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's train split
@@ -82,15 +84,17 @@ class Bank:
         if set(arrays) != {keys.WEIGHTS} or weights is None:
             raise BankDataError(f"bank {self.id}: the model the server sent has arrays "
                                 f"{sorted(arrays)}, not the one {keys.WEIGHTS!r}; not used")
-        if weights.dtype.kind != "f":
+        if weights.dtype not in FLOATS:
             raise BankDataError(f"bank {self.id}: the model the server sent holds "
-                                "weights that are not floating-point numbers; not used")
+                                f"weights that are not float32 or float64 numbers "
+                                f"({weights.dtype.str}); not used")
         try:
             state = unpacked(weights, model)
         except ValueError as err:
             raise BankDataError(f"bank {self.id}: the model the server sent does not fit "
                                 f"the bank's model ({err}); not used") from None
-        if not np.isfinite(weights).all():
+        # After the cast to float32: 1e300 in float64 is finite, and inf once loaded.
+        if not all(torch.isfinite(tensor).all() for tensor in state.values()):
             raise BankDataError(f"bank {self.id}: the model the server sent holds "
                                 "non-finite weights; not used")
         model.load_state_dict(state)

@@ -19,7 +19,6 @@ SCALER = "scaler"  # ArrayRecord in the bank's own context.state: [mean, scale]
 # Config sent to banks
 SERVER_ROUND = "server-round"  # set by FedAvg itself
 EVALUATE_INCOMING = "evaluate-incoming"  # train replies also evaluate the incoming model
-ARRAY_NAMES = "array-names"  # SecAgg+ (legacy) fit config: the parameters' names
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx: the bank adds the proximal term
 
 # Metrics a bank replies with (counts and aggregates only, never rows or row scores)

@@ -148,11 +148,14 @@ def load_initial(run_dir: Path, spec: ModelSpec, features: list[str],
         raise refuse(f"its hidden layers use {activation}, this run's model "
                      f"{spec.activation} (activation / dp-activation): start fresh "
                      "(initial-model = '') or run with the same setting")
+    net = FraudNet(spec)
     try:
-        FraudNet(spec).load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as err:
         raise refuse(f"not this federation's model shape ({str(err).splitlines()[0]})"
                      ) from None
+    # The model's own order and float32 (what ``packed`` sends), not the file's.
+    state = net.state_dict()
     if not all(torch.isfinite(tensor).all() for tensor in state.values()):
         raise refuse("holds non-finite weights")
     return state

@@ -87,8 +87,7 @@ def run_secure(grid: Grid, context: Context, config: Config,
         fraction_fit=1.0, fraction_evaluate=0.0,
         min_fit_clients=config.min_banks, min_available_clients=config.min_banks,
         initial_parameters=ndarrays_to_parameters([packed(initial)]),
-        on_fit_config_fn=lambda server_round: {
-            keys.SERVER_ROUND: server_round, keys.ARRAY_NAMES: keys.WEIGHTS},
+        on_fit_config_fn=lambda server_round: {keys.SERVER_ROUND: server_round},
         evaluate_fn=evaluate,
         fit_metrics_aggregation_fn=aggregate_fit_metrics,
     )

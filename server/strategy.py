@@ -47,10 +47,12 @@ def bank_of(content: RecordDict) -> int:
 
 
 def non_finite(content: RecordDict) -> list[str]:
-    """Names of the arrays in a reply that hold NaN or infinite values."""
+    """Names of the arrays in a reply that hold NaN or infinite values, also once cast
+    to the model's float32 (1e300 in float64 is finite, and inf in the average)."""
     return [f"{record_name}/{name}"
             for record_name, record in content.array_records.items()
-            for name, array in record.items() if not np.isfinite(array.numpy()).all()]
+            for name, array in record.items()
+            if not np.isfinite(array.numpy().astype(np.float32, copy=False)).all()]
 
 
 def wrong_weight(content: RecordDict, weight_key: str) -> str | None:

@@ -169,8 +169,8 @@ def test_a_crafted_model_with_nan_or_inf_weights_is_neither_trained_nor_evaluate
     from client.bank import Bank
 
     bank = Bank(5, Path(prepared.data_dir) / bank_file(5), prepared, state_dir=tmp_path)
-    for value in (np.nan, np.inf):
-        arrays = {keys.WEIGHTS: global_arrays()[keys.WEIGHTS].numpy().copy()}
+    for value in (np.nan, np.inf, 1e300):  # 1e300: finite in float64, inf in float32
+        arrays = {keys.WEIGHTS: global_arrays()[keys.WEIGHTS].numpy().astype(np.float64)}
         arrays[keys.WEIGHTS][-1] = value
         with pytest.raises(BankDataError, match="non-finite"):
             bank.train(arrays, prepared, server_round=2, evaluate_incoming=False)
@@ -181,7 +181,7 @@ def test_a_crafted_model_with_nan_or_inf_weights_is_neither_trained_nor_evaluate
 def test_a_crafted_model_of_another_shape_or_type_is_refused_with_a_clear_error(
         prepared, tmp_path: Path) -> None:
     """A malicious server's model that is not the bank's architecture (more or fewer
-    weights, another shape, other or more arrays) or not floating-point numbers: a
+    weights, another shape, other or more arrays) or not float32 or float64 numbers: a
     one-line data error naming the bank, before any row is touched."""
     from client.bank import Bank
 
@@ -193,12 +193,14 @@ def test_a_crafted_model_of_another_shape_or_type_is_refused_with_a_clear_error(
     named = {"net.0.weight": np.zeros((64, 30), np.float32)}
     extra = {keys.WEIGHTS: weights, "net.9.weight": np.zeros((1, 1), np.float32)}
     text = {keys.WEIGHTS: np.array(["1"] * weights.size)}
+    long_double = {keys.WEIGHTS: weights.astype(np.longdouble)}
     for arrays, why in ((more, f"{weights.size + 30} weights .* model of {weights.size}"),
                         (fewer, f"{weights.size - 1} weights .* model of {weights.size}"),
                         (square, rf"shape \(1, {weights.size}\)"),
                         (named, r"arrays \['net.0.weight'\], not the one 'weights'"),
                         (extra, r"arrays \['net.9.weight', 'weights'\]"),
-                        (text, "not floating-point")):
+                        (text, "not float32 or float64"),
+                        (long_double, "not float32 or float64")):
         for use in (lambda: bank.train(arrays, prepared, server_round=2,
                                        evaluate_incoming=False),
                     lambda: bank.evaluate(arrays, prepared),

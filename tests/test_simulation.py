@@ -183,6 +183,30 @@ def test_an_initial_model_of_other_features_is_refused(tmp_path: Path) -> None:
         load_initial(tmp_path, spec, ["a"])
 
 
+def test_an_initial_model_saved_in_another_order_starts_the_run_from_its_own_weights(
+        tmp_path: Path) -> None:
+    """The model travels as one vector in FraudNet's order (common/model.py: packed): a
+    file whose tensors another tool re-saved in another order, or in float64, still
+    starts the run from the same model."""
+    import numpy as np
+    import torch
+
+    from common.model import STATE_DICT_FILE, FraudNet, ModelSpec, packed, save_model
+    from server.app import load_initial
+
+    spec = ModelSpec(in_features=2)
+    model = FraudNet(spec)
+    save_model(tmp_path, model.state_dict(), spec, ["a", "b"], 0.5)
+    saved = torch.load(tmp_path / STATE_DICT_FILE, weights_only=True)
+    saved["state_dict"] = {name: saved["state_dict"][name].double()
+                           for name in sorted(saved["state_dict"], reverse=True)}
+    torch.save(saved, tmp_path / STATE_DICT_FILE)
+
+    initial = load_initial(tmp_path, spec, ["a", "b"])
+    assert np.array_equal(packed(initial), packed(model.state_dict()))
+    assert packed(initial).dtype == np.float32
+
+
 def test_an_initial_model_with_another_activation_is_refused(tmp_path: Path) -> None:
     """A DP run's model (tanh, dp-activation) cannot continue from a ReLU model: the
     weights would load but mean something else."""

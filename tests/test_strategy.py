@@ -191,3 +191,14 @@ def test_membership_audit_sees_memorized_rows_and_not_unseen_ones() -> None:
 
     assert abs(same.auc() - 0.5) < 0.03
     assert memorized.auc() > 0.85
+
+
+def test_a_reply_finite_only_in_float64_is_refused_as_non_finite() -> None:
+    """1e300 is finite in float64 and inf in the model's float32 average."""
+    from server.strategy import non_finite
+
+    huge = np.array([1.0, 1e300], np.float64)
+    content = RecordDict({keys.ARRAYS: ArrayRecord({keys.WEIGHTS: Array(huge)})})
+    assert non_finite(content) == [f"{keys.ARRAYS}/{keys.WEIGHTS}"]
+    content = RecordDict({keys.ARRAYS: ArrayRecord({keys.WEIGHTS: Array(huge[:1])})})
+    assert non_finite(content) == []
