@@ -80,10 +80,10 @@ class Bank:
         give; a crafted model cannot choose them) with finite float weights (an honest
         server refuses non-finite updates itself: server/strategy.py)."""
         model = FraudNet(self.spec(config))
-        weights = arrays.get(keys.WEIGHTS)
-        if set(arrays) != {keys.WEIGHTS} or weights is None:
+        if set(arrays) != {keys.WEIGHTS}:
             raise BankDataError(f"bank {self.id}: the model the server sent has arrays "
                                 f"{sorted(arrays)}, not the one {keys.WEIGHTS!r}; not used")
+        weights = arrays[keys.WEIGHTS]
         if weights.dtype not in FLOATS:
             raise BankDataError(f"bank {self.id}: the model the server sent holds "
                                 f"weights that are not float32 or float64 numbers "
