@@ -95,7 +95,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     evaluate_incoming = bool(settings.get(keys.EVALUATE_INCOMING, False)) and may_evaluate(
         context, config, policy)
     arrays, metrics = train_within_budget(
-        context, config, policy, numpy_arrays(msg), int(settings[keys.SERVER_ROUND]),
+        context, config, policy, numpy_arrays(msg, context), int(settings[keys.SERVER_ROUND]),
         evaluate_incoming, float(settings.get(keys.PROXIMAL_MU, 0.0)))
     metrics = disclosed(metrics, policy)
     record = ArrayRecord({name: Array(value) for name, value in arrays.items()})
@@ -113,7 +113,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     if not may_evaluate(context, config, policy):
         raise BankRefused(f"bank {context.node_config['bank-id']}: this run's evaluations "
                           "are spent")
-    bank, arrays = bank_for(context, config), numpy_arrays(msg)
+    arrays = numpy_arrays(msg, context)  # before the bank reads a row
+    bank = bank_for(context, config)
     metrics = bank.evaluate(arrays, config, audit)
     metrics.update(bank.keep_final(arrays, config, str(context.run_id)))
     metrics = disclosed(metrics, policy)
@@ -196,8 +197,23 @@ def legacy_train(msg: Message, context: Context, config: Config,
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def numpy_arrays(msg: Message) -> Arrays:
-    return {name: array.numpy() for name, array in msg.content[keys.ARRAYS].items()}
+def numpy_arrays(msg: Message, context: Context) -> Arrays:
+    """The model the server sent, as numpy arrays (``Bank._model`` then checks that it
+    fits the bank's own model); a one-line data error if it is not even that."""
+    node = context.node_config
+    bank = f"bank {node.get('bank-id', node.get('partition-id', '?'))}"
+    record = msg.content.get(keys.ARRAYS)
+    if not isinstance(record, ArrayRecord):
+        raise BankDataError(f"{bank}: the server's message holds no model "
+                            f"(no {keys.ARRAYS!r} array record); not used")
+    arrays = {}
+    for name, array in record.items():
+        try:
+            arrays[name] = array.numpy()
+        except (TypeError, ValueError, EOFError) as err:  # another stype, broken bytes
+            raise BankDataError(f"{bank}: the model the server sent has an array "
+                                f"{name!r} that does not load ({err}); not used") from None
+    return arrays
 
 
 def reply(msg: Message, records: dict[str, Any]) -> Message:

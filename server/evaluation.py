@@ -56,9 +56,9 @@ def aggregate_bank_metrics(replies: list[RecordDict], weight_key: str) -> Metric
             out[key] = sum(int(record[key]) for record in records)
         elif key in keys.HIST_KEYS:
             out[key] = np.sum([record[key] for record in records], axis=0).astype(int).tolist()
-    if keys.TRAIN_LOSS in present:
+    if {keys.TRAIN_LOSS, keys.N_TRAIN} <= set(present):
         out[keys.TRAIN_LOSS] = _mean_per_row(records, keys.TRAIN_LOSS, keys.N_TRAIN)
-    if keys.LOSS in present:
+    if {keys.LOSS, keys.N_VAL} <= set(present):
         out[keys.LOSS] = _mean_per_row(records, keys.LOSS, keys.N_VAL)
     return MetricRecord(out)
 

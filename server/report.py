@@ -238,8 +238,10 @@ def privacy_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"Membership audit: a loss-threshold attack tells training rows from "
                      f"held-out rows with AUC {audit['attack_auc']:.3f} (0.5 = chance).")
     for refused in (metrics.get("strategy") or {}).get("refused_updates", []):
-        lines.append(f"Bank {refused['bank']}'s update of round {refused['round']} was "
-                     f"refused: {refused['why']}.")
+        who = "A bank" if refused["bank"] is None else f"Bank {refused['bank']}"
+        what = "update" if refused.get("message", "train") == "train" else "evaluation"
+        lines.append(f"{who}'s {what} of round {refused['round']} was refused: "
+                     f"{refused['why']}.")
     return lines
 
 

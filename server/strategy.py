@@ -6,8 +6,15 @@
 - the federated evaluate step only after the last round: banks evaluate each
   incoming model inside their train message, so only the final model needs evaluate
   messages (in deployment each message is a fresh ClientApp process);
-- an update with a non-finite weight (NaN, inf) is refused before aggregation, with a
-  logged reason, and recorded;
+- a reply that is not in the form the bank's app sends (other records, arrays of
+  another shape or type, non-finite weights, a dishonest FedAvg weight, metrics
+  without the bank's id or with histograms of other lengths) is refused before
+  aggregation, with a logged reason, and recorded. Flower's FedAvg raises on one
+  such reply and ends the run: any one bank could stop the federation;
+- the banks' metrics reach Flower's aggregation with the keys they all sent: banks
+  may withhold some by their own policy (membership audit, personalization, an
+  evaluation allowance spent), and Flower's FedAvg raises on metric records with
+  different keys (server/evaluation.py sums only what every bank sent anyway);
 - a ledger of what each bank sent, record by record, with its size on the wire;
 - the final model's metrics as each bank sent them, for per-bank results.
 """
@@ -33,6 +40,7 @@ from flwr.serverapp.strategy import (
 
 from common import keys
 from common.config import Config
+from common.metrics import SCORE_EDGES
 from server.evaluation import aggregate_bank_metrics
 
 STRATEGY_CLASSES: dict[str, type[FedAvg]] = {
@@ -42,17 +50,85 @@ STRATEGY_CLASSES: dict[str, type[FedAvg]] = {
 }
 
 
-def bank_of(content: RecordDict) -> int:
-    return int(next(iter(content.metric_records.values()))[keys.BANK_ID])
+# Metrics the server sums or lists as whole numbers (server/evaluation.py).
+COUNTED = (keys.BANK_ID, keys.NUM_EXAMPLES, *keys.SIZE_KEYS, *keys.COUNT_KEYS)
 
 
-def non_finite(content: RecordDict) -> list[str]:
-    """Names of the arrays in a reply that hold NaN or infinite values, also once cast
-    to the model's float32 (1e300 in float64 is finite, and inf in the average)."""
-    return [f"{record_name}/{name}"
-            for record_name, record in content.array_records.items()
-            for name, array in record.items()
-            if not np.isfinite(array.numpy().astype(np.float32, copy=False)).all()]
+def bank_of(content: RecordDict) -> int | None:
+    """The bank id a reply states, if it states one."""
+    metrics = content.get(keys.METRICS)
+    bank = metrics.get(keys.BANK_ID) if isinstance(metrics, MetricRecord) else None
+    return bank if isinstance(bank, int) else None
+
+
+def floats(record: ArrayRecord) -> dict[str, np.ndarray] | str:
+    """A reply's arrays as float32/float64 numpy arrays, or why they are not."""
+    arrays = {}
+    for name, array in record.items():
+        try:
+            arrays[name] = array.numpy()
+        except (TypeError, ValueError, EOFError) as err:  # another stype, broken bytes
+            return f"array {name!r} does not load: {err}"
+        if arrays[name].dtype not in (np.float32, np.float64):
+            return f"array {name!r} is {arrays[name].dtype}, not float32 or float64"
+    return arrays
+
+
+def non_finite(arrays: dict[str, np.ndarray]) -> list[str]:
+    """Names of the arrays that hold NaN or infinite values, also once cast to the
+    model's float32 (1e300 in float64 is finite, and inf in the average)."""
+    with np.errstate(over="ignore"):
+        return [name for name, array in arrays.items()
+                if not np.isfinite(array.astype(np.float32, copy=False)).all()]
+
+
+def malformed(content: RecordDict, sent: dict[str, tuple[int, ...]] | None) -> str | None:
+    """Why a reply is not in the form the bank's app sends, if it is not. ``sent``: the
+    shapes of the model the round sent (a train reply returns arrays of the same
+    names and shapes); None for an evaluate reply, which carries metrics only."""
+    names = {keys.METRICS} if sent is None else {keys.ARRAYS, keys.METRICS}
+    if set(content.keys()) != names:
+        return f"records {sorted(content.keys())}, not {sorted(names)}"
+    metrics = content[keys.METRICS]
+    if not isinstance(metrics, MetricRecord):
+        return f"{keys.METRICS} is not a metric record"
+    for key in (keys.BANK_ID, keys.NUM_EXAMPLES):
+        if key not in metrics:
+            return f"no {key}"
+    bins = len(SCORE_EDGES) - 1
+    for key, value in metrics.items():
+        if key in COUNTED and not isinstance(value, int):
+            return f"{key} {value!r} is not a count"
+        if key in keys.HIST_KEYS and not (isinstance(value, list) and len(value) == bins
+                                          and all(isinstance(n, int) for n in value)):
+            return f"{key} is not {bins} counts"
+        if key not in keys.HIST_KEYS and isinstance(value, list):
+            return f"{key} is a list"
+    if sent is None:
+        return None
+    record = content[keys.ARRAYS]
+    if not isinstance(record, ArrayRecord):
+        return f"{keys.ARRAYS} is not an array record"
+    arrays = floats(record)
+    if isinstance(arrays, str):
+        return arrays
+    shapes = {name: array.shape for name, array in arrays.items()}
+    if shapes != sent:
+        return f"arrays {shapes}, not the model's {sent}"
+    bad = non_finite(arrays)
+    return f"non-finite values in {', '.join(bad)}" if bad else None
+
+
+def shared_metrics(replies: list[Message]) -> list[Message]:
+    """The replies with their metrics cut to the keys every one of them sent."""
+    answered = [reply.content[keys.METRICS] for reply in replies if reply.has_content()]
+    if not answered:
+        return replies
+    shared = set.intersection(*(set(record.keys()) for record in answered))
+    return [Message(RecordDict({**reply.content, keys.METRICS: MetricRecord(
+                {key: value for key, value in reply.content[keys.METRICS].items()
+                 if key in shared})}), metadata=reply.metadata)
+            if reply.has_content() else reply for reply in replies]
 
 
 def wrong_weight(content: RecordDict, weight_key: str) -> str | None:
@@ -107,8 +183,14 @@ class BankGuard:
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
         self.final_bank_metrics: dict[int, MetricRecord] = {}
+        self.sent: dict[str, tuple[int, ...]] | None = None  # the round's model shapes
         self.refused: list[dict[str, Any]] = []
         self.ledger: list[dict[str, Any]] = []
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord,
+                        config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.sent = {name: tuple(array.shape) for name, array in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -116,34 +198,43 @@ class BankGuard:
             return []
         return super().configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def refuse(self, message: str, server_round: int,
+               replies: Iterable[Message]) -> list[Message]:
+        """The replies in the form the bank's app sends (and, for training, with an
+        honest weight); the others refused, logged and recorded. Every reply with
+        content goes to the ledger, refused or not."""
         kept = []
         for reply in replies:
             if reply.has_content():
-                self.ledger.append(ledger_entry("train", server_round, reply.content))
-                bad = non_finite(reply.content)
-                why = (f"non-finite values in {', '.join(bad)}" if bad
-                       else wrong_weight(reply.content, self.weighted_by_key))
+                content = reply.content
+                bank = bank_of(content)
+                self.ledger.append(ledger_entry(message, server_round, content, bank))
+                why = malformed(content, self.sent if message == "train" else None)
+                if why is None and message == "train":
+                    why = wrong_weight(content, self.weighted_by_key)
                 if why:
-                    bank = bank_of(reply.content)
-                    log(WARNING, "fedfraud: refused bank %d's update in round %d: %s",
-                        bank, server_round, why)
-                    self.refused.append({"round": server_round, "bank": bank, "why": why})
+                    log(WARNING, "fedfraud: refused the %s reply of bank %s (node %d) in "
+                        "round %d: %s", message, bank, reply.metadata.src_node_id,
+                        server_round, why)
+                    self.refused.append({"round": server_round, "bank": bank,
+                                         "message": message, "why": why})
                     continue
             kept.append(reply)
-        return super().aggregate_train(server_round, kept)
+        return kept
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept = self.refuse("train", server_round, replies)
+        return super().aggregate_train(server_round, shared_metrics(kept))
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        answered = [reply.content for reply in replies if reply.has_content()]
-        for content in answered:
-            self.ledger.append(ledger_entry("evaluate", server_round, content))
+        kept = self.refuse("evaluate", server_round, replies)
+        answered = [reply.content for reply in kept if reply.has_content()]
         if answered:
-            self.final_bank_metrics = {bank_of(content): next(iter(
-                content.metric_records.values())) for content in answered}
-        return super().aggregate_evaluate(server_round, replies)
+            self.final_bank_metrics = {bank_of(content): content[keys.METRICS]
+                                       for content in answered}
+        return super().aggregate_evaluate(server_round, shared_metrics(kept))
 
 
 def make_strategy(config: Config) -> FedAvg:

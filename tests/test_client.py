@@ -210,6 +210,33 @@ def test_a_crafted_model_of_another_shape_or_type_is_refused_with_a_clear_error(
     assert not (tmp_path / "models").exists()
 
 
+
+@pytest.mark.parametrize("model", ["none", "another serialization", "broken bytes"])
+@pytest.mark.parametrize("make", [train_message, evaluate_message])
+def test_a_message_without_a_loadable_model_is_a_one_line_data_error(
+    prepared, tmp_path: Path, caplog: pytest.LogCaptureFixture, make, model: str,
+) -> None:
+    """A server's message with no model, or with an array numpy cannot load: the
+    bank's log says so in one line naming the bank (no traceback), the server hears
+    "data error", and no row is read."""
+    from client.app import BankRefused
+
+    message = make()
+    if model == "none":
+        del message.content[keys.ARRAYS]
+    else:
+        stype, data = (("torch", b"xx") if model == "another serialization"
+                       else ("numpy.ndarray", b"\x93NUMPY garbage"))
+        message.content[keys.ARRAYS] = ArrayRecord({keys.WEIGHTS: Array(
+            dtype="float32", shape=(3,), stype=stype, data=data)})
+    shard = tmp_path / "transactions.csv"  # not even a file: no row may be read first
+    with pytest.raises(BankRefused, match="^bank 5: data error, see the bank's log$"):
+        app(message, deployed_context(prepared, tmp_path, shard))
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert [record.getMessage().split(": ")[:2] for record in errors] == [
+        ["bank 5", "data error"]]
+    assert "the server" in errors[0].getMessage() and errors[0].exc_info is None
+
 def test_without_personalization_a_bank_keeps_the_federated_model(
         prepared, tmp_path: Path) -> None:
     from client.score import Scorer

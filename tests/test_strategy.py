@@ -4,6 +4,7 @@ accounting and the membership audit: pure parts, no processes."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, Record
 
 from client.attack import poison
 from common import keys
-from common.metrics import PooledCurve, membership_histograms
+from common.metrics import SCORE_EDGES, PooledCurve, membership_histograms
 from common.model import FraudNet, ModelSpec
 from common.privacy import epsilon_spent, privacy_for
 from common.task import train
@@ -36,8 +37,16 @@ def reply(bank: int, weights: np.ndarray) -> Message:
     return Message(content=content, metadata=metadata)
 
 
+def guarded(**settings):
+    """The server's strategy, as after it sent the round's model (two float32 weights
+    named "w", the form of ``reply``)."""
+    strategy = make_strategy(app_config(min_banks=1, **settings))
+    strategy.sent = {"w": (2,)}
+    return strategy
+
+
 def aggregate(strategy_name: str, replies: list[Message]):
-    strategy = make_strategy(app_config(strategy=strategy_name, min_banks=1))
+    strategy = guarded(strategy=strategy_name)
     arrays, metrics = strategy.aggregate_train(1, replies)
     return strategy, arrays["w"].numpy(), metrics
 
@@ -50,7 +59,8 @@ def test_non_finite_updates_are_refused_and_recorded(bad: float) -> None:
     strategy, weights, metrics = aggregate("fedavg", replies)
 
     np.testing.assert_allclose(weights, np.mean(HONEST, axis=0), rtol=1e-6)
-    assert strategy.refused == [{"round": 1, "bank": 7, "why": "non-finite values in arrays/w"}]
+    assert strategy.refused == [{"round": 1, "bank": 7, "message": "train",
+                                 "why": "non-finite values in w"}]
     assert list(metrics[keys.BANK_IDS]) == [0, 1, 2, 3]
     # The ledger still shows what bank 7 sent: the refused update is accounted for.
     assert [entry["bank"] for entry in strategy.ledger] == [0, 1, 2, 3, 7]
@@ -68,7 +78,7 @@ def test_a_bank_claiming_a_weight_no_honest_bank_sends_is_refused(weighting, key
     malicious = reply(7, np.array([1e3, -1e3], np.float32))
     malicious.content[keys.METRICS][key] = claim
     replies = [reply(bank, w) for bank, w in enumerate(HONEST)] + [malicious]
-    strategy = make_strategy(app_config(bank_weighting=weighting, min_banks=1))
+    strategy = guarded(bank_weighting=weighting)
 
     arrays, _ = strategy.aggregate_train(1, replies)
 
@@ -198,7 +208,113 @@ def test_a_reply_finite_only_in_float64_is_refused_as_non_finite() -> None:
     from server.strategy import non_finite
 
     huge = np.array([1.0, 1e300], np.float64)
-    content = RecordDict({keys.ARRAYS: ArrayRecord({keys.WEIGHTS: Array(huge)})})
-    assert non_finite(content) == [f"{keys.ARRAYS}/{keys.WEIGHTS}"]
-    content = RecordDict({keys.ARRAYS: ArrayRecord({keys.WEIGHTS: Array(huge[:1])})})
-    assert non_finite(content) == []
+    assert non_finite({keys.WEIGHTS: huge}) == [keys.WEIGHTS]
+    assert non_finite({keys.WEIGHTS: huge[:1]}) == []
+
+
+def crafted(change: str) -> Message:
+    """Bank 7's reply, changed in one way no bank's app sends."""
+    message = reply(7, np.array([5.0, 5.0], np.float32))
+    content, metrics = message.content, message.content[keys.METRICS]
+    if change == "one weight":  # would be broadcast into the average
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(np.array([1e3], np.float32))})
+    elif change == "three weights":  # stops the sum
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    elif change == "2-D":
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(np.ones((1, 2), np.float32))})
+    elif change == "another name":  # Flower raises: keys differ between replies
+        content[keys.ARRAYS] = ArrayRecord({"v": Array(np.ones(2, np.float32))})
+    elif change == "an extra array":
+        content[keys.ARRAYS]["x"] = Array(np.ones(2, np.float32))
+    elif change == "integers":
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(np.ones(2, np.int64))})
+    elif change == "text":
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(np.array(["a", "b"]))})
+    elif change == "another serialization":
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(
+            dtype="float32", shape=(2,), stype="torch", data=b"xx")})
+    elif change == "broken bytes":
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(
+            dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"\x93NUMPY garbage")})
+    elif change == "no arrays":
+        del content[keys.ARRAYS]
+    elif change == "a second array record":
+        content["more"] = ArrayRecord({"w": Array(np.ones(2, np.float32))})
+    elif change == "no metrics":  # Flower raises: one MetricRecord per reply
+        del content[keys.METRICS]
+    elif change == "no bank id":
+        del metrics[keys.BANK_ID]
+    elif change == "no num-examples":  # our metrics aggregation sums it
+        del metrics[keys.NUM_EXAMPLES]
+    elif change == "a short histogram":  # our metrics aggregation sums histograms
+        metrics[keys.HIST_FRAUD] = [1, 2, 3]
+    elif change == "a count that is a list":
+        metrics[keys.N_TRAIN] = [1, 2]
+    elif change == "a count that is NaN":
+        metrics[keys.TP] = float("nan")
+    return message
+
+
+@pytest.mark.parametrize("change", [
+    "one weight", "three weights", "2-D", "another name", "an extra array", "integers",
+    "text", "another serialization", "broken bytes", "no arrays", "a second array record",
+    "no metrics", "no bank id", "no num-examples", "a short histogram",
+    "a count that is a list", "a count that is NaN"])
+@pytest.mark.parametrize("strategy_name", ["fedavg", "krum"])
+def test_a_train_reply_in_a_form_no_bank_sends_is_refused_and_the_round_goes_on(
+    strategy_name: str, change: str,
+) -> None:
+    """Flower's FedAvg raises on one reply of another form (and the run ends with all
+    it computed: one malicious bank could stop the federation), or averages it in (a
+    one-element vector is broadcast). The guard refuses it and records why."""
+    replies = [reply(bank, w) for bank, w in enumerate(HONEST)] + [crafted(change)]
+
+    strategy, weights, metrics = aggregate(strategy_name, replies)
+
+    honest = (np.mean(HONEST, axis=0) if strategy_name == "fedavg" else HONEST[0])
+    np.testing.assert_allclose(weights, honest, rtol=1e-6)
+    assert 7 not in metrics[keys.BANK_IDS]
+    assert [(r["round"], r["message"]) for r in strategy.refused] == [(1, "train")]
+    assert strategy.refused[0]["bank"] == (None if change in ("no metrics", "no bank id")
+                                           else 7)
+    assert len(strategy.ledger) == 5  # what it sent is still accounted for
+
+
+def test_banks_that_withhold_different_metrics_by_policy_still_aggregate() -> None:
+    """A bank's policy decides what it tells (membership audit, its personalized copy,
+    histograms once its evaluations are spent): replies with different metric keys.
+    Flower's FedAvg raises on those; the banks' shared keys are aggregated and each
+    bank's own metrics kept as it sent them."""
+    def evaluate_reply(bank: int, **extra: Any) -> Message:
+        message = reply(bank, HONEST[0])
+        del message.content[keys.ARRAYS]
+        message.content[keys.METRICS].update(extra)
+        return message
+
+    hist = [1] * (len(SCORE_EDGES) - 1)
+    told = {keys.HIST_LEGIT: hist, keys.HIST_FRAUD: hist}
+    strategy = guarded()
+    metrics = strategy.aggregate_evaluate(10, [
+        evaluate_reply(0, **told), evaluate_reply(1, **told, **{keys.HIST_MEMBER: hist}),
+        evaluate_reply(2, **told, **{keys.PERSONAL_KEPT: 1})])
+    assert strategy.refused == []
+    assert metrics[keys.HIST_FRAUD] == [3] * len(hist)
+    assert keys.HIST_MEMBER not in metrics and keys.PERSONAL_KEPT not in metrics
+    assert keys.HIST_MEMBER in strategy.final_bank_metrics[1]
+    assert strategy.final_bank_metrics[2][keys.PERSONAL_KEPT] == 1
+
+    replies = [reply(0, HONEST[0]), reply(1, HONEST[1])]
+    replies[0].content[keys.METRICS].update(told)  # bank 1's evaluations are spent
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.mean(HONEST[:2], axis=0))
+    assert list(metrics[keys.BANK_IDS]) == [0, 1] and keys.HIST_FRAUD not in metrics
+
+def test_a_loss_is_averaged_per_row_only_when_every_bank_sent_its_rows() -> None:
+    from server.evaluation import aggregate_bank_metrics
+
+    replies = [reply(bank, w).content for bank, w in enumerate(HONEST[:2])]
+    for content in replies:
+        content[keys.METRICS][keys.TRAIN_LOSS] = 0.25
+    assert aggregate_bank_metrics(replies, keys.VOTE)[keys.TRAIN_LOSS] == 0.25
+    del replies[1][keys.METRICS][keys.N_TRAIN]
+    assert keys.TRAIN_LOSS not in aggregate_bank_metrics(replies, keys.VOTE)
