@@ -166,8 +166,8 @@ def metrics_with_bank_numbers() -> dict:
     metrics["baselines"]["local_only"][0]["test"]["local_only"].update(auc=0.8123, ap=0.4177)
     metrics["baselines"]["local_only"][1]["test"]["local_only"].update(auc=0.88, ap=0.0537)
     metrics["strategy"] = {"name": "fedavg", "attack": "nan", "attackers": [1],
-                           "refused_updates": [{"round": 2, "bank": 1,
-                                                "why": "non-finite values in arrays/w"}]}
+                           "refused_updates": [{"round": 2, "bank": 1, "message": "train",
+                                                "why": "non-finite values in weights"}]}
     metrics["privacy"] = {
         "secure_aggregation": False, "differential_privacy": True,
         "mechanism": "DP-SGD", "target_epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0,
@@ -185,7 +185,7 @@ def metrics_with_bank_numbers() -> dict:
 
 # Everything above that belongs to one bank (bank 0's epsilon is also the maximum).
 BANK_NUMBERS = ("0.9071", "0.8029", "0.9317", "0.6143", "0.8123", "0.4177", "0.0537",
-                "2.6543", "1.2345", "4.3219", "0.5123", "0.5467", "arrays/w",
+                "2.6543", "1.2345", "4.3219", "0.5123", "0.5467", "values in weights",
                 "noise_multiplier", "local_only_vs_federated_per_bank", "per_bank")
 
 
@@ -380,3 +380,14 @@ def test_a_secure_dp_deployment_without_test_set_reports_what_it_knows(
     assert "banks' pooled validation rows" in report and "test set (" not in report
     assert "target epsilon of 3" in report and "own ledger" in report
     assert "own ledger" in dp_summary(metrics["privacy"])
+
+
+def test_the_report_names_each_refused_reply_and_its_reason() -> None:
+    from server.report import privacy_lines
+
+    refused = [{"round": 2, "bank": 1, "message": "train", "why": "non-finite values in weights"},
+               {"round": 10, "bank": None, "message": "evaluate", "why": "no bank-id"}]
+    lines = privacy_lines({"strategy": {"refused_updates": refused}})
+    assert lines[-2:] == [
+        "Bank 1's update of round 2 was refused: non-finite values in weights.",
+        "A bank's evaluation of round 10 was refused: no bank-id."]
