@@ -115,6 +115,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
                           "are spent")
     arrays = numpy_arrays(msg, context)  # before the bank reads a row
     bank = bank_for(context, config)
+    refuse_long_rounds(bank.id, config, policy, len(bank.y_train))  # fine-tuning's steps
     metrics = bank.evaluate(arrays, config, audit)
     metrics.update(bank.keep_final(arrays, config, str(context.run_id)))
     metrics = disclosed(metrics, policy)
@@ -159,6 +160,7 @@ def train_within_budget(context: Context, config: Config, policy: Policy | None,
     it refuses a round that would take this run past its epsilon (the run's target,
     capped by the policy) or the bank's lifetime past ``max-epsilon-total``."""
     bank = bank_for(context, config)
+    refuse_long_rounds(bank.id, config, policy, len(bank.y_train))
     if policy is None or not config.differential_privacy:
         return bank.train(arrays, config, server_round, evaluate_incoming, proximal_mu)
     from client.ledger import PrivacyLedger
@@ -177,6 +179,17 @@ def train_within_budget(context: Context, config: Config, policy: Policy | None,
                          rounds_before=before)
     ledger.record(context.run_id, rounds=before + 1, epsilon=after, delta=config.dp_delta)
     return trained
+
+
+def refuse_long_rounds(bank_id: int, config: Config, policy: Policy | None,
+                       rows: int) -> None:
+    """A deployed bank refuses a run whose rounds would take more steps than its policy
+    allows, before it trains (the number of steps follows from its row count, which it
+    reports anyway)."""
+    why = None if policy is None else policy.steps_refusal(config, rows)
+    if why:
+        log(ERROR, "bank %d: refused the run: %s", bank_id, why)
+        raise BankRefused(f"bank {bank_id} refuses this run: {why}")
 
 
 def legacy_train(msg: Message, context: Context, config: Config,

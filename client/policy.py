@@ -50,6 +50,12 @@ max-delta = 1e-5
 # The most rounds one run may ask for: every round is another look at the bank's data.
 max-rounds = 50
 
+# The most optimizer steps one round (or the final fine-tuning) may take at this bank:
+# epochs x training rows / batch size. Without a bound a run config with batch-size 1
+# and 100 epochs holds the bank's CPU for hours. 20,000 steps are ~15 s of CPU on a
+# 2-core machine; the default run takes at most ~1,000 at a 24,000-row bank.
+max-steps-per-round = 20000
+
 # Bounds for the validation share: a run that moves most rows out of (DP) training
 # into un-noised validation counts is refused.
 min-val-fraction = 0.05
@@ -87,6 +93,7 @@ class Policy:
     max_epsilon_total: float
     max_delta: float
     max_rounds: int
+    max_steps_per_round: int
     min_val_fraction: float
     max_val_fraction: float
     histogram_resolution: float
@@ -159,6 +166,17 @@ class Policy:
             if config.dp_delta > self.max_delta:
                 why.append(f"dp-delta {config.dp_delta} > max-delta {self.max_delta}")
         return why
+
+
+    def steps_refusal(self, config: Config, rows: int) -> str | None:
+        """Why this bank will not train ``config``'s rounds on its ``rows`` training
+        rows, if it will not: too many steps (the text names settings and bounds)."""
+        steps = config.most_steps(rows)
+        if steps <= self.max_steps_per_round:
+            return None
+        return (f"the run asks for {steps} training steps a round (local-epochs, "
+                f"personalize-epochs, batch-size), more than max-steps-per-round "
+                f"{self.max_steps_per_round}")
 
 
 def app_digest(app_dir: Path) -> str:

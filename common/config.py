@@ -108,6 +108,10 @@ class Config:
                                    ("personalize-epochs", self.personalize_epochs, 0)):
             if not least <= epochs <= MAX_EPOCHS:
                 raise ValueError(f"run config: {key} must be {least} to {MAX_EPOCHS}")
+        for key, size in (("batch-size", self.batch_size),
+                          ("dp-batch-size", self.dp_batch_size)):
+            if size < 1:
+                raise ValueError(f"run config: {key} must be at least 1")
         if not 0 <= self.min_local_steps <= MAX_LOCAL_STEPS:
             raise ValueError(f"run config: min-local-steps must be 0 to {MAX_LOCAL_STEPS}")
         if self.differential_privacy and not 0 < self.dp_delta < 1:
@@ -165,6 +169,13 @@ class Config:
         if not self.personalization:
             return 0
         return self.at_least_min_steps(self.personalize_epochs, rows)
+
+    def most_steps(self, rows: int) -> int:
+        """The most optimizer steps one round, or the final fine-tuning, takes at a bank
+        with ``rows`` training rows (DP-SGD's Poisson batches: as many on average)."""
+        batch_size, _ = self.steps
+        return steps_per_epoch(rows, batch_size) * max(self.local_epochs_for(rows),
+                                                       self.personalize_epochs_for(rows))
 
     def at_least_min_steps(self, epochs: int, rows: int) -> int:
         per_epoch = steps_per_epoch(rows, self.batch_size)

@@ -16,6 +16,7 @@ import pytest
 from client.executor import AppNotApproved, loaded_where_installed, only_approved
 from client.identity import PRIVATE_KEY, PUBLIC_KEY, ensure_key_pair
 from client.policy import DEFAULT_POLICY, INSTALLED, Policy, PolicyError, app_digest
+from common.config import Config
 from common.files import write_private
 from server.certs import make_certificates
 from tests.conftest import APP_DIR, app_config, fresh_python
@@ -490,3 +491,19 @@ def test_a_bad_file_is_reported_by_the_task_not_lost_in_the_preparer(prepared, t
     message = str(refused.value)
     assert "\n" not in message and "bank 9" in message and str(shard) in message
     assert ("odd" if bad == "odd column" else "f05") in message
+
+
+def test_the_bank_s_step_bound_lets_the_default_run_through_and_decides_alone() -> None:
+    """The default run at the largest default bank (~20,000 training rows: ~950 steps)
+    is far inside the default bound; batch-size 1 is not; the bank may raise its bound."""
+    default = app_config()
+    greedy = Config.from_run_config({**default.as_run_config(), "batch-size": 1})
+    policy = Policy.from_toml("", "policy.toml")
+    assert default.most_steps(20_231) == 951
+    assert policy.steps_refusal(default, 20_231) is None
+    assert "60693 training steps" in policy.steps_refusal(greedy, 20_231)
+    assert Policy.from_toml("max-steps-per-round = 100000", "p").steps_refusal(
+        greedy, 20_231) is None
+    for key in ("batch-size", "dp-batch-size"):  # no batch at all: refused by every party
+        with pytest.raises(ValueError, match=f"^run config: {key} must be at least 1$"):
+            Config.from_run_config({**default.as_run_config(), key: 0})

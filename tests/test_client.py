@@ -304,6 +304,27 @@ def test_a_deployed_bank_refuses_a_run_its_policy_does_not_allow(
     assert not shard.exists() and not (tmp_path / "scaler.json").exists()
 
 
+@pytest.mark.parametrize("make", [train_message, evaluate_message])
+@pytest.mark.parametrize("overrides", [{"batch-size": 1, "local-epochs": 100},
+                                       {"batch-size": 1, "personalize-epochs": 100}])
+def test_a_deployed_bank_refuses_rounds_longer_than_its_policy_allows(
+    prepared, tmp_path: Path, make, overrides: dict,
+) -> None:
+    """A server's run config that would hold the bank's CPU for hours (batch-size 1,
+    100 epochs: ~100 x the bank's rows in steps, a round or the final fine-tuning) is
+    refused before any step, naming the settings and the policy's bound."""
+    from client.app import BankRefused
+
+    config = Config.from_run_config({**prepared.as_run_config(), **overrides})
+    shard = Path(prepared.data_dir) / bank_file(5)
+    context = deployed_context(config, tmp_path, shard)
+    started = time.process_time()
+    with pytest.raises(BankRefused, match=r"^bank 5 refuses this run: the run asks for "
+                       r"\d+ training steps a round .* max-steps-per-round 20000$"):
+        app(make(), context)
+    assert time.process_time() - started < 10  # refused, not trained
+    assert not (tmp_path / "models").exists()
+
 def test_a_deployed_bank_trains_when_its_policy_allows_the_run(prepared, tmp_path) -> None:
     shard = Path(prepared.data_dir) / bank_file(5)
     reply = app(train_message(), deployed_context(prepared, tmp_path, shard))
