@@ -52,6 +52,14 @@ STRATEGY_CLASSES: dict[str, type[FedAvg]] = {
 
 # Metrics the server sums or lists as whole numbers (server/evaluation.py).
 COUNTED = (keys.BANK_ID, keys.NUM_EXAMPLES, *keys.SIZE_KEYS, *keys.COUNT_KEYS)
+# What every bank's reply says (client/bank.py), which the results read: a train reply
+# its sizes, an evaluate reply (the final model's) its validation histograms.
+REQUIRED = {"train": (keys.BANK_ID, keys.NUM_EXAMPLES, *keys.SIZE_KEYS),
+            "evaluate": (keys.BANK_ID, keys.NUM_EXAMPLES, keys.N_VAL, keys.HIST_LEGIT,
+                         keys.HIST_FRAUD)}
+# Metrics a bank sends all or none of (its policy may withhold a group).
+TOGETHER = ((keys.HIST_LEGIT, keys.HIST_FRAUD), (keys.HIST_MEMBER, keys.HIST_NONMEMBER),
+            keys.PERSONAL_KEYS, (keys.DP_EPSILON, keys.DP_NOISE))
 
 
 def bank_of(content: RecordDict) -> int | None:
@@ -92,9 +100,12 @@ def malformed(content: RecordDict, sent: dict[str, tuple[int, ...]] | None) -> s
     metrics = content[keys.METRICS]
     if not isinstance(metrics, MetricRecord):
         return f"{keys.METRICS} is not a metric record"
-    for key in (keys.BANK_ID, keys.NUM_EXAMPLES):
+    for key in REQUIRED["evaluate" if sent is None else "train"]:
         if key not in metrics:
             return f"no {key}"
+    for group in TOGETHER:
+        if 0 < sum(key in metrics for key in group) < len(group):
+            return f"{', '.join(group)} not all together"
     bins = len(SCORE_EDGES) - 1
     for key, value in metrics.items():
         if key in COUNTED and not isinstance(value, int):

@@ -248,6 +248,10 @@ def crafted(change: str) -> Message:
         del metrics[keys.NUM_EXAMPLES]
     elif change == "a short histogram":  # our metrics aggregation sums histograms
         metrics[keys.HIST_FRAUD] = [1, 2, 3]
+    elif change == "no sizes":  # the results read them
+        del metrics[keys.N_VAL]
+    elif change == "half a histogram pair":
+        metrics[keys.HIST_LEGIT] = [0] * (len(SCORE_EDGES) - 1)
     elif change == "a count that is a list":
         metrics[keys.N_TRAIN] = [1, 2]
     elif change == "a count that is NaN":
@@ -259,7 +263,7 @@ def crafted(change: str) -> Message:
     "one weight", "three weights", "2-D", "another name", "an extra array", "integers",
     "text", "another serialization", "broken bytes", "no arrays", "a second array record",
     "no metrics", "no bank id", "no num-examples", "a short histogram",
-    "a count that is a list", "a count that is NaN"])
+    "no sizes", "half a histogram pair", "a count that is a list", "a count that is NaN"])
 @pytest.mark.parametrize("strategy_name", ["fedavg", "krum"])
 def test_a_train_reply_in_a_form_no_bank_sends_is_refused_and_the_round_goes_on(
     strategy_name: str, change: str,
@@ -285,18 +289,21 @@ def test_banks_that_withhold_different_metrics_by_policy_still_aggregate() -> No
     histograms once its evaluations are spent): replies with different metric keys.
     Flower's FedAvg raises on those; the banks' shared keys are aggregated and each
     bank's own metrics kept as it sent them."""
+    hist = [1] * (len(SCORE_EDGES) - 1)
+    told = {keys.HIST_LEGIT: hist, keys.HIST_FRAUD: hist}
+    audit = {keys.HIST_MEMBER: hist, keys.HIST_NONMEMBER: hist}
+    personal = {keys.HIST_LEGIT_PERSONAL: hist, keys.HIST_FRAUD_PERSONAL: hist,
+                keys.PERSONAL_KEPT: 1}
+
     def evaluate_reply(bank: int, **extra: Any) -> Message:
         message = reply(bank, HONEST[0])
         del message.content[keys.ARRAYS]
-        message.content[keys.METRICS].update(extra)
+        message.content[keys.METRICS].update(told, **extra)
         return message
 
-    hist = [1] * (len(SCORE_EDGES) - 1)
-    told = {keys.HIST_LEGIT: hist, keys.HIST_FRAUD: hist}
     strategy = guarded()
     metrics = strategy.aggregate_evaluate(10, [
-        evaluate_reply(0, **told), evaluate_reply(1, **told, **{keys.HIST_MEMBER: hist}),
-        evaluate_reply(2, **told, **{keys.PERSONAL_KEPT: 1})])
+        evaluate_reply(0), evaluate_reply(1, **audit), evaluate_reply(2, **personal)])
     assert strategy.refused == []
     assert metrics[keys.HIST_FRAUD] == [3] * len(hist)
     assert keys.HIST_MEMBER not in metrics and keys.PERSONAL_KEPT not in metrics
