@@ -1,6 +1,6 @@
 """Real-process deployment speed and memory.
 
-    .venv/bin/python bench/deploy.py --rounds 10
+    .venv/bin/python bench/deploy.py --rounds 10 [--set "batch-size=128"]
 
 Runs `fedfraud deploy` (a SuperLink and ten banks, each `fedfraud-bank run`: its
 SuperNode and its task executor; gRPC, TLS and bank authentication) from a clean
@@ -113,7 +113,7 @@ class Sampler(threading.Thread):
             time.sleep(0.2)
 
 
-def run_deploy(rounds: int, banks: int, work: Path) -> dict:
+def run_deploy(rounds: int, banks: int, work: Path, overrides: list[str]) -> dict:
     path = "deploy"
     flwr_home = work / f"flwr-{path}"
     command = [
@@ -121,6 +121,7 @@ def run_deploy(rounds: int, banks: int, work: Path) -> dict:
         "--set", f"num-server-rounds={rounds}", "--set", f"num-banks={banks}",
         "--set", f"min-banks={banks}", "--set", f"data-dir='{work / 'data'}'",
         "--set", f"runs-dir='{work / f'runs-{path}'}'",
+        *(word for override in overrides for word in ("--set", override)),
         "deploy", "--certs", str(work / "certs"),
     ]
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
@@ -152,10 +153,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--banks", type=int, default=10)
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        help="a run-config override, as fedfraud --set takes it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"deploy": run_deploy(args.rounds, args.banks, Path(tmp))}
-    print(f"\n{args.banks} banks, {args.rounds} rounds, TLS + bank authentication")
+        results = {"deploy": run_deploy(args.rounds, args.banks, Path(tmp), args.overrides)}
+    print(f"\n{args.banks} banks, {args.rounds} rounds, TLS + bank authentication"
+          + (f", settings: {args.overrides}" if args.overrides else ""))
     print(f"{'path':6} {'wall s':>8} {'first round s':>14} {'warm round s (median)':>22} "
           f"{'peak MB':>8} {'idle bank MB':>13}")
     for path, r in results.items():
