@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import flwr.compat.common.recorddict_compat as compat
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (
-    Code, FitRes, Status, log, ndarrays_to_parameters, parameters_to_ndarrays,
+    Code, FitRes, Status, log, ndarrays_to_parameters,
 )
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
@@ -91,12 +91,12 @@ def train_handler(msg: Message, context: Context) -> Message:
     config, policy = allowed_config(context)
     if LEGACY_PARAMETERS in msg.content.array_records:  # SecAgg+ speaks Flower's legacy
         return legacy_train(msg, context, config, policy)
-    settings = msg.content[keys.CONFIG]
-    evaluate_incoming = bool(settings.get(keys.EVALUATE_INCOMING, False)) and may_evaluate(
-        context, config, policy)
-    arrays, metrics = train_within_budget(
-        context, config, policy, numpy_arrays(msg, context), int(settings[keys.SERVER_ROUND]),
-        evaluate_incoming, float(settings.get(keys.PROXIMAL_MU, 0.0)))
+    server_round, evaluate_incoming, proximal_mu = round_settings(
+        msg.content.get(keys.CONFIG), context, config)
+    arrays = numpy_arrays(msg, context)
+    evaluate_incoming = evaluate_incoming and may_evaluate(context, config, policy)
+    arrays, metrics = train_within_budget(context, config, policy, arrays, server_round,
+                                          evaluate_incoming, proximal_mu)
     metrics = disclosed(metrics, policy)
     record = ArrayRecord({name: Array(value) for name, value in arrays.items()})
     return reply(msg, {keys.ARRAYS: record, keys.METRICS: MetricRecord(metrics)})
@@ -156,17 +156,27 @@ def disclosed(metrics: dict[str, Any], policy: Policy | None) -> dict[str, Any]:
 def train_within_budget(context: Context, config: Config, policy: Policy | None,
                         arrays: Arrays, server_round: int, evaluate_incoming: bool,
                         proximal_mu: float = 0.0) -> tuple[Arrays, dict[str, Any]]:
-    """The bank trains; a deployed bank with DP first checks its own privacy ledger:
-    it refuses a round that would take this run past its epsilon (the run's target,
-    capped by the policy) or the bank's lifetime past ``max-epsilon-total``."""
+    """The bank trains. A deployed bank first checks its own ledger: it trains at most
+    ``num-server-rounds`` rounds of a run (a server may send any number of train
+    messages), and with DP it refuses a round that would take this run past its epsilon
+    (the run's target, capped by the policy) or the bank's lifetime past
+    ``max-epsilon-total``."""
     bank = bank_for(context, config)
     refuse_long_rounds(bank.id, config, policy, len(bank.y_train))
-    if policy is None or not config.differential_privacy:
+    if policy is None:
         return bank.train(arrays, config, server_round, evaluate_incoming, proximal_mu)
     from client.ledger import PrivacyLedger
 
     ledger = PrivacyLedger.load(bank.state_dir)
     before = ledger.rounds(context.run_id)
+    if before >= config.num_server_rounds:
+        log(ERROR, "bank %d: refused training round %d of run %d: its %d rounds are "
+            "trained", bank.id, before + 1, context.run_id, config.num_server_rounds)
+        raise BankRefused(f"bank {bank.id}: this run's rounds are trained")
+    if not config.differential_privacy:
+        trained = bank.train(arrays, config, server_round, evaluate_incoming, proximal_mu)
+        ledger.record(context.run_id, rounds=before + 1)
+        return trained
     after = bank.epsilon_after(config, before + 1)
     run_budget = min(config.dp_epsilon, policy.max_epsilon_per_run)
     lifetime = ledger.spent_elsewhere(context.run_id) + after
@@ -197,36 +207,68 @@ def legacy_train(msg: Message, context: Context, config: Config,
     """The same training, in the legacy FitIns/FitRes shape SecAgg+ needs. One vote per
     bank (``num_examples`` 1). Beside the masked weights the reply names the bank and
     nothing else: no loss, sizes or epsilon in the clear (the bank's ledger keeps it)."""
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    sent = parameters_to_ndarrays(fitins.parameters)
+    from common.model import weights_of
+
+    try:
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        sent = [weights_of(Array(dtype="", shape=(), stype=fitins.parameters.tensor_type,
+                                 data=tensor)) for tensor in fitins.parameters.tensors]
+    except (KeyError, TypeError, ValueError) as err:
+        raise BankDataError(f"{bank_name(context)}: the server's SecAgg+ message holds no "
+                            f"model the bank can load ({err}); not used") from None
+    server_round, _, _ = round_settings(fitins.config, context, config)
     # The one vector of weights, as in a plain run; the bank refuses anything else.
     arrays = ({keys.WEIGHTS: sent[0]} if len(sent) == 1 else
               {f"parameters-{i}": array for i, array in enumerate(sent)})
-    trained, metrics = train_within_budget(
-        context, config, policy, arrays, int(fitins.config[keys.SERVER_ROUND]), False)
+    trained, metrics = train_within_budget(context, config, policy, arrays, server_round,
+                                           False)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
         [trained[keys.WEIGHTS]]), num_examples=1,
         metrics={keys.BANK_ID: metrics[keys.BANK_ID]})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+def bank_name(context: Context) -> str:
+    node = context.node_config
+    return f"bank {node.get('bank-id', node.get('partition-id', '?'))}"
+
+
+def round_settings(settings: Any, context: Context, config: Config,
+                   ) -> tuple[int, bool, float]:
+    """(server round, whether to evaluate the incoming model first, FedProx's mu) of a
+    train message's settings; a one-line data error unless the round is one of the
+    run's. FedProx's mu is the run config's (Flower's FedProx sends it as well; a
+    message asking for another is refused)."""
+    bank = bank_name(context)
+    if not isinstance(settings, ConfigRecord | dict):
+        raise BankDataError(f"{bank}: the server's message holds no settings; not used")
+    server_round = settings.get(keys.SERVER_ROUND)
+    if not (isinstance(server_round, int) and 1 <= server_round <= config.num_server_rounds):
+        raise BankDataError(f"{bank}: the server's message is for round {server_round!r}, "
+                            f"not one of this run's 1 to {config.num_server_rounds}")
+    proximal_mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
+    if settings.get(keys.PROXIMAL_MU, proximal_mu) != proximal_mu:
+        raise BankDataError(f"{bank}: the server's message asks for proximal-mu "
+                            f"{settings.get(keys.PROXIMAL_MU)!r}, not the run's "
+                            f"{proximal_mu}; not used")
+    return server_round, bool(settings.get(keys.EVALUATE_INCOMING, False)), proximal_mu
+
+
 def numpy_arrays(msg: Message, context: Context) -> Arrays:
     """The model the server sent, as numpy arrays (``Bank._model`` then checks that it
     fits the bank's own model); a one-line data error if it is not even that."""
-    node = context.node_config
-    bank = f"bank {node.get('bank-id', node.get('partition-id', '?'))}"
+    bank = bank_name(context)
     record = msg.content.get(keys.ARRAYS)
     if not isinstance(record, ArrayRecord):
         raise BankDataError(f"{bank}: the server's message holds no model "
                             f"(no {keys.ARRAYS!r} array record); not used")
-    arrays = {}
-    for name, array in record.items():
-        try:
-            arrays[name] = array.numpy()
-        except (TypeError, ValueError, EOFError) as err:  # another stype, broken bytes
-            raise BankDataError(f"{bank}: the model the server sent has an array "
-                                f"{name!r} that does not load ({err}); not used") from None
-    return arrays
+    from common.model import weights_of
+
+    try:
+        return {name: weights_of(array) for name, array in record.items()}
+    except ValueError as err:
+        raise BankDataError(f"{bank}: the model the server sent holds {err}; not used"
+                            ) from None
 
 
 def reply(msg: Message, records: dict[str, Any]) -> Message:

@@ -24,14 +24,16 @@ from common.metrics import (
     PooledCurve, bce_loss, confusion, membership_histograms, row_losses, score_histograms,
     without_nan,
 )
-from common.model import CARD_JSON_FILE, FraudNet, ModelSpec, packed, save_model, unpacked
+from common.model import (
+    CARD_JSON_FILE, FLOATS, MAX_WEIGHT, FraudNet, ModelSpec, implausible, packed, save_model,
+    unpacked,
+)
 from common.schema import BankDataError
 from common.privacy import epsilon_spent, privacy_for
 from common.task import score, train
 from client.attack import poison
 
 Arrays = dict[str, np.ndarray]  # as the model travels: {keys.WEIGHTS: one vector}
-FLOATS = (np.dtype(np.float32), np.dtype(np.float64))  # what a model may arrive as
 MODELS_DIR = "models"  # in the bank's state folder: <run id>/ per kept model, and latest
 MIN_THRESHOLD_FRAUDS = 20  # validation frauds a bank needs to choose its own threshold
 Scaler = tuple[np.ndarray, np.ndarray]  # (mean, scale), fitted on the bank's train split
@@ -93,10 +95,10 @@ class Bank:
         except ValueError as err:
             raise BankDataError(f"bank {self.id}: the model the server sent does not fit "
                                 f"the bank's model ({err}); not used") from None
-        # After the cast to float32: 1e300 in float64 is finite, and inf once loaded.
-        if not all(torch.isfinite(tensor).all() for tensor in state.values()):
+        if implausible(weights):
             raise BankDataError(f"bank {self.id}: the model the server sent holds "
-                                "non-finite weights; not used")
+                                f"non-finite weights or weights beyond {MAX_WEIGHT:g}; "
+                                "not used")
         model.load_state_dict(state)
         return model
 

@@ -108,6 +108,10 @@ class Config:
                                    ("personalize-epochs", self.personalize_epochs, 0)):
             if not least <= epochs <= MAX_EPOCHS:
                 raise ValueError(f"run config: {key} must be {least} to {MAX_EPOCHS}")
+        if not 0 <= self.seed < 2**31:  # seeds numpy, scikit-learn and torch (+ rounds)
+            raise ValueError("run config: seed must be 0 to 2**31 - 1")
+        if not 0 <= self.proximal_mu < math.inf:
+            raise ValueError("run config: proximal-mu must be a number from 0")
         for key, size in (("batch-size", self.batch_size),
                           ("dp-batch-size", self.dp_batch_size)):
             if size < 1:

@@ -47,6 +47,7 @@ PERSONAL_KEPT = "personal-kept"
 
 # Aggregated over the banks of one round (server side)
 BANK_IDS = "bank-ids"
+EVALUATED_IDS = "evaluated-bank-ids"  # the banks whose validation histograms are summed
 COUNT_KEYS = (TP, FP, FN, TN)
 HIST_KEYS = (HIST_LEGIT, HIST_FRAUD, HIST_MEMBER, HIST_NONMEMBER, HIST_LEGIT_PERSONAL,
              HIST_FRAUD_PERSONAL)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from io import BytesIO
 from pathlib import Path
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from flwr.app import Array
 
 # The exported model's files in a run folder (written by server/export.py).
 TORCHSCRIPT_FILE, STATE_DICT_FILE = "model.ts", "model.pt"
@@ -54,6 +61,47 @@ class FraudProbability(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(x))
+
+
+FLOATS = (np.dtype(np.float32), np.dtype(np.float64))  # what weights may travel as
+# No trained FraudNet weight comes near this; weights of ~1e13 overflow its float32
+# activations (NaN scores), and FedAdam's squared updates overflow from ~1e19.
+MAX_WEIGHT = 1e6
+MOST_WEIGHTS = 10**8  # far above any FraudNet (~4,000 weights for 30 features)
+
+
+def weights_of(array: Array, most: int = MOST_WEIGHTS) -> np.ndarray:
+    """A travelling Array of weights as numpy; ValueError unless it is numpy-serialized
+    float32 or float64 with at most ``most`` values, all of them there. The npy header
+    is read first: ``np.load`` allocates whatever shape a header claims. The error texts
+    quote nothing the sender chose."""
+    from flwr.common.constant import SType
+    from numpy.lib import format as npy
+
+    if array.stype != SType.NUMPY:
+        raise ValueError("an array that is not numpy-serialized")
+    stream = BytesIO(array.data)
+    try:
+        version = npy.read_magic(stream)
+        read_header = (npy.read_array_header_1_0 if version == (1, 0)
+                       else npy.read_array_header_2_0)
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, EOFError):
+        raise ValueError("an array whose npy header does not parse") from None
+    if dtype not in FLOATS:
+        raise ValueError("weights that are not float32 or float64 numbers")
+    size = math.prod(shape)
+    if size > most or len(array.data) - stream.tell() != size * dtype.itemsize:
+        raise ValueError(f"an array of another size than the model's ({most} weights at "
+                         "most) or with missing bytes")
+    return np.load(BytesIO(array.data), allow_pickle=False)
+
+
+def implausible(weights: np.ndarray | torch.Tensor) -> bool:
+    """Whether weights are NaN, infinite or beyond ±MAX_WEIGHT once in the model's
+    float32 (1e300 in float64 is finite, and inf in the average)."""
+    values = torch.as_tensor(np.asarray(weights)).to(torch.float32)
+    return not bool(torch.isfinite(values).all()) or bool(values.abs().max() > MAX_WEIGHT)
 
 
 def packed(state: Mapping[str, np.ndarray | torch.Tensor]) -> np.ndarray:

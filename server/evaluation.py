@@ -35,31 +35,36 @@ def _mean_per_row(records: list[MetricRecord], key: str, rows_key: str) -> float
 
 
 def aggregate_bank_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """FedAvg's ``*_metrics_aggr_fn`` for train and evaluate replies alike.
+    """The banks' metrics of one round's train or evaluate replies.
 
     Who took part and each bank's sizes are listed; confusion counts and score
-    histograms are summed; losses are averaged per row. ``weight_key`` (FedAvg's
-    weights for the model) does not apply to metrics.
+    histograms are summed, and losses averaged per row, over the banks that sent them
+    (a bank's policy may withhold some, or its evaluations be spent:
+    ``evaluated-bank-ids`` lists whose validation histograms are summed). ``weight_key``
+    (FedAvg's weights for the model) does not apply to metrics.
     """
     records = _reply_metrics(replies)
-    present = [key for key in records[0].keys() if all(key in r for r in records)]
     out: dict[str, Any] = {
         keys.NUM_EXAMPLES: sum(int(record[keys.NUM_EXAMPLES]) for record in records),
         keys.BANK_IDS: [int(record[keys.BANK_ID]) for record in records],
     }
-    for key in present:
-        if key in keys.SIZE_KEYS:
-            out[key] = [int(record[key]) for record in records]
-        elif key in keys.PER_BANK_KEYS:
-            out[key] = [float(record[key]) for record in records]
-        elif key in keys.COUNT_KEYS:
-            out[key] = sum(int(record[key]) for record in records)
-        elif key in keys.HIST_KEYS:
-            out[key] = np.sum([record[key] for record in records], axis=0).astype(int).tolist()
-    if {keys.TRAIN_LOSS, keys.N_TRAIN} <= set(present):
-        out[keys.TRAIN_LOSS] = _mean_per_row(records, keys.TRAIN_LOSS, keys.N_TRAIN)
-    if {keys.LOSS, keys.N_VAL} <= set(present):
-        out[keys.LOSS] = _mean_per_row(records, keys.LOSS, keys.N_VAL)
+    for key in records[0].keys():
+        if key in keys.SIZE_KEYS + keys.PER_BANK_KEYS and all(key in r for r in records):
+            out[key] = [(int if key in keys.SIZE_KEYS else float)(record[key])
+                        for record in records]
+    for key in keys.COUNT_KEYS + keys.HIST_KEYS:
+        sent = [record[key] for record in records if key in record]
+        if sent and key in keys.COUNT_KEYS:
+            out[key] = sum(int(value) for value in sent)
+        elif sent:
+            out[key] = np.sum(sent, axis=0).astype(int).tolist()
+    if keys.HIST_LEGIT in out:
+        out[keys.EVALUATED_IDS] = [int(record[keys.BANK_ID]) for record in records
+                                   if keys.HIST_LEGIT in record]
+    for loss, rows in ((keys.TRAIN_LOSS, keys.N_TRAIN), (keys.LOSS, keys.N_VAL)):
+        sent = [record for record in records if loss in record and rows in record]
+        if sent:
+            out[loss] = _mean_per_row(sent, loss, rows)
     return MetricRecord(out)
 
 

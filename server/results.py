@@ -70,7 +70,7 @@ def history(result: Result, evaluation: TestSetEvaluation,
             **headline,
             "seconds": evaluation.seconds[server_round],
             "banks_trained": list(train[keys.BANK_IDS]) if train else [],
-            "banks_evaluated": list(validation[keys.BANK_IDS]) if validation else [],
+            "banks_evaluated": list(validation[keys.EVALUATED_IDS]) if validation else [],
         }
         if curve is not None:  # the banks' pooled validation data
             row["validation"] = curve.summary(threshold)

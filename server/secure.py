@@ -64,8 +64,9 @@ class RecordingGrid:
 
 def aggregate_fit_metrics(results: list[tuple[int, Metrics]]) -> dict[str, Scalar]:
     """The legacy strategy's metric hook: which banks took part (all a reply says)."""
-    return {keys.BANK_IDS: sorted(int(metrics[keys.BANK_ID])  # type: ignore[dict-item]
-                                  for _, metrics in results)}
+    return {keys.BANK_IDS: sorted(metrics[keys.BANK_ID]  # type: ignore[misc]
+                                  for _, metrics in results
+                                  if isinstance(metrics.get(keys.BANK_ID), int))}
 
 
 def run_secure(grid: Grid, context: Context, config: Config,
@@ -105,8 +106,8 @@ def run_secure(grid: Grid, context: Context, config: Config,
     node_to_bank = {}
     for _, node, content in recording.replies:
         for record in content.config_records.values():
-            if keys.BANK_ID in record:
-                node_to_bank[node] = int(record[keys.BANK_ID])
+            if isinstance(record.get(keys.BANK_ID), int):
+                node_to_bank[node] = record[keys.BANK_ID]
     guard.ledger[:0] = recording.ledger(node_to_bank)
 
     fit_history = legacy.history.metrics_distributed_fit

@@ -7,14 +7,14 @@
   incoming model inside their train message, so only the final model needs evaluate
   messages (in deployment each message is a fresh ClientApp process);
 - a reply that is not in the form the bank's app sends (other records, arrays of
-  another shape or type, non-finite weights, a dishonest FedAvg weight, metrics
-  without the bank's id or with histograms of other lengths) is refused before
-  aggregation, with a logged reason, and recorded. Flower's FedAvg raises on one
-  such reply and ends the run: any one bank could stop the federation;
-- the banks' metrics reach Flower's aggregation with the keys they all sent: banks
-  may withhold some by their own policy (membership audit, personalization, an
-  evaluation allowance spent), and Flower's FedAvg raises on metric records with
-  different keys (server/evaluation.py sums only what every bank sent anyway);
+  another shape or type, implausible weights, a dishonest FedAvg weight, metrics
+  missing, out of bounds or half of a pair) is refused before aggregation, with a
+  logged reason, and recorded. Flower's FedAvg raises on one such reply and ends the
+  run: any one bank could stop the federation;
+- Flower's strategies aggregate the weights only; the guard aggregates the banks'
+  metrics from every kept reply. Banks may withhold some by their own policy
+  (membership audit, personalization, an evaluation allowance spent), and Flower's
+  FedAvg raises on metric records with different keys (Krum keeps the one it picks);
 - a ledger of what each bank sent, record by record, with its size on the wire;
 - the final model's metrics as each bank sent them, for per-bank results.
 """
@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from logging import WARNING
 from typing import Any
@@ -41,6 +42,7 @@ from flwr.serverapp.strategy import (
 from common import keys
 from common.config import Config
 from common.metrics import SCORE_EDGES
+from common.model import MAX_WEIGHT, implausible, weights_of
 from server.evaluation import aggregate_bank_metrics
 
 STRATEGY_CLASSES: dict[str, type[FedAvg]] = {
@@ -51,9 +53,12 @@ STRATEGY_CLASSES: dict[str, type[FedAvg]] = {
 
 
 # Metrics the server sums or lists as whole numbers (server/evaluation.py).
-COUNTED = (keys.BANK_ID, keys.NUM_EXAMPLES, *keys.SIZE_KEYS, *keys.COUNT_KEYS)
-# What every bank's reply says (client/bank.py), which the results read: a train reply
-# its sizes, an evaluate reply (the final model's) its validation histograms.
+COUNTED = (keys.BANK_ID, keys.NUM_EXAMPLES, keys.VOTE, *keys.SIZE_KEYS, *keys.COUNT_KEYS,
+           keys.PERSONAL_KEPT)
+MOST = 2**40  # the largest count or histogram bin a reply may state (no overflow when summed)
+# What every bank's reply says (client/bank.py) and the results read: a train reply
+# its sizes, an evaluate reply (the final model's) its validation histograms; both
+# the FedAvg weight (``weighted_by_key``), which Flower requires of every reply.
 REQUIRED = {"train": (keys.BANK_ID, keys.NUM_EXAMPLES, *keys.SIZE_KEYS),
             "evaluate": (keys.BANK_ID, keys.NUM_EXAMPLES, keys.N_VAL, keys.HIST_LEGIT,
                          keys.HIST_FRAUD)}
@@ -69,38 +74,12 @@ def bank_of(content: RecordDict) -> int | None:
     return bank if isinstance(bank, int) else None
 
 
-def floats(record: ArrayRecord) -> dict[str, np.ndarray] | str:
-    """A reply's arrays as float32/float64 numpy arrays, or why they are not."""
-    arrays = {}
-    for name, array in record.items():
-        try:
-            arrays[name] = array.numpy()
-        except (TypeError, ValueError, EOFError) as err:  # another stype, broken bytes
-            return f"array {name!r} does not load: {err}"
-        if arrays[name].dtype not in (np.float32, np.float64):
-            return f"array {name!r} is {arrays[name].dtype}, not float32 or float64"
-    return arrays
-
-
-def non_finite(arrays: dict[str, np.ndarray]) -> list[str]:
-    """Names of the arrays that hold NaN or infinite values, also once cast to the
-    model's float32 (1e300 in float64 is finite, and inf in the average)."""
-    with np.errstate(over="ignore"):
-        return [name for name, array in arrays.items()
-                if not np.isfinite(array.astype(np.float32, copy=False)).all()]
-
-
-def malformed(content: RecordDict, sent: dict[str, tuple[int, ...]] | None) -> str | None:
-    """Why a reply is not in the form the bank's app sends, if it is not. ``sent``: the
-    shapes of the model the round sent (a train reply returns arrays of the same
-    names and shapes); None for an evaluate reply, which carries metrics only."""
-    names = {keys.METRICS} if sent is None else {keys.ARRAYS, keys.METRICS}
-    if set(content.keys()) != names:
-        return f"records {sorted(content.keys())}, not {sorted(names)}"
-    metrics = content[keys.METRICS]
-    if not isinstance(metrics, MetricRecord):
-        return f"{keys.METRICS} is not a metric record"
-    for key in REQUIRED["evaluate" if sent is None else "train"]:
+def wrong_metrics(metrics: MetricRecord, required: Iterable[str]) -> str | None:
+    """Why a reply's metrics are not what the bank's app sends, if they are not: the
+    required keys, groups sent whole, whole counts from 0 to MOST, histograms of
+    SCORE_EDGES' bins, every other value one finite, non-negative number. The reason
+    names only fedfraud's own keys (it reaches metrics.json and the report)."""
+    for key in required:
         if key not in metrics:
             return f"no {key}"
     for group in TOGETHER:
@@ -108,51 +87,82 @@ def malformed(content: RecordDict, sent: dict[str, tuple[int, ...]] | None) -> s
             return f"{', '.join(group)} not all together"
     bins = len(SCORE_EDGES) - 1
     for key, value in metrics.items():
-        if key in COUNTED and not isinstance(value, int):
-            return f"{key} {value!r} is not a count"
-        if key in keys.HIST_KEYS and not (isinstance(value, list) and len(value) == bins
-                                          and all(isinstance(n, int) for n in value)):
-            return f"{key} is not {bins} counts"
-        if key not in keys.HIST_KEYS and isinstance(value, list):
-            return f"{key} is a list"
-    if sent is None:
-        return None
+        if key in keys.HIST_KEYS:
+            if not (isinstance(value, list) and len(value) == bins
+                    and all(isinstance(n, int) and 0 <= n <= MOST for n in value)):
+                return f"{key} is not {bins} counts from 0 to {MOST}"
+        elif isinstance(value, list):
+            return "a metric other than the histograms is a list"
+        elif key in COUNTED and not (isinstance(value, int) and 0 <= value <= MOST):
+            return f"{key} {value!r} is not a count from 0 to {MOST}"
+        elif not (math.isfinite(value) and value >= 0):
+            return "a metric is negative or not finite"
+    if metrics.get(keys.PERSONAL_KEPT, 0) not in (0, 1):
+        return f"{keys.PERSONAL_KEPT} is not 0 or 1"
+    return None
+
+
+def wrong_weights(record: ArrayRecord, sent: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a reply's arrays are not the model the round sent, trained, if they are
+    not: other names or shapes, not float32 or float64 numpy arrays, or weights that
+    are NaN, infinite or beyond ``MAX_WEIGHT`` (also once cast to float32)."""
+    if set(record.keys()) != set(sent):
+        return f"arrays other than the model's {sorted(sent)}"
+    for name, array in record.items():
+        try:
+            weights = weights_of(array, most=math.prod(sent[name]))
+        except ValueError as err:
+            return str(err)
+        if weights.shape != sent[name]:
+            return f"{name} not of the model's shape {sent[name]}"
+        if implausible(weights):
+            return f"non-finite values or values beyond {MAX_WEIGHT:g} in {name}"
+    return None
+
+
+def malformed(content: RecordDict, sent: dict[str, tuple[int, ...]] | None,
+              weight_key: str) -> str | None:
+    """Why a reply is not in the form the bank's app sends, if it is not. ``sent``: the
+    shapes of the model the round sent (a train reply returns arrays of the same
+    names and shapes); None for an evaluate reply, which carries metrics only."""
+    names = {keys.METRICS} if sent is None else {keys.ARRAYS, keys.METRICS}
+    if set(content.keys()) != names:
+        return f"records other than {sorted(names)}"
+    metrics = content[keys.METRICS]
+    if not isinstance(metrics, MetricRecord):
+        return f"{keys.METRICS} is not a metric record"
+    required = (*REQUIRED["evaluate" if sent is None else "train"], weight_key)
+    why = wrong_metrics(metrics, required)
+    if why or sent is None:
+        return why
     record = content[keys.ARRAYS]
     if not isinstance(record, ArrayRecord):
         return f"{keys.ARRAYS} is not an array record"
-    arrays = floats(record)
-    if isinstance(arrays, str):
-        return arrays
-    shapes = {name: array.shape for name, array in arrays.items()}
-    if shapes != sent:
-        return f"arrays {shapes}, not the model's {sent}"
-    bad = non_finite(arrays)
-    return f"non-finite values in {', '.join(bad)}" if bad else None
+    return wrong_weights(record, sent)
 
 
-def shared_metrics(replies: list[Message]) -> list[Message]:
-    """The replies with their metrics cut to the keys every one of them sent."""
-    answered = [reply.content[keys.METRICS] for reply in replies if reply.has_content()]
-    if not answered:
-        return replies
-    shared = set.intersection(*(set(record.keys()) for record in answered))
+def weight_only(replies: list[Message], weight_key: str) -> list[Message]:
+    """The replies as Flower's strategies need them: the weights and FedAvg's weight
+    key. Flower raises on metric records with different keys (and Krum aggregates the
+    metrics of the one reply it picks); the guard aggregates the banks' metrics."""
     return [Message(RecordDict({**reply.content, keys.METRICS: MetricRecord(
-                {key: value for key, value in reply.content[keys.METRICS].items()
-                 if key in shared})}), metadata=reply.metadata)
+                {weight_key: reply.content[keys.METRICS][weight_key]})}),
+                    metadata=reply.metadata)
             if reply.has_content() else reply for reply in replies]
 
 
-def wrong_weight(content: RecordDict, weight_key: str) -> str | None:
+def wrong_weight(content: RecordDict, weight_key: str, rows_key: str) -> str | None:
     """Why a reply's FedAvg weight is not one an honest bank sends, if it is not. Each
     bank states its own weight: with equal weighting it must be 1 (a bank claiming
-    1e9 would replace the global model with its own), else its training rows, a
-    positive count that matches the ``n-train`` it reports."""
-    metrics = next(iter(content.metric_records.values()), MetricRecord())
+    1e9 would replace the global model with its own), else its rows (``rows_key``: its
+    training rows for a train reply, validation rows for an evaluate reply), a
+    positive count that matches the size it reports."""
+    metrics = content[keys.METRICS]
     weight = metrics.get(weight_key)
     if weight_key == keys.VOTE:
         honest = weight == 1
     else:
-        honest = isinstance(weight, int) and weight >= 1 and weight == metrics.get(keys.N_TRAIN)
+        honest = isinstance(weight, int) and weight >= 1 and weight == metrics.get(rows_key)
     return None if honest else f"{weight_key} {weight!r} is not an honest bank's weight"
 
 
@@ -211,18 +221,19 @@ class BankGuard:
 
     def refuse(self, message: str, server_round: int,
                replies: Iterable[Message]) -> list[Message]:
-        """The replies in the form the bank's app sends (and, for training, with an
-        honest weight); the others refused, logged and recorded. Every reply with
-        content goes to the ledger, refused or not."""
+        """The replies in the form the bank's app sends, with an honest weight; the
+        others refused, logged and recorded. Every reply with content goes to the
+        ledger, refused or not."""
         kept = []
         for reply in replies:
             if reply.has_content():
                 content = reply.content
                 bank = bank_of(content)
                 self.ledger.append(ledger_entry(message, server_round, content, bank))
-                why = malformed(content, self.sent if message == "train" else None)
-                if why is None and message == "train":
-                    why = wrong_weight(content, self.weighted_by_key)
+                sent = self.sent if message == "train" else None
+                why = malformed(content, sent, self.weighted_by_key) or wrong_weight(
+                    content, self.weighted_by_key,
+                    keys.N_TRAIN if message == "train" else keys.N_VAL)
                 if why:
                     log(WARNING, "fedfraud: refused the %s reply of bank %s (node %d) in "
                         "round %d: %s", message, bank, reply.metadata.src_node_id,
@@ -236,7 +247,9 @@ class BankGuard:
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self.refuse("train", server_round, replies)
-        return super().aggregate_train(server_round, shared_metrics(kept))
+        arrays, _ = super().aggregate_train(server_round,
+                                            weight_only(kept, self.weighted_by_key))
+        return arrays, self.bank_metrics(kept)
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
@@ -245,7 +258,17 @@ class BankGuard:
         if answered:
             self.final_bank_metrics = {bank_of(content): content[keys.METRICS]
                                        for content in answered}
-        return super().aggregate_evaluate(server_round, shared_metrics(kept))
+        super().aggregate_evaluate(server_round, weight_only(kept, self.weighted_by_key))
+        return self.bank_metrics(kept)
+
+    def bank_metrics(self, kept: list[Message]) -> MetricRecord | None:
+        """The banks' metrics of one round, from every kept reply as the bank sent it."""
+        answered = [reply.content for reply in kept if reply.has_content()]
+        return aggregate_bank_metrics(answered, self.weighted_by_key) if answered else None
+
+
+def no_metrics(replies: list[RecordDict], weight_key: str) -> None:
+    """Flower's ``*_metrics_aggr_fn``: nothing, for ``BankGuard.bank_metrics`` does it."""
 
 
 def make_strategy(config: Config) -> FedAvg:
@@ -267,7 +290,7 @@ def make_strategy(config: Config) -> FedAvg:
         min_train_nodes=config.min_banks,
         min_evaluate_nodes=config.min_banks,
         min_available_nodes=config.min_banks,
-        train_metrics_aggr_fn=aggregate_bank_metrics,
-        evaluate_metrics_aggr_fn=aggregate_bank_metrics,
+        train_metrics_aggr_fn=no_metrics,
+        evaluate_metrics_aggr_fn=no_metrics,
         **options,
     )

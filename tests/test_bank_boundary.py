@@ -504,6 +504,9 @@ def test_the_bank_s_step_bound_lets_the_default_run_through_and_decides_alone() 
     assert "60693 training steps" in policy.steps_refusal(greedy, 20_231)
     assert Policy.from_toml("max-steps-per-round = 100000", "p").steps_refusal(
         greedy, 20_231) is None
-    for key in ("batch-size", "dp-batch-size"):  # no batch at all: refused by every party
-        with pytest.raises(ValueError, match=f"^run config: {key} must be at least 1$"):
-            Config.from_run_config({**default.as_run_config(), key: 0})
+    for key, value, why in (("batch-size", 0, "must be at least 1"),  # no batch at all
+                            ("dp-batch-size", 0, "must be at least 1"),
+                            ("seed", 2**63, r"must be 0 to 2\*\*31 - 1"),  # overflows torch
+                            ("proximal-mu", float("nan"), "must be a number from 0")):
+        with pytest.raises(ValueError, match=f"^run config: {key} {why}$"):
+            Config.from_run_config({**default.as_run_config(), key: value})

@@ -169,7 +169,8 @@ def test_a_crafted_model_with_nan_or_inf_weights_is_neither_trained_nor_evaluate
     from client.bank import Bank
 
     bank = Bank(5, Path(prepared.data_dir) / bank_file(5), prepared, state_dir=tmp_path)
-    for value in (np.nan, np.inf, 1e300):  # 1e300: finite in float64, inf in float32
+    # 1e300: finite in float64, inf in float32; 1e20: finite, and NaN scores
+    for value in (np.nan, np.inf, 1e300, 1e20):
         arrays = {keys.WEIGHTS: global_arrays()[keys.WEIGHTS].numpy().astype(np.float64)}
         arrays[keys.WEIGHTS][-1] = value
         with pytest.raises(BankDataError, match="non-finite"):
@@ -211,7 +212,8 @@ def test_a_crafted_model_of_another_shape_or_type_is_refused_with_a_clear_error(
 
 
 
-@pytest.mark.parametrize("model", ["none", "another serialization", "broken bytes"])
+@pytest.mark.parametrize("model", ["none", "another serialization", "broken bytes",
+                                   "a forged header"])
 @pytest.mark.parametrize("make", [train_message, evaluate_message])
 def test_a_message_without_a_loadable_model_is_a_one_line_data_error(
     prepared, tmp_path: Path, caplog: pytest.LogCaptureFixture, make, model: str,
@@ -224,6 +226,11 @@ def test_a_message_without_a_loadable_model_is_a_one_line_data_error(
     message = make()
     if model == "none":
         del message.content[keys.ARRAYS]
+    elif model == "a forged header":  # np.load would allocate 2**45 floats
+        from tests.test_strategy import forged
+
+        message.content[keys.ARRAYS] = ArrayRecord({keys.WEIGHTS: Array(
+            dtype="float32", shape=(3,), stype="numpy.ndarray", data=forged())})
     else:
         stype, data = (("torch", b"xx") if model == "another serialization"
                        else ("numpy.ndarray", b"\x93NUMPY garbage"))
@@ -236,6 +243,45 @@ def test_a_message_without_a_loadable_model_is_a_one_line_data_error(
     assert [record.getMessage().split(": ")[:2] for record in errors] == [
         ["bank 5", "data error"]]
     assert "the server" in errors[0].getMessage() and errors[0].exc_info is None
+
+@pytest.mark.parametrize("change", ["no settings", "no round", "round 0", "round 2**64",
+                                    "a text round", "another proximal-mu"])
+def test_a_train_message_with_settings_no_run_sends_is_a_one_line_data_error(
+    prepared, tmp_path: Path, caplog: pytest.LogCaptureFixture, change: str,
+) -> None:
+    """A server's message settings outside the run (a round it does not have, which
+    also seeds the bank's shuffling; FedProx's mu other than the run config's, also
+    under DP where the run config forbids it) are refused in one line, before a row."""
+    from client.app import BankRefused
+
+    message = train_message()
+    settings = message.content[keys.CONFIG]
+    if change == "no settings":
+        del message.content[keys.CONFIG]
+    elif change == "no round":
+        del settings[keys.SERVER_ROUND]
+    else:
+        settings.update({"round 0": {keys.SERVER_ROUND: 0},
+                         "round 2**64": {keys.SERVER_ROUND: 2**64 - 1},
+                         "a text round": {keys.SERVER_ROUND: "1"},
+                         "another proximal-mu": {keys.PROXIMAL_MU: float("nan")}}[change])
+    with pytest.raises(BankRefused, match="^bank 5: data error, see the bank's log$"):
+        app(message, deployed_context(prepared, tmp_path, tmp_path / "not-read.csv"))
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and "the server's message" in errors[0]
+
+
+def test_a_deployed_bank_trains_at_most_the_run_s_rounds(prepared, tmp_path: Path) -> None:
+    """A server may send any number of train messages in one run; without DP nothing
+    was counted. The bank's ledger counts every run's rounds."""
+    from client.app import BankRefused
+
+    config = Config.from_run_config({**prepared.as_run_config(), "num-server-rounds": 2})
+    context = deployed_context(config, tmp_path, Path(prepared.data_dir) / bank_file(5))
+    for _ in range(2):
+        assert app(train_message(), context).content[keys.METRICS][keys.BANK_ID] == 5
+    with pytest.raises(BankRefused, match="^bank 5: this run's rounds are trained$"):
+        app(train_message(), context)
 
 def test_without_personalization_a_bank_keeps_the_federated_model(
         prepared, tmp_path: Path) -> None:
@@ -428,10 +474,11 @@ def test_a_deployed_bank_counts_its_own_dp_rounds_and_stops_at_the_run_s_budget(
                                      "num-server-rounds": 2})
     context = deployed_context(config, tmp_path, Path(prepared.data_dir) / bank_file(5))
 
-    # The server claims round 1 three times: the bank counts what it trained itself.
+    # The server claims round 1 three times: the bank counts what it trained itself,
+    # and a third round would take the run past its epsilon.
     spent = [app(dp_train_message(1), context).content[keys.METRICS][keys.DP_EPSILON]
              for _ in range(2)]
-    with pytest.raises(BankRefused, match="bank 5: privacy budget spent"):
+    with pytest.raises(BankRefused, match="bank 5: this run's rounds are trained"):
         app(dp_train_message(1), context)
 
     assert spent[0] < spent[1] <= 3.0 + 1e-6 and spent[1] > 2.9
@@ -472,13 +519,14 @@ def test_a_deployed_bank_answers_at_most_rounds_plus_one_evaluations_per_run(
     context = deployed_context(config, tmp_path, Path(prepared.data_dir) / bank_file(5))
     evaluate = evaluate_message(server_round=2)
 
-    replies = [app(train_message(), context) for _ in range(2)]  # each evaluates first
-    app(evaluate, context)  # the final model's: the third of 2 + 1
+    first = app(train_message(), context)  # evaluates the incoming model first: 1 of 3
+    app(evaluate, context)
+    app(evaluate, context)  # the third of 2 + 1
     with pytest.raises(BankRefused, match="bank 5: this run's evaluations are spent"):
         app(evaluate, context)
-    late = app(train_message(), context)  # training goes on, without evaluating
+    late = app(train_message(), context)  # round 2 trains, without evaluating
 
-    assert all(keys.HIST_FRAUD in reply.content[keys.METRICS] for reply in replies)
+    assert keys.HIST_FRAUD in first.content[keys.METRICS]
     assert keys.HIST_FRAUD not in late.content[keys.METRICS]
 
 

@@ -3,6 +3,7 @@ accounting and the membership audit: pure parts, no processes."""
 
 from __future__ import annotations
 
+import io
 import time
 from typing import Any
 
@@ -60,7 +61,7 @@ def test_non_finite_updates_are_refused_and_recorded(bad: float) -> None:
 
     np.testing.assert_allclose(weights, np.mean(HONEST, axis=0), rtol=1e-6)
     assert strategy.refused == [{"round": 1, "bank": 7, "message": "train",
-                                 "why": "non-finite values in w"}]
+                                 "why": "non-finite values or values beyond 1e+06 in w"}]
     assert list(metrics[keys.BANK_IDS]) == [0, 1, 2, 3]
     # The ledger still shows what bank 7 sent: the refused update is accounted for.
     assert [entry["bank"] for entry in strategy.ledger] == [0, 1, 2, 3, 7]
@@ -203,13 +204,23 @@ def test_membership_audit_sees_memorized_rows_and_not_unseen_ones() -> None:
     assert memorized.auc() > 0.85
 
 
-def test_a_reply_finite_only_in_float64_is_refused_as_non_finite() -> None:
-    """1e300 is finite in float64 and inf in the model's float32 average."""
-    from server.strategy import non_finite
+def test_weights_beyond_float32_or_max_weight_are_implausible() -> None:
+    """1e300 is finite in float64 and inf in the model's float32 average; 1e20 is finite
+    in float32 and overflows the model's activations (NaN scores) and FedAdam's squares."""
+    from common.model import implausible
 
-    huge = np.array([1.0, 1e300], np.float64)
-    assert non_finite({keys.WEIGHTS: huge}) == [keys.WEIGHTS]
-    assert non_finite({keys.WEIGHTS: huge[:1]}) == []
+    assert implausible(np.array([1.0, 1e300])) and implausible(np.float32([1e20, 1.0]))
+    assert not implausible(np.float32([1.0, -3.5]))
+
+
+def forged() -> bytes:
+    """An npy file of one float32 whose header claims 2**45 of them."""
+    stream = io.BytesIO()
+    np.save(stream, np.zeros(1, np.float32))
+    data = stream.getvalue()
+    header = data[10:].split(b"}")[0].replace(b"(1,)", b"(35184372088832,)")
+    return (data[:8] + (len(header) + 1 + 8).to_bytes(2, "little") + header + b"}"
+            + b" " * 7 + b"\n" + data[-4:])
 
 
 def crafted(change: str) -> Message:
@@ -252,6 +263,26 @@ def crafted(change: str) -> Message:
         del metrics[keys.N_VAL]
     elif change == "half a histogram pair":
         metrics[keys.HIST_LEGIT] = [0] * (len(SCORE_EDGES) - 1)
+    elif change == "a forged header":  # np.load would allocate 2**45 floats
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(dtype="float32", shape=(2,),
+                                                       stype="numpy.ndarray", data=forged())})
+    elif change == "huge weights":  # finite, and NaN scores once averaged in
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(np.float32([1e20, -1e20]))})
+    elif change == "no vote":  # Flower raises without the weight key
+        del metrics[keys.VOTE]
+    elif change == "negative counts":  # would move the pooled threshold, AUC above 1
+        metrics[keys.HIST_FRAUD] = [-5] * (len(SCORE_EDGES) - 1)
+        metrics[keys.HIST_LEGIT] = [0] * (len(SCORE_EDGES) - 1)
+    elif change == "a count past 2**64":  # overflows the sum
+        metrics[keys.TP] = 2**64 - 1
+    elif change == "personal-kept NaN":  # the results take int() of it
+        metrics.update({keys.HIST_LEGIT_PERSONAL: [0] * (len(SCORE_EDGES) - 1),
+                        keys.HIST_FRAUD_PERSONAL: [0] * (len(SCORE_EDGES) - 1),
+                        keys.PERSONAL_KEPT: float("nan")})
+    elif change == "epsilon inf":  # metrics.json cannot hold it
+        metrics.update({keys.DP_EPSILON: float("inf"), keys.DP_NOISE: 1.0})
+    elif change == "a link for a key":  # would reach the report as a live link
+        metrics["[fix](https://evil.example)"] = [1.0, 2.0]
     elif change == "a count that is a list":
         metrics[keys.N_TRAIN] = [1, 2]
     elif change == "a count that is NaN":
@@ -263,7 +294,9 @@ def crafted(change: str) -> Message:
     "one weight", "three weights", "2-D", "another name", "an extra array", "integers",
     "text", "another serialization", "broken bytes", "no arrays", "a second array record",
     "no metrics", "no bank id", "no num-examples", "a short histogram",
-    "no sizes", "half a histogram pair", "a count that is a list", "a count that is NaN"])
+    "no sizes", "half a histogram pair", "a count that is a list", "a count that is NaN",
+    "a forged header", "huge weights", "no vote", "negative counts", "a count past 2**64",
+    "personal-kept NaN", "epsilon inf", "a link for a key"])
 @pytest.mark.parametrize("strategy_name", ["fedavg", "krum"])
 def test_a_train_reply_in_a_form_no_bank_sends_is_refused_and_the_round_goes_on(
     strategy_name: str, change: str,
@@ -281,14 +314,16 @@ def test_a_train_reply_in_a_form_no_bank_sends_is_refused_and_the_round_goes_on(
     assert [(r["round"], r["message"]) for r in strategy.refused] == [(1, "train")]
     assert strategy.refused[0]["bank"] == (None if change in ("no metrics", "no bank id")
                                            else 7)
+    assert "evil" not in strategy.refused[0]["why"]  # nothing the bank named is quoted
     assert len(strategy.ledger) == 5  # what it sent is still accounted for
 
 
 def test_banks_that_withhold_different_metrics_by_policy_still_aggregate() -> None:
     """A bank's policy decides what it tells (membership audit, its personalized copy,
     histograms once its evaluations are spent): replies with different metric keys.
-    Flower's FedAvg raises on those; the banks' shared keys are aggregated and each
-    bank's own metrics kept as it sent them."""
+    Flower's FedAvg raises on those (and Krum keeps the metrics of the one reply it
+    picks). The guard sums each histogram over the banks that sent it, naming them,
+    and keeps each bank's own metrics as it sent them."""
     hist = [1] * (len(SCORE_EDGES) - 1)
     told = {keys.HIST_LEGIT: hist, keys.HIST_FRAUD: hist}
     audit = {keys.HIST_MEMBER: hist, keys.HIST_NONMEMBER: hist}
@@ -301,27 +336,33 @@ def test_banks_that_withhold_different_metrics_by_policy_still_aggregate() -> No
         message.content[keys.METRICS].update(told, **extra)
         return message
 
-    strategy = guarded()
-    metrics = strategy.aggregate_evaluate(10, [
-        evaluate_reply(0), evaluate_reply(1, **audit), evaluate_reply(2, **personal)])
-    assert strategy.refused == []
-    assert metrics[keys.HIST_FRAUD] == [3] * len(hist)
-    assert keys.HIST_MEMBER not in metrics and keys.PERSONAL_KEPT not in metrics
-    assert keys.HIST_MEMBER in strategy.final_bank_metrics[1]
-    assert strategy.final_bank_metrics[2][keys.PERSONAL_KEPT] == 1
+    for name in ("fedavg", "krum"):
+        strategy = guarded(strategy=name)
+        metrics = strategy.aggregate_evaluate(10, [
+            evaluate_reply(0), evaluate_reply(1, **audit), evaluate_reply(2, **personal)])
+        assert strategy.refused == []
+        assert metrics[keys.HIST_FRAUD] == [3] * len(hist)
+        assert metrics[keys.HIST_MEMBER] == hist  # bank 1's alone
+        assert keys.PERSONAL_KEPT not in metrics  # a per-bank list needs every bank
+        assert keys.HIST_MEMBER in strategy.final_bank_metrics[1]
+        assert strategy.final_bank_metrics[2][keys.PERSONAL_KEPT] == 1
 
-    replies = [reply(0, HONEST[0]), reply(1, HONEST[1])]
-    replies[0].content[keys.METRICS].update(told)  # bank 1's evaluations are spent
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    np.testing.assert_allclose(arrays["w"].numpy(), np.mean(HONEST[:2], axis=0))
-    assert list(metrics[keys.BANK_IDS]) == [0, 1] and keys.HIST_FRAUD not in metrics
+        replies = [reply(0, HONEST[0]), reply(1, HONEST[1]), reply(2, HONEST[2])]
+        for told_by in (0, 2):  # bank 1's evaluations are spent
+            replies[told_by].content[keys.METRICS].update(told)
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        assert list(metrics[keys.BANK_IDS]) == [0, 1, 2]
+        assert list(metrics[keys.EVALUATED_IDS]) == [0, 2]
+        assert metrics[keys.HIST_FRAUD] == [2] * len(hist)
+    np.testing.assert_allclose(arrays["w"].numpy(), HONEST[0])  # Krum's pick
 
-def test_a_loss_is_averaged_per_row_only_when_every_bank_sent_its_rows() -> None:
+
+def test_a_loss_is_averaged_per_row_over_the_banks_that_sent_it_with_their_rows() -> None:
     from server.evaluation import aggregate_bank_metrics
 
     replies = [reply(bank, w).content for bank, w in enumerate(HONEST[:2])]
-    for content in replies:
-        content[keys.METRICS][keys.TRAIN_LOSS] = 0.25
-    assert aggregate_bank_metrics(replies, keys.VOTE)[keys.TRAIN_LOSS] == 0.25
+    replies[0][keys.METRICS][keys.TRAIN_LOSS] = 0.25
+    replies[1][keys.METRICS].update({keys.TRAIN_LOSS: 0.5, keys.N_TRAIN: 300})
+    assert aggregate_bank_metrics(replies, keys.VOTE)[keys.TRAIN_LOSS] == 0.4375
     del replies[1][keys.METRICS][keys.N_TRAIN]
-    assert keys.TRAIN_LOSS not in aggregate_bank_metrics(replies, keys.VOTE)
+    assert aggregate_bank_metrics(replies, keys.VOTE)[keys.TRAIN_LOSS] == 0.25
