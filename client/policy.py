@@ -53,7 +53,7 @@ max-rounds = 50
 # The most optimizer steps one round (or the final fine-tuning) may take at this bank:
 # epochs x training rows / batch size. Without a bound a run config with batch-size 1
 # and 100 epochs holds the bank's CPU for hours. 20,000 steps are ~15 s of CPU on a
-# 2-core machine; the default run takes at most ~1,000 at a 24,000-row bank.
+# 2-core machine; the default run takes at most ~500 at a 24,000-row bank.
 max-steps-per-round = 20000
 
 # Bounds for the validation share: a run that moves most rows out of (DP) training

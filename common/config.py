@@ -22,7 +22,7 @@ ATTACKS = ("none", "scale", "sign-flip", "nan", "inf")
 SERVER_TEST_SETS = ("simulation", "always", "never")
 ACTIVATIONS = ("relu", "tanh")  # FraudNet's hidden-layer activations (common/model.py)
 # A bank's round must end: a run config asking a small bank for more steps a round than
-# this (~1 s of CPU at batch 64 here; the default is 60) is refused at every bank.
+# this (~1.5 s of CPU here; the default is 60) is refused at every bank.
 MAX_LOCAL_STEPS = 2_000
 MAX_EPOCHS = 100  # likewise for local-epochs and personalize-epochs (defaults 3)
 

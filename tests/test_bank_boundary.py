@@ -494,12 +494,12 @@ def test_a_bad_file_is_reported_by_the_task_not_lost_in_the_preparer(prepared, t
 
 
 def test_the_bank_s_step_bound_lets_the_default_run_through_and_decides_alone() -> None:
-    """The default run at the largest default bank (~20,000 training rows: ~950 steps)
+    """The default run at the largest default bank (~20,000 training rows: ~480 steps)
     is far inside the default bound; batch-size 1 is not; the bank may raise its bound."""
     default = app_config()
     greedy = Config.from_run_config({**default.as_run_config(), "batch-size": 1})
     policy = Policy.from_toml("", "policy.toml")
-    assert default.most_steps(20_231) == 951
+    assert default.most_steps(20_231) == 477  # 3 epochs of 159 batches of 128
     assert policy.steps_refusal(default, 20_231) is None
     assert "60693 training steps" in policy.steps_refusal(greedy, 20_231)
     assert Policy.from_toml("max-steps-per-round = 100000", "p").steps_refusal(
