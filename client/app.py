@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import flwr.compat.common.recorddict_compat as compat
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import (
-    Code, FitRes, Status, log, ndarrays_to_parameters,
-)
+from flwr.common import Code, FitRes, Status, log, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common import keys
@@ -110,10 +110,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     # unless the bank's policy keeps the membership audit to itself; and keep a copy
     # (personalized if that is better) for the bank's own scoring.
     audit = policy is None or policy.membership_audit
+    arrays = numpy_arrays(msg, context)  # before the bank reads a row or counts it
     if not may_evaluate(context, config, policy):
-        raise BankRefused(f"bank {context.node_config['bank-id']}: this run's evaluations "
-                          "are spent")
-    arrays = numpy_arrays(msg, context)  # before the bank reads a row
+        raise BankRefused(f"{bank_name(context)}: this run's evaluations are spent")
     bank = bank_for(context, config)
     refuse_long_rounds(bank.id, config, policy, len(bank.y_train))  # fine-tuning's steps
     metrics = bank.evaluate(arrays, config, audit)

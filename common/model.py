@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -85,7 +84,7 @@ def weights_of(array: Array, most: int = MOST_WEIGHTS) -> np.ndarray:
         version = npy.read_magic(stream)
         read_header = (npy.read_array_header_1_0 if version == (1, 0)
                        else npy.read_array_header_2_0)
-        shape, fortran_order, dtype = read_header(stream)
+        shape, _, dtype = read_header(stream)
     except (ValueError, EOFError):
         raise ValueError("an array whose npy header does not parse") from None
     if dtype not in FLOATS:
