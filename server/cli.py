@@ -118,7 +118,8 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
                 "--bank-dir", str(folder), "--app-dir", str(app_dir),
                 "--superlink", f"127.0.0.1:{fleet_port}", *transport,
                 "--flwr-home", str(flwr_home / f"bank_{bank:02d}")])
-        return submit(app_dir, config, started.env, flwr_home, control, tls)
+        return submit(app_dir, config, started.env, flwr_home, control, tls,
+                      [folder / "keys" / "bank.key.pub" for folder in banks])
 
 
 def bank_dir(data_dir: Path, bank: int) -> Path:
@@ -150,14 +151,21 @@ def register_banks(flwr_home: Path, control: str, tls: Tls | None,
 
 
 def submit(app_dir: Path, config: Config, env: dict[str, str], flwr_home: Path,
-           control: str, tls: Tls | None) -> int:
+           control: str, tls: Tls | None, public_keys: list[Path] | None = None) -> int:
     """Run the app, report its outcome. The run waits for its banks itself
-    (server/app.py: every one of num-banks), so it starts while banks are starting."""
-    from server.launch import submit_and_wait, write_connection
+    (server/app.py: every one of num-banks), so it starts while banks are starting.
+    With TLS and the banks' public keys, the run knows which bank each registered node
+    is (``bank-nodes``) and refuses a reply stating another bank's id."""
+    from server.launch import bank_nodes, submit_and_wait, write_connection
 
     write_connection(flwr_home, CONNECTION, control, tls)
+    run_config = config.as_run_config()
+    if tls is not None and public_keys:
+        nodes = bank_nodes(flwr_home, CONNECTION, public_keys)
+        run_config["bank-nodes"] = ",".join(f"{node}:{bank}" for node, bank in nodes.items())
+        print(f"fedfraud: {len(nodes)} banks' ids bound to their registered keys", flush=True)
     print("fedfraud: submitting the run; it starts when its banks are online", flush=True)
-    run_id, status = submit_and_wait(app_dir, CONNECTION, env, config.as_run_config())
+    run_id, status = submit_and_wait(app_dir, CONNECTION, env, run_config)
     return report_outcome(run_id, status, Path(config.runs_dir))
 
 
@@ -221,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit_cmd = commands.add_parser("submit", help="wait for the banks, run, check")
     transport(submit_cmd)
     submit_cmd.add_argument("--control", required=True, help="the SuperLink's HOST:PORT")
+    submit_cmd.add_argument("--keys", type=Path, default=None,
+                            help="folder of the registered banks' public keys: the run "
+                                 "refuses a reply stating another bank's id")
     return parser
 
 
@@ -265,21 +276,27 @@ def main(argv: list[str] | None = None) -> int:
         out = make_certificates(args.out or app_dir / "certs")
         print(f"fedfraud: certificates in {out}; give the banks only {out / CA_CERT}")
         return 0
-    if args.command == "deploy":
-        return deploy(app_dir, config, flwr_home, certs, args.fleet_port,
-                      args.control_port)
-    from common.processes import flower_env
-    from server.launch import Tls
+    from server.launch import FlowerCommandError, Tls
 
-    tls = Tls(certs) if certs else None
-    if args.command == "register-banks":
-        keys = wait_for_public_keys(args.keys, config.num_banks)
-        register_banks(flwr_home, args.control, tls, keys)
-        print(f"fedfraud: registered {len(keys)} banks' public keys")
-        return 0
-    if args.command == "submit":
-        return submit(app_dir, config, flower_env(flwr_home), flwr_home, args.control,
-                      tls)
+    try:
+        if args.command == "deploy":
+            return deploy(app_dir, config, flwr_home, certs, args.fleet_port,
+                          args.control_port)
+        from common.processes import flower_env
+
+        tls = Tls(certs) if certs else None
+        if args.command == "register-banks":
+            keys = wait_for_public_keys(args.keys, config.num_banks)
+            register_banks(flwr_home, args.control, tls, keys)
+            print(f"fedfraud: registered {len(keys)} banks' public keys")
+            return 0
+        if args.command == "submit":
+            keys = sorted(args.keys.glob("**/*.pub")) if args.keys else None
+            return submit(app_dir, config, flower_env(flwr_home), flwr_home,
+                          args.control, tls, keys)
+    except FlowerCommandError as err:  # a bank's key, or the SuperLink: one line
+        print(f"fedfraud: {err}", file=sys.stderr)
+        return 1
     return simulate(app_dir, config, flwr_home)
 
 

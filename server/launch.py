@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,33 +82,19 @@ class FlowerCommandError(RuntimeError):
     """A ``flwr`` command reported a failure."""
 
 
-def register_banks(flwr_home: Path, connection: str, public_keys: list[Path]) -> None:
-    """Allow exactly these banks' public keys (each bank made its own pair; only the
-    .pub is here). What ``flwr supernode register KEY CONNECTION`` does, with Flower's
-    own functions, for every key through one Control API client: a ``flwr`` process
-    per key costs ~0.8 s of CPU (its imports), ten of them ~4 s of a deployment's
-    start. Flower's CLI reads the connection from ``FLWR_HOME``, set for the call."""
+@contextmanager
+def control_client(flwr_home: Path, connection: str) -> Iterator[Any]:
+    """Flower's Control API client for ``connection`` as ``flwr`` makes it (Flower's CLI
+    reads the connection from ``FLWR_HOME``, set for the call and restored after)."""
     from flwr.cli.flower_config import read_superlink_connection
     from flwr.cli.utils import init_http_client_from_connection
-    from flwr.proto.control_pb2 import RegisterNodeRequest
 
-    keys = {key: public_key_bytes(key) for key in public_keys}  # all valid, or none sent
     before = os.environ.get("FLWR_HOME")
     os.environ["FLWR_HOME"] = str(flwr_home)
     try:
         control = init_http_client_from_connection(read_superlink_connection(connection))
         try:
-            for key, public_key in keys.items():
-                try:
-                    node = control.RegisterNode(
-                        RegisterNodeRequest(public_key=public_key)).node_id
-                except Exception as err:  # noqa: BLE001 - one line, as flwr says it
-                    raise FlowerCommandError(f"flwr supernode register {key}: "
-                                             f"{str(err).strip() or type(err).__name__}"
-                                             ) from None
-                if not node:
-                    raise FlowerCommandError(f"flwr supernode register {key}: "
-                                             "not registered")
+            yield control
         finally:
             control.close()
     finally:
@@ -114,6 +102,64 @@ def register_banks(flwr_home: Path, connection: str, public_keys: list[Path]) ->
             del os.environ["FLWR_HOME"]
         else:
             os.environ["FLWR_HOME"] = before
+
+
+def register_banks(flwr_home: Path, connection: str, public_keys: list[Path]) -> None:
+    """Allow exactly these banks' public keys (each bank made its own pair; only the
+    .pub is here). What ``flwr supernode register KEY CONNECTION`` does, with Flower's
+    own functions, for every key through one Control API client: a ``flwr`` process
+    per key costs ~0.8 s of CPU (its imports), ten of them ~4 s of a deployment's
+    start."""
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+
+    keys = {key: public_key_bytes(key) for key in public_keys}  # all valid, or none sent
+    with control_client(flwr_home, connection) as control:
+        for key, public_key in keys.items():
+            try:
+                node = control.RegisterNode(RegisterNodeRequest(public_key=public_key)).node_id
+            except Exception as err:  # noqa: BLE001 - one line, as flwr says it
+                raise FlowerCommandError(f"flwr supernode register {key}: "
+                                         f"{str(err).strip() or type(err).__name__}"
+                                         ) from None
+            if not node:
+                raise FlowerCommandError(f"flwr supernode register {key}: not registered")
+
+
+def bank_nodes(flwr_home: Path, connection: str, public_keys: list[Path]) -> dict[int, int]:
+    """Which bank each registered SuperNode is: {node id: bank id}, from the node ids
+    the SuperLink holds for the banks' public keys (``flwr supernode list``) and the
+    bank each key names (``key_bank``). With bank authentication a node id is its key's
+    for good: every Fleet request must come with the key's signature. The ServerApp
+    refuses a reply that states another bank's id (server/strategy.py)."""
+    from flwr.proto.control_pb2 import ListNodesRequest
+    from flwr.supercore.constant import NodeStatus
+
+    banks = {public_key_bytes(key): key_bank(key) for key in public_keys}
+    if len(set(banks.values())) < len(public_keys):
+        raise FlowerCommandError("two of the banks' public keys name the same bank: "
+                                 f"{', '.join(str(key) for key in public_keys)}")
+    with control_client(flwr_home, connection) as control:
+        try:
+            nodes = control.ListNodes(ListNodesRequest()).nodes_info
+        except Exception as err:  # noqa: BLE001 - one line, as flwr says it
+            raise FlowerCommandError(f"flwr supernode list: "
+                                     f"{str(err).strip() or type(err).__name__}") from None
+    found = {banks[node.public_key]: node.node_id for node in nodes
+             if node.public_key in banks and node.status != NodeStatus.UNREGISTERED}
+    if missing := sorted(set(banks.values()) - set(found)):
+        raise FlowerCommandError(f"banks {missing}: their public keys are not registered "
+                                 "with the SuperLink (fedfraud register-banks)")
+    return {node: bank for bank, node in found.items()}
+
+
+def key_bank(path: Path) -> int:
+    """The bank a public key is for: its comment, ``bank-N``, as ``fedfraud-bank
+    init`` writes it. The operator registers a key for the bank it names."""
+    words = path.read_text(errors="replace").split()
+    if len(words) == 3 and words[2].startswith("bank-") and words[2][5:].isdigit():
+        return int(words[2][5:])
+    raise FlowerCommandError(f"{path}: the key does not name its bank (its comment must "
+                             "be bank-N, as fedfraud-bank init writes it)")
 
 
 def public_key_bytes(path: Path) -> bytes:

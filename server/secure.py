@@ -103,8 +103,8 @@ def run_secure(grid: Grid, context: Context, config: Config,
 
     final = legacy.state.array_records[MAIN_PARAMS_RECORD]
     arrays = as_record([array.numpy() for array in final.values()])
-    node_to_bank = {}
-    for _, node, content in recording.replies:
+    node_to_bank = dict(guard.node_banks)  # the registered banks', if given
+    for _, node, content in recording.replies if not guard.registered else ():
         for record in content.config_records.values():
             if isinstance(record.get(keys.BANK_ID), int):
                 node_to_bank[node] = record[keys.BANK_ID]

@@ -11,6 +11,8 @@
   missing, out of bounds or half of a pair) is refused before aggregation, with a
   logged reason, and recorded. Flower's FedAvg raises on one such reply and ends the
   run: any one bank could stop the federation;
+- a reply stating another bank's id is refused: a node is the bank its registered key
+  names (``bank-nodes``), or without registrations the bank it first stated;
 - Flower's strategies aggregate the weights only; the guard aggregates the banks'
   metrics from every kept reply. Banks may withhold some by their own policy
   (membership audit, personalization, an evaluation allowance spent), and Flower's
@@ -172,9 +174,9 @@ def fingerprint(record: ArrayRecord) -> str:
 
 
 def ledger_entry(message: str, server_round: int, content: RecordDict,
-                 bank: int | None = None) -> dict[str, Any]:
-    """What one reply carried: each record's kind, keys and serialized size (and a
-    fingerprint of any weights)."""
+                 bank: int | None) -> dict[str, Any]:
+    """What one reply carried (``bank``: its sender, as far as the server knows): each
+    record's kind, keys and serialized size (and a fingerprint of any weights)."""
     records = []
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
@@ -192,7 +194,7 @@ def ledger_entry(message: str, server_round: int, content: RecordDict,
             items = {key: len(value) if isinstance(value, list) else 1
                      for key, value in record.items()}
         records.append({"record": name, "kind": kind, "bytes": size, "items": items})
-    return {"round": server_round, "bank": bank_of(content) if bank is None else bank,
+    return {"round": server_round, "bank": bank,
             "message": message,
             "bytes": sum(record["bytes"] for record in records), "records": records}
 
@@ -200,9 +202,12 @@ def ledger_entry(message: str, server_round: int, content: RecordDict,
 class BankGuard:
     """Mixed in before one of Flower's strategies (see the module docstring)."""
 
-    def __init__(self, num_rounds: int, **kwargs: Any) -> None:
+    def __init__(self, num_rounds: int, registered: dict[int, int] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
+        self.registered = bool(registered)
+        self.node_banks: dict[int, int] = dict(registered or {})  # node id -> bank id
         self.final_bank_metrics: dict[int, MetricRecord] = {}
         self.sent: dict[str, tuple[int, ...]] | None = None  # the round's model shapes
         self.refused: list[dict[str, Any]] = []
@@ -219,25 +224,50 @@ class BankGuard:
             return []
         return super().configure_evaluate(server_round, arrays, config, grid)
 
+    def sender(self, node: int, stated: int | None) -> int | None:
+        """The bank a reply comes from, as far as the server knows: the bank the node's
+        registered key names (``bank-nodes``); without registrations (a simulation, or
+        no keys given), the bank the node stated first, else the one it states if no
+        other node stated it first."""
+        known = self.node_banks.get(node)
+        if known is None and not self.registered and stated not in self.node_banks.values():
+            return stated
+        return known
+
+    def wrong_bank(self, node: int, stated: int) -> str | None:
+        """Why a reply's bank id is not its node's bank, if it is not (a bank sending as
+        another, to have its update or its metrics taken for the other's); else binds
+        the node to that bank for the run."""
+        bank = self.sender(node, stated)
+        if bank == stated:
+            self.node_banks[node] = bank
+            return None
+        if bank is not None:
+            return f"it states bank-id {stated}, but its node is bank {bank}"
+        return (f"it states bank-id {stated}; its node is no registered bank's"
+                if self.registered else
+                f"it states bank-id {stated}, which another node stated first")
+
     def refuse(self, message: str, server_round: int,
                replies: Iterable[Message]) -> list[Message]:
-        """The replies in the form the bank's app sends, with an honest weight; the
-        others refused, logged and recorded. Every reply with content goes to the
-        ledger, refused or not."""
+        """The replies in the form the bank's app sends, with an honest weight and their
+        own node's bank id; the others refused, logged and recorded. Every reply with
+        content goes to the ledger, refused or not, under its node's bank when known."""
         kept = []
         for reply in replies:
             if reply.has_content():
-                content = reply.content
-                bank = bank_of(content)
-                self.ledger.append(ledger_entry(message, server_round, content, bank))
+                content, node = reply.content, reply.metadata.src_node_id
+                stated = bank_of(content)
                 sent = self.sent if message == "train" else None
                 why = malformed(content, sent, self.weighted_by_key) or wrong_weight(
                     content, self.weighted_by_key,
-                    keys.N_TRAIN if message == "train" else keys.N_VAL)
+                    keys.N_TRAIN if message == "train" else keys.N_VAL
+                ) or self.wrong_bank(node, stated)  # type: ignore[arg-type] - an int now
+                bank = self.sender(node, stated)
+                self.ledger.append(ledger_entry(message, server_round, content, bank))
                 if why:
                     log(WARNING, "fedfraud: refused the %s reply of bank %s (node %d) in "
-                        "round %d: %s", message, bank, reply.metadata.src_node_id,
-                        server_round, why)
+                        "round %d: %s", message, bank, node, server_round, why)
                     self.refused.append({"round": server_round, "bank": bank,
                                          "message": message, "why": why})
                     continue
@@ -286,6 +316,7 @@ def make_strategy(config: Config) -> FedAvg:
     guarded = type(f"Guarded{base.__name__}", (BankGuard, base), {})
     return guarded(
         num_rounds=config.num_server_rounds,
+        registered=config.registered_banks,
         weighted_by_key=keys.VOTE if config.bank_weighting == "equal" else keys.NUM_EXAMPLES,
         min_train_nodes=config.min_banks,
         min_evaluate_nodes=config.min_banks,

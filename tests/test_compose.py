@@ -50,8 +50,11 @@ def check(config: dict[str, Any]) -> None:
     # The operator's one-shots: public keys and the CA certificate, nothing private.
     assert targets(services["register"]) == {"/public/banks": "banks:ro",
                                              "/certs/server/ca.crt": "ca.crt:ro"}
-    assert targets(services["submit"]) == {"/certs/server/ca.crt": "ca.crt:ro",
+    assert targets(services["submit"]) == {"/public/banks": "banks:ro",
+                                           "/certs/server/ca.crt": "ca.crt:ro",
                                            "/app/runs": "runs:ro"}
+    submit = services["submit"]["command"]  # binds each node to its key's bank
+    assert submit[submit.index("--keys") + 1] == "/public/banks"
     for name in ("register", "submit"):  # the control API is on the SuperLink's loopback
         assert services[name]["network_mode"] == "service:superlink"
     superlink = services["superlink"]

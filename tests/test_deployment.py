@@ -27,8 +27,8 @@ from common.processes import (
 )
 from server.certs import CA_CERT, make_certificates
 from server.launch import (
-    Tls, flwr_json, register_banks, start_deployment_superlink, submit_and_wait,
-    write_connection,
+    Tls, bank_nodes, flwr_json, register_banks, start_deployment_superlink,
+    submit_and_wait, write_connection,
 )
 from tests.conftest import APP_DIR, app_config
 
@@ -71,11 +71,13 @@ def bank_folder(prepared, tmp_path: Path, bank: int) -> Path:
 
 
 def start_bank(started: Services, tmp_path: Path, folder: Path, bank: int,
-               fleet_port: int, tls: Tls) -> Path:
-    """``fedfraud-bank run`` for one bank; returns the folder of its own logs."""
+               fleet_port: int, tls: Tls, calls_itself: int | None = None) -> Path:
+    """``fedfraud-bank run`` for one bank (stating the bank id ``calls_itself`` if
+    given); returns the folder of its own logs."""
     home = tmp_path / f"bank-home-{bank}"
+    stated = bank if calls_itself is None else calls_itself
     started.start(f"bank_{bank:02d}", [
-        str(BIN / "fedfraud-bank"), "run", "--bank-id", str(bank), "--bank-dir",
+        str(BIN / "fedfraud-bank"), "run", "--bank-id", str(stated), "--bank-dir",
         str(folder), "--app-dir", str(APP_DIR), "--superlink", f"127.0.0.1:{fleet_port}",
         "--ca", str(tls.certs / CA_CERT), "--flwr-home", str(home)])
     return home / "logs"
@@ -171,6 +173,43 @@ def test_unregistered_bank_is_refused_and_registered_bank_joins(superlink, prepa
     time.sleep(3)
     nodes = flwr_json(started.env, "supernode", "list", "test")["nodes"]
     assert [node["status"] for node in nodes] == ["online"]
+
+
+def test_a_bank_stating_another_banks_id_is_refused_in_every_round(
+    superlink, prepared, tmp_path: Path,
+) -> None:
+    """Bank 2 joins with its own registered key but calls itself bank 1 (the bank sets
+    its node config), to have its update and its metrics taken for bank 1's. The run
+    knows which bank each registered key is (``bank-nodes``, as ``fedfraud submit
+    --keys`` and ``deploy`` fill it in): every reply of the impostor is refused, bank
+    1's own are kept, and the run goes on."""
+    started, fleet_port, tls = superlink
+    flwr_home = Path(started.env["FLWR_HOME"])
+    folders = [bank_folder(prepared, tmp_path, bank) for bank in range(3)]
+    keys = [folder / "keys" / "bank.key.pub" for folder in folders]
+    register_banks(flwr_home, "test", keys)
+    for bank, folder in enumerate(folders):
+        start_bank(started, tmp_path, folder, bank, fleet_port, tls,
+                   calls_itself=1 if bank == 2 else None)
+    wait_for(lambda: online(started) == 3, 180, "three banks online")
+
+    nodes = bank_nodes(flwr_home, "test", keys)
+    assert sorted(nodes.values()) == [0, 1, 2]
+    run_config = {**prepared.as_run_config(), "num-banks": 3, "min-banks": 2,
+                  "num-server-rounds": 2, "baselines": False,
+                  "runs-dir": str(tmp_path / "runs"),
+                  "bank-nodes": ",".join(f"{node}:{bank}" for node, bank in nodes.items())}
+    _, status = submit_and_wait(APP_DIR, "test", started.env, run_config, timeout_s=300)
+
+    assert status == "finished:completed"
+    metrics = json.loads((tmp_path / "runs" / "latest" / "metrics.json").read_text())
+    assert [row["banks_trained"] for row in metrics["history"]] == [[0, 1], [0, 1]]
+    assert [bank["id"] for bank in metrics["banks"]] == [0, 1]
+    refused = metrics["strategy"]["refused_updates"]
+    assert [(r["round"], r["message"]) for r in refused] == [
+        (1, "train"), (2, "train"), (2, "evaluate")]
+    assert {(r["bank"], r["why"]) for r in refused} == {
+        (2, "it states bank-id 1, but its node is bank 2")}
 
 
 EVIL_CLIENTAPP = """

@@ -25,14 +25,15 @@ HONEST = [np.array([1.0, 2.0], np.float32), np.array([1.2, 2.2], np.float32),
           np.array([0.8, 1.8], np.float32), np.array([1.0, 2.0], np.float32)]
 
 
-def reply(bank: int, weights: np.ndarray) -> Message:
+def reply(bank: int, weights: np.ndarray, node: int | None = None) -> Message:
+    """Bank ``bank``'s train reply, from node ``bank + 1`` unless ``node``."""
     content = RecordDict({
         keys.ARRAYS: ArrayRecord({"w": Array(weights)}),
         keys.METRICS: MetricRecord({keys.BANK_ID: bank, keys.VOTE: 1,
                                     keys.NUM_EXAMPLES: 100, keys.N_TRAIN: 100,
                                     keys.N_VAL: 20, keys.N_FRAUD: 3}),
     })
-    metadata = Metadata(run_id=1, message_id="", src_node_id=bank + 1, dst_node_id=0,
+    metadata = Metadata(run_id=1, message_id="", src_node_id=node or bank + 1, dst_node_id=0,
                         reply_to_message_id=f"m{bank}", group_id="1",
                         created_at=time.time(), ttl=60, message_type="train")
     return Message(content=content, metadata=metadata)
@@ -316,6 +317,43 @@ def test_a_train_reply_in_a_form_no_bank_sends_is_refused_and_the_round_goes_on(
                                            else 7)
     assert "evil" not in strategy.refused[0]["why"]  # nothing the bank named is quoted
     assert len(strategy.ledger) == 5  # what it sent is still accounted for
+
+
+def test_a_reply_stating_another_banks_id_is_refused() -> None:
+    """A bank sending as another (to have its update or its metrics taken for the
+    other's) is refused. In a deployment its node is the bank its registered key names
+    (``bank-nodes``, filled in by the operator); without registrations a bank id is the
+    first node's to state it, for the run."""
+    impostor = np.array([9.0, 9.0], np.float32)
+    honest = [reply(bank, w) for bank, w in enumerate(HONEST)]  # nodes 1 to 4
+
+    registered = guarded(bank_nodes="1:0,2:1,3:2,4:3,8:7")
+    arrays, metrics = registered.aggregate_train(1, [
+        *honest, reply(1, impostor, node=8), reply(9, impostor, node=9)])
+    np.testing.assert_allclose(arrays["w"].numpy(), np.mean(HONEST, axis=0), rtol=1e-6)
+    assert list(metrics[keys.BANK_IDS]) == [0, 1, 2, 3]
+    assert [(r["bank"], r["why"]) for r in registered.refused] == [
+        (7, "it states bank-id 1, but its node is bank 7"),
+        (None, "it states bank-id 9; its node is no registered bank's")]
+    assert [entry["bank"] for entry in registered.ledger] == [0, 1, 2, 3, 7, None]
+
+    first = guarded()
+    first.aggregate_train(1, [*honest, reply(1, impostor, node=8)])
+    _, metrics = first.aggregate_train(2, [reply(0, HONEST[0]), reply(5, impostor, node=2),
+                                           reply(8, impostor, node=8)])
+    assert list(metrics[keys.BANK_IDS]) == [0, 8]  # node 8 was no bank so far
+    assert [(r["round"], r["bank"], r["why"]) for r in first.refused] == [
+        (1, None, "it states bank-id 1, which another node stated first"),
+        (2, 1, "it states bank-id 5, but its node is bank 1")]
+
+
+@pytest.mark.parametrize("nodes", ["1:0,2:0", "1:0,1:1", "x:0", "1:-1", "1:1.5", "1",
+                                   "1:2:3", "1:0,,2"])
+def test_bank_nodes_that_are_not_one_node_per_bank_are_refused(nodes: str) -> None:
+    with pytest.raises(ValueError, match="bank-nodes"):
+        app_config(bank_nodes=nodes)
+    assert app_config(bank_nodes="12:0,34:1").registered_banks == {12: 0, 34: 1}
+    assert app_config(bank_nodes="").registered_banks == {}
 
 
 def test_banks_that_withhold_different_metrics_by_policy_still_aggregate() -> None:
