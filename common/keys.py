@@ -55,3 +55,6 @@ SIZE_KEYS = (N_TRAIN, N_VAL, N_FRAUD)
 # What a bank says about its personalized copy of the final model (client/bank.py).
 PERSONAL_KEYS = (HIST_LEGIT_PERSONAL, HIST_FRAUD_PERSONAL, PERSONAL_KEPT)
 PER_BANK_KEYS = (DP_EPSILON, DP_NOISE, PERSONAL_KEPT)  # listed per bank, like the sizes
+# Every metric a bank's reply may carry (the server refuses a reply with any other).
+REPLY_KEYS = frozenset({NUM_EXAMPLES, VOTE, BANK_ID, *SIZE_KEYS, TRAIN_LOSS, LOSS,
+                        *COUNT_KEYS, *HIST_KEYS, DP_EPSILON, DP_NOISE, PERSONAL_KEPT})

@@ -89,11 +89,17 @@ def weights_of(array: Array, most: int = MOST_WEIGHTS) -> np.ndarray:
         raise ValueError("an array whose npy header does not parse") from None
     if dtype not in FLOATS:
         raise ValueError("weights that are not float32 or float64 numbers")
+    # numpy takes True for 1 and (2**64, 0) for 0 values, then fails to load them.
+    if not all(type(length) is int and 0 <= length <= most for length in shape):
+        raise ValueError("an array whose npy header has a shape no model has")
     size = math.prod(shape)
     if size > most or len(array.data) - stream.tell() != size * dtype.itemsize:
         raise ValueError(f"an array of another size than the model's ({most} weights at "
                          "most) or with missing bytes")
-    return np.load(BytesIO(array.data), allow_pickle=False)
+    try:
+        return np.load(BytesIO(array.data), allow_pickle=False)
+    except Exception:  # noqa: BLE001 - whatever numpy makes of bytes a sender chose
+        raise ValueError("an array numpy cannot load") from None
 
 
 def implausible(weights: np.ndarray | torch.Tensor) -> bool:

@@ -66,7 +66,13 @@ REQUIRED = {"train": (keys.BANK_ID, keys.NUM_EXAMPLES, *keys.SIZE_KEYS),
                          keys.HIST_FRAUD)}
 # Metrics a bank sends all or none of (its policy may withhold a group).
 TOGETHER = ((keys.HIST_LEGIT, keys.HIST_FRAUD), (keys.HIST_MEMBER, keys.HIST_NONMEMBER),
-            keys.PERSONAL_KEYS, (keys.DP_EPSILON, keys.DP_NOISE))
+            keys.PERSONAL_KEYS, (keys.DP_EPSILON, keys.DP_NOISE), keys.COUNT_KEYS)
+# Counts over the bank's validation rows: each group adds up to its n-val (a histogram
+# at a coarser resolution keeps its sum). A bank's numbers that do not add up could
+# move the pooled curve and threshold far beyond its rows.
+VALIDATION_ROWS = ((keys.HIST_LEGIT, keys.HIST_FRAUD),
+                   (keys.HIST_LEGIT_PERSONAL, keys.HIST_FRAUD_PERSONAL),
+                   (keys.HIST_NONMEMBER,), keys.COUNT_KEYS)
 
 
 def bank_of(content: RecordDict) -> int | None:
@@ -78,12 +84,16 @@ def bank_of(content: RecordDict) -> int | None:
 
 def wrong_metrics(metrics: MetricRecord, required: Iterable[str]) -> str | None:
     """Why a reply's metrics are not what the bank's app sends, if they are not: the
-    required keys, groups sent whole, whole counts from 0 to MOST, histograms of
-    SCORE_EDGES' bins, every other value one finite, non-negative number. The reason
-    names only fedfraud's own keys (it reaches metrics.json and the report)."""
+    required keys and no other than ``keys.REPLY_KEYS``, groups sent whole, whole
+    counts from 0 to MOST, histograms of SCORE_EDGES' bins, every other value one
+    finite, non-negative number; validation counts that add up to n-val, frauds no more
+    than the rows. The reason names only fedfraud's own keys (it reaches metrics.json
+    and the report)."""
     for key in required:
         if key not in metrics:
             return f"no {key}"
+    if not keys.REPLY_KEYS.issuperset(metrics):
+        return "a metric the bank's app does not send"
     for group in TOGETHER:
         if 0 < sum(key in metrics for key in group) < len(group):
             return f"{', '.join(group)} not all together"
@@ -101,6 +111,15 @@ def wrong_metrics(metrics: MetricRecord, required: Iterable[str]) -> str | None:
             return "a metric is negative or not finite"
     if metrics.get(keys.PERSONAL_KEPT, 0) not in (0, 1):
         return f"{keys.PERSONAL_KEPT} is not 0 or 1"
+    rows = metrics.get(keys.N_VAL)
+    for group in VALIDATION_ROWS:
+        if group[0] in metrics and rows != sum(
+                sum(value) if isinstance(value := metrics[key], list) else value
+                for key in group):
+            return f"{', '.join(group)} do not add up to its {keys.N_VAL}"
+    if keys.N_FRAUD in metrics and metrics[keys.N_FRAUD] > (
+            metrics.get(keys.N_TRAIN, 0) + metrics.get(keys.N_VAL, 0)):
+        return f"{keys.N_FRAUD} above its {keys.N_TRAIN} and {keys.N_VAL}"
     return None
 
 

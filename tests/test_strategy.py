@@ -214,14 +214,15 @@ def test_weights_beyond_float32_or_max_weight_are_implausible() -> None:
     assert not implausible(np.float32([1.0, -3.5]))
 
 
-def forged() -> bytes:
-    """An npy file of one float32 whose header claims 2**45 of them."""
+def forged(shape: str = "(35184372088832,)", values: int = 1) -> bytes:
+    """An npy file of ``values`` float32 zeros whose header claims ``shape`` (by
+    default 2**45 of them)."""
     stream = io.BytesIO()
-    np.save(stream, np.zeros(1, np.float32))
+    np.save(stream, np.zeros(values, np.float32))
     data = stream.getvalue()
-    header = data[10:].split(b"}")[0].replace(b"(1,)", b"(35184372088832,)")
+    header = data[10:].split(b"}")[0].replace(f"({values},)".encode(), shape.encode())
     return (data[:8] + (len(header) + 1 + 8).to_bytes(2, "little") + header + b"}"
-            + b" " * 7 + b"\n" + data[-4:])
+            + b" " * 7 + b"\n" + data[len(data) - 4 * values:])
 
 
 def crafted(change: str) -> Message:
@@ -267,6 +268,14 @@ def crafted(change: str) -> Message:
     elif change == "a forged header":  # np.load would allocate 2**45 floats
         content[keys.ARRAYS] = ArrayRecord({"w": Array(dtype="float32", shape=(2,),
                                                        stype="numpy.ndarray", data=forged())})
+    elif change == "a header of 2**64 x 0":  # numpy raises OverflowError loading it
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(
+            dtype="float32", shape=(2,), stype="numpy.ndarray",
+            data=forged("(18446744073709551616, 0)", values=0))})
+    elif change == "a header of True x 2":  # numpy raises TypeError loading it
+        content[keys.ARRAYS] = ArrayRecord({"w": Array(
+            dtype="float32", shape=(2,), stype="numpy.ndarray",
+            data=forged("(True, 2)", values=2))})
     elif change == "huge weights":  # finite, and NaN scores once averaged in
         content[keys.ARRAYS] = ArrayRecord({"w": Array(np.float32([1e20, -1e20]))})
     elif change == "no vote":  # Flower raises without the weight key
@@ -284,6 +293,15 @@ def crafted(change: str) -> Message:
         metrics.update({keys.DP_EPSILON: float("inf"), keys.DP_NOISE: 1.0})
     elif change == "a link for a key":  # would reach the report as a live link
         metrics["[fix](https://evil.example)"] = [1.0, 2.0]
+    elif change == "histograms beyond its rows":  # would set the pooled curve alone
+        metrics[keys.HIST_LEGIT] = [0] * (len(SCORE_EDGES) - 1)
+        metrics[keys.HIST_FRAUD] = [2**40] + [0] * (len(SCORE_EDGES) - 2)
+    elif change == "counts beyond its rows":
+        metrics.update({keys.TP: 2**40, keys.FP: 0, keys.FN: 0, keys.TN: 2**40})
+    elif change == "more frauds than rows":
+        metrics[keys.N_FRAUD] = 10**6
+    elif change == "a metric no bank sends":  # reaches the ledger, under its name
+        metrics["note"] = 1.0
     elif change == "a count that is a list":
         metrics[keys.N_TRAIN] = [1, 2]
     elif change == "a count that is NaN":
@@ -296,8 +314,9 @@ def crafted(change: str) -> Message:
     "text", "another serialization", "broken bytes", "no arrays", "a second array record",
     "no metrics", "no bank id", "no num-examples", "a short histogram",
     "no sizes", "half a histogram pair", "a count that is a list", "a count that is NaN",
-    "a forged header", "huge weights", "no vote", "negative counts", "a count past 2**64",
-    "personal-kept NaN", "epsilon inf", "a link for a key"])
+    "a forged header", "a header of 2**64 x 0", "a header of True x 2", "huge weights", "no vote", "negative counts", "a count past 2**64",
+    "personal-kept NaN", "epsilon inf", "a link for a key", "histograms beyond its rows",
+    "counts beyond its rows", "more frauds than rows", "a metric no bank sends"])
 @pytest.mark.parametrize("strategy_name", ["fedavg", "krum"])
 def test_a_train_reply_in_a_form_no_bank_sends_is_refused_and_the_round_goes_on(
     strategy_name: str, change: str,
@@ -363,8 +382,9 @@ def test_banks_that_withhold_different_metrics_by_policy_still_aggregate() -> No
     picks). The guard sums each histogram over the banks that sent it, naming them,
     and keeps each bank's own metrics as it sent them."""
     hist = [1] * (len(SCORE_EDGES) - 1)
-    told = {keys.HIST_LEGIT: hist, keys.HIST_FRAUD: hist}
-    audit = {keys.HIST_MEMBER: hist, keys.HIST_NONMEMBER: hist}
+    # Validation counts add up to the bank's validation rows.
+    told = {keys.HIST_LEGIT: hist, keys.HIST_FRAUD: hist, keys.N_VAL: 2 * len(hist)}
+    audit = {keys.HIST_MEMBER: hist, keys.HIST_NONMEMBER: [2] * len(hist)}
     personal = {keys.HIST_LEGIT_PERSONAL: hist, keys.HIST_FRAUD_PERSONAL: hist,
                 keys.PERSONAL_KEPT: 1}
 
