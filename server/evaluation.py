@@ -48,10 +48,13 @@ def aggregate_bank_metrics(replies: list[RecordDict], weight_key: str) -> Metric
         keys.NUM_EXAMPLES: sum(int(record[keys.NUM_EXAMPLES]) for record in records),
         keys.BANK_IDS: [int(record[keys.BANK_ID]) for record in records],
     }
-    for key in records[0].keys():
-        if key in keys.SIZE_KEYS + keys.PER_BANK_KEYS and all(key in r for r in records):
+    for key in keys.SIZE_KEYS + keys.PER_BANK_KEYS:
+        if all(key in record for record in records):
             out[key] = [(int if key in keys.SIZE_KEYS else float)(record[key])
                         for record in records]
+        elif key in (keys.DP_EPSILON, keys.DP_NOISE) and any(key in r for r in records):
+            # NaN for a bank that did not say: one bank cannot hide the others' epsilon.
+            out[key] = [float(record.get(key, float("nan"))) for record in records]
     for key in keys.COUNT_KEYS + keys.HIST_KEYS:
         sent = [record[key] for record in records if key in record]
         if sent and key in keys.COUNT_KEYS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -191,7 +192,7 @@ def privacy_record(config: Config, result: Result, mode: str) -> dict[str, Any]:
     for server_round in sorted(result.train_metrics_clientapp):
         metrics = result.train_metrics_clientapp[server_round]
         for i, bank in enumerate(metrics.get(keys.BANK_IDS, [])):
-            if keys.DP_EPSILON in metrics:
+            if keys.DP_EPSILON in metrics and math.isfinite(metrics[keys.DP_EPSILON][i]):
                 spent[int(bank)] = {"bank": int(bank), "round": server_round,
                                     "epsilon": metrics[keys.DP_EPSILON][i],
                                     "delta": config.dp_delta,

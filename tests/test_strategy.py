@@ -424,3 +424,24 @@ def test_a_loss_is_averaged_per_row_over_the_banks_that_sent_it_with_their_rows(
     assert aggregate_bank_metrics(replies, keys.VOTE)[keys.TRAIN_LOSS] == 0.4375
     del replies[1][keys.METRICS][keys.N_TRAIN]
     assert aggregate_bank_metrics(replies, keys.VOTE)[keys.TRAIN_LOSS] == 0.25
+
+
+def test_one_bank_withholding_its_epsilon_does_not_hide_the_others() -> None:
+    """Each DP bank reports the epsilon it has spent; a bank that leaves the pair out
+    (a policy may) is listed as not saying, and the others' are still reported."""
+    from flwr.serverapp.strategy import Result
+
+    from server.results import privacy_record
+
+    replies = [reply(bank, HONEST[bank]) for bank in range(3)]
+    for bank in (0, 2):
+        replies[bank].content[keys.METRICS].update({keys.DP_EPSILON: 1.0 + bank,
+                                                   keys.DP_NOISE: 0.9})
+    _, metrics = guarded().aggregate_train(1, replies)
+    assert metrics[keys.DP_EPSILON][::2] == [1.0, 3.0] and np.isnan(metrics[keys.DP_EPSILON][1])
+
+    config = app_config(dp_epsilon=3.0)
+    record = privacy_record(config, Result(train_metrics_clientapp={1: metrics}),
+                            "deployment")
+    assert [(b["bank"], b["epsilon"]) for b in record["banks"]] == [(0, 1.0), (2, 3.0)]
+    assert record["max_epsilon_spent"] == 3.0
