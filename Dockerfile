@@ -36,8 +36,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     OMP_NUM_THREADS=1
 # Named volumes start as copies of these folders, so the app user owns them.
 RUN useradd --create-home --uid 1000 fedfraud \
-    && mkdir -p /app/runs /app/data /state/models /tmp/flwr \
-    && chown fedfraud /app/runs /state /state/models /tmp/flwr
+    && mkdir -p /app/runs /app/data /state/models /tmp/flwr /registrations \
+    && chown fedfraud /app/runs /state /state/models /tmp/flwr /registrations
 USER fedfraud
 WORKDIR /app
 CMD ["fedfraud", "--help"]

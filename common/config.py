@@ -103,7 +103,6 @@ class Config:
             if value not in allowed:
                 raise ValueError(f"run config: {key} must be one of {allowed}")
         self.attacker_ids  # noqa: B018 - validates the list
-        self.registered_banks  # noqa: B018 - validates the mapping
         if self.num_server_rounds < 1:
             raise ValueError("run config: num-server-rounds must be at least 1")
         for key, epochs, least in (("local-epochs", self.local_epochs, 1),
@@ -142,21 +141,6 @@ class Config:
         except ValueError:
             raise ValueError("run config: attackers must be bank ids like '3' or '1,4'"
                              ) from None
-
-    @property
-    def registered_banks(self) -> dict[int, int]:
-        """``bank-nodes``: {node id: bank id} of the SuperNodes the operator registered
-        ("node:bank,node:bank"); empty when not given."""
-        pairs = [pair.split(":") for pair in self.bank_nodes.split(",") if pair.strip()]
-        try:
-            banks = {int(node): int(bank) for node, bank in pairs}
-            one_each = len(pairs) == len(banks) == len(set(banks.values()))
-        except ValueError:
-            one_each = False
-        if not one_each or min(banks.values(), default=0) < 0:
-            raise ValueError('run config: bank-nodes must be "" or "node id:bank id,...", '
-                             "one node per bank")
-        return banks
 
     @property
     def differential_privacy(self) -> bool:

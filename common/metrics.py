@@ -80,8 +80,11 @@ def coarsen(histogram: list[int], width: float) -> list[int]:
 
 
 def score_histograms(y: np.ndarray, logits: np.ndarray) -> tuple[list[int], list[int]]:
-    """Per-class counts of logits in the ``SCORE_EDGES`` bins: (legit, fraud)."""
-    clipped = np.clip(logits, SCORE_EDGES[0], np.nextafter(SCORE_EDGES[-1], -np.inf))
+    """Per-class counts of logits in the ``SCORE_EDGES`` bins: (legit, fraud). Every
+    row is counted (the counts add up to the rows, as the server checks): a NaN score
+    (a diverged model) in the lowest bin."""
+    clipped = np.clip(np.nan_to_num(logits, nan=SCORE_EDGES[0]), SCORE_EDGES[0],
+                      np.nextafter(SCORE_EDGES[-1], -np.inf))
     legit, _ = np.histogram(clipped[y == 0], bins=SCORE_EDGES)
     fraud, _ = np.histogram(clipped[y == 1], bins=SCORE_EDGES)
     return legit.tolist(), fraud.tolist()

@@ -119,7 +119,7 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
                 "--superlink", f"127.0.0.1:{fleet_port}", *transport,
                 "--flwr-home", str(flwr_home / f"bank_{bank:02d}")])
         return submit(app_dir, config, started.env, flwr_home, control, tls,
-                      [folder / "keys" / "bank.key.pub" for folder in banks])
+                      [folder / "keys" / "bank.key.pub" for folder in banks] if tls else None)
 
 
 def bank_dir(data_dir: Path, bank: int) -> Path:
@@ -151,19 +151,32 @@ def register_banks(flwr_home: Path, control: str, tls: Tls | None,
 
 
 def submit(app_dir: Path, config: Config, env: dict[str, str], flwr_home: Path,
-           control: str, tls: Tls | None, public_keys: list[Path] | None = None) -> int:
+           control: str, tls: Tls | None, public_keys: list[Path] | None = None,
+           bank_nodes_file: Path | None = None) -> int:
     """Run the app, report its outcome. The run waits for its banks itself
     (server/app.py: every one of num-banks), so it starts while banks are starting.
-    With TLS and the banks' public keys, the run knows which bank each registered node
-    is (``bank-nodes``) and refuses a reply stating another bank's id."""
-    from server.launch import bank_nodes, submit_and_wait, write_connection
+    With the banks' public keys (TLS and bank authentication only), it writes which
+    bank each registered node is to ``bank_nodes_file`` (FLWR_HOME/bank-nodes.json by
+    default), on the operator's side; the run reads it there (``bank-nodes``) and
+    refuses a reply stating another bank's id."""
+    from server.launch import FlowerCommandError, bank_nodes, submit_and_wait, write_connection
 
     write_connection(flwr_home, CONNECTION, control, tls)
     run_config = config.as_run_config()
-    if tls is not None and public_keys:
+    if public_keys is None:
+        print("fedfraud: no banks' keys given: a reply is not checked against its node's "
+              "bank (only a bank id two replies state in a round is refused)", flush=True)
+    elif tls is None or not public_keys:
+        raise FlowerCommandError("binding banks to their nodes needs their public keys "
+                                 "(*.pub) and TLS with bank authentication")
+    else:
         nodes = bank_nodes(flwr_home, CONNECTION, public_keys)
-        run_config["bank-nodes"] = ",".join(f"{node}:{bank}" for node, bank in nodes.items())
-        print(f"fedfraud: {len(nodes)} banks' ids bound to their registered keys", flush=True)
+        path = (bank_nodes_file or flwr_home / "bank-nodes.json").resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({str(node): bank for node, bank in nodes.items()}) + "\n")
+        run_config["bank-nodes"] = str(path)
+        print(f"fedfraud: {len(nodes)} banks bound to their registered nodes ({path})",
+              flush=True)
     print("fedfraud: submitting the run; it starts when its banks are online", flush=True)
     run_id, status = submit_and_wait(app_dir, CONNECTION, env, run_config)
     return report_outcome(run_id, status, Path(config.runs_dir))
@@ -230,8 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     transport(submit_cmd)
     submit_cmd.add_argument("--control", required=True, help="the SuperLink's HOST:PORT")
     submit_cmd.add_argument("--keys", type=Path, default=None,
-                            help="folder of the registered banks' public keys: the run "
-                                 "refuses a reply stating another bank's id")
+                            help="folder of the registered banks' public keys, each in "
+                                 "its bank_NN folder: the run refuses a reply stating "
+                                 "another bank's id")
+    submit_cmd.add_argument("--bank-nodes", type=Path, default=None,
+                            help="where to write which bank each node is, for the run to "
+                                 "read on the operator's side (default: "
+                                 "FLWR_HOME/bank-nodes.json)")
     return parser
 
 
@@ -293,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "submit":
             keys = sorted(args.keys.glob("**/*.pub")) if args.keys else None
             return submit(app_dir, config, flower_env(flwr_home), flwr_home,
-                          args.control, tls, keys)
+                          args.control, tls, keys, args.bank_nodes)
     except FlowerCommandError as err:  # a bank's key, or the SuperLink: one line
         print(f"fedfraud: {err}", file=sys.stderr)
         return 1

@@ -128,16 +128,16 @@ def register_banks(flwr_home: Path, connection: str, public_keys: list[Path]) ->
 def bank_nodes(flwr_home: Path, connection: str, public_keys: list[Path]) -> dict[int, int]:
     """Which bank each registered SuperNode is: {node id: bank id}, from the node ids
     the SuperLink holds for the banks' public keys (``flwr supernode list``) and the
-    bank each key names (``key_bank``). With bank authentication a node id is its key's
-    for good: every Fleet request must come with the key's signature. The ServerApp
+    bank each key is for (``key_bank``). With bank authentication a node id is its
+    key's for good (a restarted SuperNode gets it back by its key). The ServerApp
     refuses a reply that states another bank's id (server/strategy.py)."""
     from flwr.proto.control_pb2 import ListNodesRequest
     from flwr.supercore.constant import NodeStatus
 
     banks = {public_key_bytes(key): key_bank(key) for key in public_keys}
     if len(set(banks.values())) < len(public_keys):
-        raise FlowerCommandError("two of the banks' public keys name the same bank: "
-                                 f"{', '.join(str(key) for key in public_keys)}")
+        raise FlowerCommandError("two of the banks' public keys are for the same bank, "
+                                 f"or the same: {', '.join(str(key) for key in public_keys)}")
     with control_client(flwr_home, connection) as control:
         try:
             nodes = control.ListNodes(ListNodesRequest()).nodes_info
@@ -153,13 +153,13 @@ def bank_nodes(flwr_home: Path, connection: str, public_keys: list[Path]) -> dic
 
 
 def key_bank(path: Path) -> int:
-    """The bank a public key is for: its comment, ``bank-N``, as ``fedfraud-bank
-    init`` writes it. The operator registers a key for the bank it names."""
-    words = path.read_text(errors="replace").split()
-    if len(words) == 3 and words[2].startswith("bank-") and words[2][5:].isdigit():
-        return int(words[2][5:])
-    raise FlowerCommandError(f"{path}: the key does not name its bank (its comment must "
-                             "be bank-N, as fedfraud-bank init writes it)")
+    """The bank a public key is for: the folder ``bank_NN`` it came in (the operator's
+    record: ``fedfraud deploy``'s bank folders, compose's ``public/banks/bank_NN``, one
+    per bank's outbox), not anything the bank wrote into the key."""
+    for folder in path.parents:
+        if folder.name.startswith("bank_") and folder.name[5:].isdigit():
+            return int(folder.name[5:])
+    raise FlowerCommandError(f"{path}: no folder bank_NN names the bank this key is for")
 
 
 def public_key_bytes(path: Path) -> bytes:

@@ -11,8 +11,9 @@
   missing, out of bounds or half of a pair) is refused before aggregation, with a
   logged reason, and recorded. Flower's FedAvg raises on one such reply and ends the
   run: any one bank could stop the federation;
-- a reply stating another bank's id is refused: a node is the bank its registered key
-  names (``bank-nodes``), or without registrations the bank it first stated;
+- a reply stating another bank's id is refused: a node is the bank the operator
+  registered it for (``bank-nodes``); without registrations, a bank id that two nodes
+  state in one round is refused;
 - Flower's strategies aggregate the weights only; the guard aggregates the banks'
   metrics from every kept reply. Banks may withhold some by their own policy
   (membership audit, personalization, an evaluation allowance spent), and Flower's
@@ -24,9 +25,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from collections import Counter
 from collections.abc import Iterable
 from logging import WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -243,35 +247,33 @@ class BankGuard:
             return []
         return super().configure_evaluate(server_round, arrays, config, grid)
 
-    def sender(self, node: int, stated: int | None) -> int | None:
-        """The bank a reply comes from, as far as the server knows: the bank the node's
-        registered key names (``bank-nodes``); without registrations (a simulation, or
-        no keys given), the bank the node stated first, else the one it states if no
-        other node stated it first."""
-        known = self.node_banks.get(node)
-        if known is None and not self.registered and stated not in self.node_banks.values():
-            return stated
-        return known
+    def sender(self, node: int, stated: int | None, stating: Counter[int | None],
+               ) -> int | None:
+        """The bank a reply comes from, as far as the server knows: the bank the operator
+        registered its node for (``bank-nodes``); without registrations, the bank it
+        states, unless another reply of the round states it too."""
+        if self.registered:
+            return self.node_banks.get(node)
+        return stated if stating[stated] == 1 else None
 
-    def wrong_bank(self, node: int, stated: int) -> str | None:
-        """Why a reply's bank id is not its node's bank, if it is not (a bank sending as
-        another, to have its update or its metrics taken for the other's); else binds
-        the node to that bank for the run."""
-        bank = self.sender(node, stated)
+    def wrong_bank(self, node: int, stated: int, stating: Counter[int | None]) -> str | None:
+        """Why a reply's bank id is not its node's bank, if it is not: a bank sending as
+        another, to have its update or its metrics taken for the other's."""
+        bank = self.sender(node, stated, stating)
         if bank == stated:
-            self.node_banks[node] = bank
             return None
         if bank is not None:
             return f"it states bank-id {stated}, but its node is bank {bank}"
         return (f"it states bank-id {stated}; its node is no registered bank's"
-                if self.registered else
-                f"it states bank-id {stated}, which another node stated first")
+                if self.registered else f"{stating[stated]} replies state bank-id {stated}")
 
     def refuse(self, message: str, server_round: int,
                replies: Iterable[Message]) -> list[Message]:
         """The replies in the form the bank's app sends, with an honest weight and their
         own node's bank id; the others refused, logged and recorded. Every reply with
         content goes to the ledger, refused or not, under its node's bank when known."""
+        replies = list(replies)
+        stating = Counter(bank_of(reply.content) for reply in replies if reply.has_content())
         kept = []
         for reply in replies:
             if reply.has_content():
@@ -281,8 +283,8 @@ class BankGuard:
                 why = malformed(content, sent, self.weighted_by_key) or wrong_weight(
                     content, self.weighted_by_key,
                     keys.N_TRAIN if message == "train" else keys.N_VAL
-                ) or self.wrong_bank(node, stated)  # type: ignore[arg-type] - an int now
-                bank = self.sender(node, stated)
+                ) or self.wrong_bank(node, stated, stating)  # type: ignore[arg-type]
+                bank = self.sender(node, stated, stating)
                 self.ledger.append(ledger_entry(message, server_round, content, bank))
                 if why:
                     log(WARNING, "fedfraud: refused the %s reply of bank %s (node %d) in "
@@ -320,6 +322,23 @@ def no_metrics(replies: list[RecordDict], weight_key: str) -> None:
     """Flower's ``*_metrics_aggr_fn``: nothing, for ``BankGuard.bank_metrics`` does it."""
 
 
+def registered_banks(path: str) -> dict[int, int]:
+    """The operator's ``bank-nodes`` file (``fedfraud submit --keys`` writes it): which
+    bank each registered node is, {node id: bank id}; {} for no file."""
+    if not path:
+        return {}
+    try:
+        banks = {int(node): bank for node, bank in json.loads(Path(path).read_text()).items()}
+        one_each = 0 < len(banks) == len(set(banks.values())) and all(
+            type(bank) is int and bank >= 0 for bank in banks.values())
+    except (OSError, ValueError, AttributeError):
+        one_each = False
+    if not one_each:
+        raise ValueError(f"bank-nodes: {path} is not the operator's file of which bank "
+                         'each node is ({"node id": bank id}, one node per bank)')
+    return banks
+
+
 def make_strategy(config: Config) -> FedAvg:
     """The ``strategy`` setting as a Flower strategy with ``BankGuard`` in front."""
     base = STRATEGY_CLASSES[config.strategy]
@@ -335,7 +354,7 @@ def make_strategy(config: Config) -> FedAvg:
     guarded = type(f"Guarded{base.__name__}", (BankGuard, base), {})
     return guarded(
         num_rounds=config.num_server_rounds,
-        registered=config.registered_banks,
+        registered=registered_banks(config.bank_nodes),
         weighted_by_key=keys.VOTE if config.bank_weighting == "equal" else keys.NUM_EXAMPLES,
         min_train_nodes=config.min_banks,
         min_evaluate_nodes=config.min_banks,

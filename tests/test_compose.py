@@ -52,9 +52,11 @@ def check(config: dict[str, Any]) -> None:
                                              "/certs/server/ca.crt": "ca.crt:ro"}
     assert targets(services["submit"]) == {"/public/banks": "banks:ro",
                                            "/certs/server/ca.crt": "ca.crt:ro",
-                                           "/app/runs": "runs:ro"}
+                                           "/app/runs": "runs:ro",
+                                           "/registrations": "registrations"}
     submit = services["submit"]["command"]  # binds each node to its key's bank
     assert submit[submit.index("--keys") + 1] == "/public/banks"
+    assert submit[submit.index("--bank-nodes") + 1] == "/registrations/bank-nodes.json"
     for name in ("register", "submit"):  # the control API is on the SuperLink's loopback
         assert services[name]["network_mode"] == "service:superlink"
     superlink = services["superlink"]
@@ -64,7 +66,8 @@ def check(config: dict[str, Any]) -> None:
     assert "--enable-supernode-auth" in command
     assert targets(superlink) == {"/certs/server": "server:ro",
                                   "/app/data/synthetic/server": "server:ro",
-                                  "/app/runs": "runs"}
+                                  "/app/runs": "runs",
+                                  "/registrations": "registrations:ro"}
     assert list(superlink["networks"]) == ["fleet"]
     # Only the operator's side holds the language model's key.
     holders = [name for name, service in services.items()

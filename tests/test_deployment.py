@@ -180,9 +180,9 @@ def test_a_bank_stating_another_banks_id_is_refused_in_every_round(
 ) -> None:
     """Bank 2 joins with its own registered key but calls itself bank 1 (the bank sets
     its node config), to have its update and its metrics taken for bank 1's. The run
-    knows which bank each registered key is (``bank-nodes``, as ``fedfraud submit
-    --keys`` and ``deploy`` fill it in): every reply of the impostor is refused, bank
-    1's own are kept, and the run goes on."""
+    knows which bank each registered node is (``bank-nodes``: the operator's file, as
+    ``fedfraud submit --keys`` and ``deploy`` write it): every reply of the impostor is
+    refused, bank 1's own are kept, and the run goes on."""
     started, fleet_port, tls = superlink
     flwr_home = Path(started.env["FLWR_HOME"])
     folders = [bank_folder(prepared, tmp_path, bank) for bank in range(3)]
@@ -193,12 +193,13 @@ def test_a_bank_stating_another_banks_id_is_refused_in_every_round(
                    calls_itself=1 if bank == 2 else None)
     wait_for(lambda: online(started) == 3, 180, "three banks online")
 
-    nodes = bank_nodes(flwr_home, "test", keys)
+    nodes = bank_nodes(flwr_home, "test", keys)  # as fedfraud submit --keys writes it
     assert sorted(nodes.values()) == [0, 1, 2]
+    (tmp_path / "bank-nodes.json").write_text(json.dumps({str(n): b for n, b in nodes.items()}))
     run_config = {**prepared.as_run_config(), "num-banks": 3, "min-banks": 2,
                   "num-server-rounds": 2, "baselines": False,
                   "runs-dir": str(tmp_path / "runs"),
-                  "bank-nodes": ",".join(f"{node}:{bank}" for node, bank in nodes.items())}
+                  "bank-nodes": str(tmp_path / "bank-nodes.json")}
     _, status = submit_and_wait(APP_DIR, "test", started.env, run_config, timeout_s=300)
 
     assert status == "finished:completed"

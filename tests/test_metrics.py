@@ -63,6 +63,10 @@ def test_histograms_count_every_row_in_its_bin() -> None:
     assert legit[0] == 1 and fraud[-1] == 1  # out of range -> end bins
     zero_bin = int(np.searchsorted(SCORE_EDGES, 0.0))  # [0.00, 0.05)
     assert legit[zero_bin] == 1 and fraud[zero_bin] == 1 and fraud[zero_bin + 1] == 1
+    # A diverged model's NaN scores still count (the server refuses counts that do not
+    # add up to a bank's validation rows): in the lowest bin.
+    legit, fraud = score_histograms(y, np.array([np.nan, 0.01, np.nan, np.inf, -np.inf]))
+    assert (legit[0], fraud[0], fraud[-1], sum(legit), sum(fraud)) == (1, 2, 1, 2, 3)
 
 
 def test_pooled_curve_equals_exact_metrics_on_pooled_rows() -> None:

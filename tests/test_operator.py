@@ -92,21 +92,23 @@ def test_a_bank_registration_that_fails_is_one_line_naming_the_key(tmp_path) -> 
     assert threading.active_count() == threads  # no flwr_exit timer counting down
 
 
-def test_bank_keys_that_name_no_bank_or_one_bank_twice_are_one_line(tmp_path) -> None:
-    """The run learns which bank each registered node is from the bank each key names
-    (its comment, ``bank-N``): a key naming none, or two keys naming one bank, is an
-    error naming the files, before the SuperLink is asked."""
+def test_bank_keys_for_no_bank_or_one_bank_twice_are_one_line(tmp_path) -> None:
+    """The run learns which bank each registered node is from the folder each key came
+    in (``bank_NN``: the operator's record, not the bank's word): a key outside such a
+    folder, or two keys for one bank, is an error naming the files, before the
+    SuperLink is asked."""
     from common.processes import free_port
     from server.launch import FlowerCommandError, bank_nodes, write_connection
 
     from client.identity import ensure_key_pair
 
     write_connection(tmp_path, "nowhere", f"127.0.0.1:{free_port()}")
-    first, second = (ensure_key_pair(tmp_path / name, 3) for name in ("a", "b"))
-    with pytest.raises(FlowerCommandError, match="name the same bank"):
+    first, second = (ensure_key_pair(tmp_path / outbox / "bank_03" / "keys", 3)
+                     for outbox in ("a", "b"))
+    with pytest.raises(FlowerCommandError, match="for the same bank"):
         bank_nodes(tmp_path, "nowhere", [first, second])
-    second.write_text(" ".join(second.read_text().split()[:2]) + " someone\n")
-    with pytest.raises(FlowerCommandError, match=f"{second}: the key does not name"):
-        bank_nodes(tmp_path, "nowhere", [first, second])
+    stray = ensure_key_pair(tmp_path / "stray", 4)  # its comment says bank-4: not enough
+    with pytest.raises(FlowerCommandError, match=f"{stray}: no folder bank_NN"):
+        bank_nodes(tmp_path, "nowhere", [first, stray])
     with pytest.raises(FlowerCommandError, match="flwr supernode list: .*"):
         bank_nodes(tmp_path, "nowhere", [first])

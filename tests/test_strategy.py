@@ -4,6 +4,7 @@ accounting and the membership audit: pure parts, no processes."""
 from __future__ import annotations
 
 import io
+import json
 import time
 from typing import Any
 
@@ -338,15 +339,17 @@ def test_a_train_reply_in_a_form_no_bank_sends_is_refused_and_the_round_goes_on(
     assert len(strategy.ledger) == 5  # what it sent is still accounted for
 
 
-def test_a_reply_stating_another_banks_id_is_refused() -> None:
+def test_a_reply_stating_another_banks_id_is_refused(tmp_path) -> None:
     """A bank sending as another (to have its update or its metrics taken for the
-    other's) is refused. In a deployment its node is the bank its registered key names
-    (``bank-nodes``, filled in by the operator); without registrations a bank id is the
-    first node's to state it, for the run."""
+    other's) is refused. In a deployment its node is the bank the operator registered
+    it for (the ``bank-nodes`` file ``fedfraud submit --keys`` writes); without
+    registrations a bank id that two replies of a round state is refused in both."""
     impostor = np.array([9.0, 9.0], np.float32)
     honest = [reply(bank, w) for bank, w in enumerate(HONEST)]  # nodes 1 to 4
 
-    registered = guarded(bank_nodes="1:0,2:1,3:2,4:3,8:7")
+    nodes = tmp_path / "bank-nodes.json"
+    nodes.write_text(json.dumps({"1": 0, "2": 1, "3": 2, "4": 3, "8": 7}))
+    registered = guarded(bank_nodes=str(nodes))
     arrays, metrics = registered.aggregate_train(1, [
         *honest, reply(1, impostor, node=8), reply(9, impostor, node=9)])
     np.testing.assert_allclose(arrays["w"].numpy(), np.mean(HONEST, axis=0), rtol=1e-6)
@@ -356,23 +359,28 @@ def test_a_reply_stating_another_banks_id_is_refused() -> None:
         (None, "it states bank-id 9; its node is no registered bank's")]
     assert [entry["bank"] for entry in registered.ledger] == [0, 1, 2, 3, 7, None]
 
-    first = guarded()
-    first.aggregate_train(1, [*honest, reply(1, impostor, node=8)])
-    _, metrics = first.aggregate_train(2, [reply(0, HONEST[0]), reply(5, impostor, node=2),
-                                           reply(8, impostor, node=8)])
-    assert list(metrics[keys.BANK_IDS]) == [0, 8]  # node 8 was no bank so far
-    assert [(r["round"], r["bank"], r["why"]) for r in first.refused] == [
-        (1, None, "it states bank-id 1, which another node stated first"),
-        (2, 1, "it states bank-id 5, but its node is bank 1")]
+    unregistered = guarded()
+    _, metrics = unregistered.aggregate_train(1, [*honest, reply(1, impostor, node=8)])
+    assert list(metrics[keys.BANK_IDS]) == [0, 2, 3]
+    assert [(r["bank"], r["why"]) for r in unregistered.refused] == [
+        (None, "2 replies state bank-id 1"), (None, "2 replies state bank-id 1")]
+    _, metrics = unregistered.aggregate_train(2, [reply(1, HONEST[1], node=11)])
+    assert list(metrics[keys.BANK_IDS]) == [1]  # e.g. bank 1's SuperNode, restarted
 
 
-@pytest.mark.parametrize("nodes", ["1:0,2:0", "1:0,1:1", "x:0", "1:-1", "1:1.5", "1",
-                                   "1:2:3", "1:0,,2"])
-def test_bank_nodes_that_are_not_one_node_per_bank_are_refused(nodes: str) -> None:
-    with pytest.raises(ValueError, match="bank-nodes"):
-        app_config(bank_nodes=nodes)
-    assert app_config(bank_nodes="12:0,34:1").registered_banks == {12: 0, 34: 1}
-    assert app_config(bank_nodes="").registered_banks == {}
+@pytest.mark.parametrize("nodes", ['{"1": 0, "2": 0}', '{"x": 0}', '{"1": -1}', '{"1": 1.5}',
+                                   '{"1": true}', "[1, 2]", "{}", "not json", None])
+def test_a_bank_nodes_file_that_is_not_one_node_per_bank_is_refused(tmp_path,
+                                                                     nodes) -> None:
+    from server.strategy import registered_banks
+
+    path = tmp_path / "bank-nodes.json"
+    if nodes is not None:  # None: no such file
+        path.write_text(nodes)
+    with pytest.raises(ValueError, match=f"bank-nodes: {path} is not"):
+        registered_banks(str(path))
+    path.write_text('{"12": 0, "34": 1}')
+    assert registered_banks(str(path)) == {12: 0, 34: 1} and registered_banks("") == {}
 
 
 def test_banks_that_withhold_different_metrics_by_policy_still_aggregate() -> None:
