@@ -56,7 +56,7 @@ def cmdline(pid: int) -> str:
 
 def role(command: str) -> str:
     """Which part of the network a process is, for the CPU breakdown."""
-    for marker, name in (("flower-superlink", "SuperLink"), ("client.supernode", "SuperNode"),
+    for marker, name in (("server.superlink", "SuperLink"), ("client.supernode", "SuperNode"),
                          ("executor", EXECUTOR),
                          ("flwr-serverapp", "ServerApp"), ("fedfraud-bank", "bank supervisor")):
         if marker in command:

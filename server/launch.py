@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -54,9 +55,10 @@ def transport_args(tls: Tls | None) -> list[str]:
 
 def start_deployment_superlink(started: Services, tls: Tls | None, fleet_port: int,
                                control_port: int) -> subprocess.Popen[bytes]:
-    """A SuperLink whose Fleet API (the banks' link) is gRPC on ``fleet_port``."""
+    """A SuperLink whose Fleet API (the banks' link) is gRPC on ``fleet_port``: Flower's,
+    refusing a reply pushed in another node's name (server/superlink.py)."""
     process = started.start("superlink", [
-        str(BIN / "flower-superlink"), *transport_args(tls),
+        sys.executable, "-m", "server.superlink", *transport_args(tls),
         "--disable-runtime-dependency-installation",
         "--fleet-api-address", f"127.0.0.1:{fleet_port}",
         "--host", "127.0.0.1", "--port", str(control_port),

@@ -112,3 +112,57 @@ def test_bank_keys_for_no_bank_or_one_bank_twice_are_one_line(tmp_path) -> None:
         bank_nodes(tmp_path, "nowhere", [first, stray])
     with pytest.raises(FlowerCommandError, match="flwr supernode list: .*"):
         bank_nodes(tmp_path, "nowhere", [first])
+
+
+def test_the_superlink_refuses_a_reply_pushed_in_another_nodes_name(monkeypatch) -> None:
+    """Flower 1.39 stores a pushed reply that names, as its sender, the node its
+    instruction went to, without checking that node pushed it: node A could answer B's
+    instruction in B's name (and B's own answer would then be refused as a duplicate).
+    fedfraud's SuperLink (server/superlink.py) refuses it; B's own push goes through.
+    Run against Flower's own Fleet handler and in-memory state; fails if a Flower
+    upgrade moves the handler the SuperLink's servicer calls."""
+    import inspect
+
+    from flwr.app import Message, Metadata, MetricRecord, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.common.serde import message_to_proto
+    from flwr.proto.fleet_pb2 import PushMessagesRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.server.superlink.fleet.grpc_rere.fleet_servicer import FleetServicer
+    from flwr.server.superlink.fleet.message_handler import message_handler
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.supercore.date import now
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
+
+    from server.superlink import NotTheSender, sent_by_its_sender
+
+    # What the servicer calls, looked up on the module at each push: what main() swaps.
+    assert "message_handler.push_messages(" in inspect.getsource(FleetServicer.PushMessages)
+    state = InMemoryLinkState(NoOpFederationManager(), ObjectStoreFactory().store())
+    a, b = (state.create_node("x", "x", key * 97, 30.0) for key in (b"A", b"B"))
+    for node in (a, b):
+        state.activate_node(node, 30.0)
+    run_id = state.create_run(None, None, None, {}, "@none/default", None, None, "serverapp")
+    monkeypatch.setattr(message_handler, "check_abort", lambda *args, **kwargs: None)
+    instruction = Message(metadata=Metadata(
+        run_id=run_id, message_id="", src_node_id=SUPERLINK_NODE_ID, dst_node_id=b,
+        reply_to_message_id="", group_id="1", created_at=now().timestamp(), ttl=3600,
+        message_type="train"), content=RecordDict({"config": MetricRecord({"x": 1})}))
+    instruction.metadata.__dict__["_message_id"] = instruction.object_id
+    sent = state.store_message_ins(instruction)
+
+    def push(by: int, bank: int) -> None:
+        reply = Message(RecordDict({"metrics": MetricRecord({"bank-id": bank})}),
+                        reply_to=instruction)  # in B's name, as the instruction went to B
+        reply.metadata.__dict__["_message_id"] = reply.object_id
+        sent_by_its_sender(message_handler.push_messages)(PushMessagesRequest(
+            node=Node(node_id=by), messages_list=[message_to_proto(reply)],
+            message_object_trees=[get_object_tree(reply)]), state)
+
+    with pytest.raises(NotTheSender, match=f"node {a} pushed a reply in the name of node {b}"):
+        push(by=a, bank=7)
+    push(by=b, bank=2)
+    [stored] = state.get_message_res({sent}, run_id)
+    assert dict(stored.content["metrics"]) == {"bank-id": 2}
