@@ -116,14 +116,17 @@ def test_bank_keys_for_no_bank_or_one_bank_twice_are_one_line(tmp_path) -> None:
 
 def test_the_superlink_refuses_a_reply_pushed_in_another_nodes_name(monkeypatch) -> None:
     """Flower 1.39 stores a pushed reply that names, as its sender, the node its
-    instruction went to, without checking that node pushed it: node A could answer B's
-    instruction in B's name (and B's own answer would then be refused as a duplicate).
-    fedfraud's SuperLink (server/superlink.py) refuses it; B's own push goes through.
-    Run against Flower's own Fleet handler and in-memory state; fails if a Flower
-    upgrade moves the handler the SuperLink's servicer calls."""
+    instruction went to, without checking that node pushed it, and the ServerApp reads
+    the reply from the message object the request names, whose metadata the request's
+    copy need not match. So node A could answer B's instruction in B's name, or answer
+    its own with an object saying it comes from B. fedfraud's SuperLink
+    (server/superlink.py) refuses both; honest replies, with content or an error, go
+    through. Run against Flower's own Fleet handler and in-memory state; fails if a
+    Flower upgrade moves the handler the servicer calls or how a message's id is made."""
     import inspect
 
-    from flwr.app import Message, Metadata, MetricRecord, RecordDict
+    from flwr.app import Error, Message, Metadata, MetricRecord, RecordDict
+    from flwr.app.message.message import remove_content_from_message
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.common.serde import message_to_proto
     from flwr.proto.fleet_pb2 import PushMessagesRequest
@@ -146,23 +149,40 @@ def test_the_superlink_refuses_a_reply_pushed_in_another_nodes_name(monkeypatch)
         state.activate_node(node, 30.0)
     run_id = state.create_run(None, None, None, {}, "@none/default", None, None, "serverapp")
     monkeypatch.setattr(message_handler, "check_abort", lambda *args, **kwargs: None)
-    instruction = Message(metadata=Metadata(
-        run_id=run_id, message_id="", src_node_id=SUPERLINK_NODE_ID, dst_node_id=b,
-        reply_to_message_id="", group_id="1", created_at=now().timestamp(), ttl=3600,
-        message_type="train"), content=RecordDict({"config": MetricRecord({"x": 1})}))
-    instruction.metadata.__dict__["_message_id"] = instruction.object_id
-    sent = state.store_message_ins(instruction)
 
-    def push(by: int, bank: int) -> None:
-        reply = Message(RecordDict({"metrics": MetricRecord({"bank-id": bank})}),
-                        reply_to=instruction)  # in B's name, as the instruction went to B
-        reply.metadata.__dict__["_message_id"] = reply.object_id
+    def instruction(to: int) -> tuple[Message, str]:
+        message = Message(metadata=Metadata(
+            run_id=run_id, message_id="", src_node_id=SUPERLINK_NODE_ID, dst_node_id=to,
+            reply_to_message_id="", group_id="1", created_at=now().timestamp(), ttl=3600,
+            message_type="train"), content=RecordDict({"config": MetricRecord({"x": 1})}))
+        message.metadata.__dict__["_message_id"] = message.object_id
+        return message, state.store_message_ins(message)
+
+    def reply(to: Message, content: RecordDict | Error, sender: int | None = None) -> Message:
+        message = Message(content, reply_to=to)  # as a SuperNode makes it
+        if sender is not None:
+            message.metadata.__dict__["_src_node_id"] = sender
+        message.metadata.__dict__["_message_id"] = message.object_id
+        return message
+
+    def push(by: int, message: Message, tree_of: Message | None = None) -> None:
         sent_by_its_sender(message_handler.push_messages)(PushMessagesRequest(
-            node=Node(node_id=by), messages_list=[message_to_proto(reply)],
-            message_object_trees=[get_object_tree(reply)]), state)
+            node=Node(node_id=by), messages_list=[message_to_proto(
+                remove_content_from_message(message))],
+            message_object_trees=[get_object_tree(tree_of or message)]), state)
 
+    to_b, b_id = instruction(b)
     with pytest.raises(NotTheSender, match=f"node {a} pushed a reply in the name of node {b}"):
-        push(by=a, bank=7)
-    push(by=b, bank=2)
-    [stored] = state.get_message_res({sent}, run_id)
-    assert dict(stored.content["metrics"]) == {"bank-id": 2}
+        push(a, reply(to_b, RecordDict({"metrics": MetricRecord({"bank-id": 7})})))
+    to_a, _ = instruction(a)
+    in_bs_name = reply(to_a, RecordDict({"metrics": MetricRecord({"bank-id": 7})}), sender=b)
+    own = reply(to_a, RecordDict({"metrics": MetricRecord({"bank-id": 7})}))
+    own.metadata.__dict__["_message_id"] = in_bs_name.object_id  # what the ServerApp reads
+    with pytest.raises(NotTheSender, match="message object is not the one its metadata"):
+        push(a, own, tree_of=in_bs_name)
+
+    honest = reply(to_b, RecordDict({"metrics": MetricRecord({"bank-id": 2})}))
+    push(b, honest)
+    [stored] = state.get_message_res({b_id}, run_id)  # its objects follow by PushObject
+    assert (stored.metadata.src_node_id, stored.metadata.message_id) == (b, honest.object_id)
+    push(a, reply(to_a, Error(code=0, reason="the bank refused")))  # an error reply
