@@ -28,7 +28,8 @@ from typing import Any
 
 
 class NotTheSender(ValueError):
-    """A pushed reply names another node than the one that pushed it."""
+    """A pushed reply is not in its pushing node's own name (its metadata, or the
+    message object the ServerApp will read)."""
 
 
 def message_object_id(message: Any, tree: Any) -> str:
