@@ -97,8 +97,9 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
     data_dir = ensure_prepared(config)
     tls = ensure_certificates(certs)
     banks = [bank_dir(data_dir, bank) for bank in range(config.num_banks)]
+    public_keys = [folder / "keys" / "bank.key.pub" for folder in banks]  # each bank's own
     for bank, folder in enumerate(banks):
-        if not (folder / "keys" / "bank.key.pub").exists():
+        if not public_keys[bank].exists():
             subprocess.run([str(BIN / "fedfraud-bank"), "init", "--bank-id", str(bank),
                             "--bank-dir", str(folder), "--app-dir", str(app_dir)],
                            check=True, stdout=subprocess.DEVNULL)
@@ -109,8 +110,7 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
               f"{'TLS + bank authentication' if tls else 'INSECURE'}; control API on "
               f"127.0.0.1:{control_port}, for the operator only)", flush=True)
         control = f"127.0.0.1:{control_port}"
-        register_banks(flwr_home, control, tls,
-                       [folder / "keys" / "bank.key.pub" for folder in banks])
+        register_banks(flwr_home, control, tls, public_keys)
         for bank, folder in enumerate(banks):
             transport = ["--ca", str(tls.certs / CA_CERT)] if tls else ["--insecure"]
             started.start(f"bank_{bank:02d}", [
@@ -119,7 +119,7 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
                 "--superlink", f"127.0.0.1:{fleet_port}", *transport,
                 "--flwr-home", str(flwr_home / f"bank_{bank:02d}")])
         return submit(app_dir, config, started.env, flwr_home, control, tls,
-                      [folder / "keys" / "bank.key.pub" for folder in banks] if tls else None)
+                      public_keys if tls else None)
 
 
 def bank_dir(data_dir: Path, bank: int) -> Path:

@@ -229,7 +229,6 @@ class BankGuard:
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
-        self.registered = bool(registered)
         self.node_banks: dict[int, int] = dict(registered or {})  # node id -> bank id
         self.final_bank_metrics: dict[int, MetricRecord] = {}
         self.sent: dict[str, tuple[int, ...]] | None = None  # the round's model shapes
@@ -247,6 +246,11 @@ class BankGuard:
             return []
         return super().configure_evaluate(server_round, arrays, config, grid)
 
+    @property
+    def registered(self) -> bool:
+        """Whether the operator said which bank each node is (``bank-nodes``)."""
+        return bool(self.node_banks)
+
     def sender(self, node: int, stated: int | None, stating: Counter[int | None],
                ) -> int | None:
         """The bank a reply comes from, as far as the server knows: the bank the operator
@@ -256,10 +260,11 @@ class BankGuard:
             return self.node_banks.get(node)
         return stated if stating[stated] == 1 else None
 
-    def wrong_bank(self, node: int, stated: int, stating: Counter[int | None]) -> str | None:
-        """Why a reply's bank id is not its node's bank, if it is not: a bank sending as
-        another, to have its update or its metrics taken for the other's."""
-        bank = self.sender(node, stated, stating)
+    def wrong_bank(self, stated: int, bank: int | None, stating: Counter[int | None],
+                   ) -> str | None:
+        """Why a reply stating bank id ``stated`` is not from that bank, if it is not
+        (``bank``: its ``sender``): a bank sending as another, to have its update or its
+        metrics taken for the other's."""
         if bank == stated:
             return None
         if bank is not None:
@@ -279,12 +284,12 @@ class BankGuard:
             if reply.has_content():
                 content, node = reply.content, reply.metadata.src_node_id
                 stated = bank_of(content)
+                bank = self.sender(node, stated, stating)
                 sent = self.sent if message == "train" else None
                 why = malformed(content, sent, self.weighted_by_key) or wrong_weight(
                     content, self.weighted_by_key,
                     keys.N_TRAIN if message == "train" else keys.N_VAL
-                ) or self.wrong_bank(node, stated, stating)  # type: ignore[arg-type]
-                bank = self.sender(node, stated, stating)
+                ) or self.wrong_bank(stated, bank, stating)  # type: ignore[arg-type]
                 self.ledger.append(ledger_entry(message, server_round, content, bank))
                 if why:
                     log(WARNING, "fedfraud: refused the %s reply of bank %s (node %d) in "
