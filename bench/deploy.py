@@ -8,9 +8,11 @@ process table and prints: total wall time (startup included), per-round seconds,
 peak memory of every process of the run together, and an idle bank's memory (all its
 processes, once every bank is online and before the run starts). Memory is PSS: shared
 pages (e.g. a task forked from its bank's executor) are counted once, not per process.
-Also the whole run's CPU seconds by part (SuperLink, SuperNodes, executors with their
-tasks, ServerApp), sampled every 0.2 s: where a round's time goes on a machine that
-is short of cores.
+Also the CPU seconds by part (SuperLink, SuperNodes, executors with their tasks,
+ServerApp), sampled every 0.2 s, over the whole run and per warm round (from the end
+of round 2 to the end of the last round but one: no start-up, no final evaluate):
+where a round's time goes on a machine that is short of cores. A round can take no
+less than its CPU seconds over the cores.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class Sampler(threading.Thread):
 
     def cpu_by_role(self) -> dict[str, float]:
         totals: dict[str, float] = {}
-        for name, seconds in self.cpu.values():
+        for name, seconds in list(self.cpu.values()):  # the sampler adds to it
             totals[name] = totals.get(name, 0.0) + seconds
         return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
@@ -131,7 +133,10 @@ def run_deploy(rounds: int, banks: int, work: Path, overrides: list[str]) -> dic
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
+    warm: dict[int, dict[str, float]] = {}  # round -> CPU by role when it ended
     for line in process.stdout:
+        if (ended := round_ended(line, rounds)) in (2, rounds - 1):
+            warm[ended] = sampler.cpu_by_role()
         if "banks connected" in line:
             pids = processes_with_env(f"FLWR_HOME={flwr_home}")
             sampler.idle_bank_mb = max(sampler.bank_mb(pids, b) for b in range(banks))
@@ -146,7 +151,24 @@ def run_deploy(rounds: int, banks: int, work: Path, overrides: list[str]) -> dic
     metrics = json.loads((work / f"runs-{path}" / "latest" / "metrics.json").read_text())
     return {"wall_s": wall, "round_s": metrics["timing"]["round_s"],
             "peak_mb": sampler.peak_mb, "idle_bank_mb": sampler.idle_bank_mb,
-            "cpu_s": sampler.cpu_by_role()}
+            "cpu_s": sampler.cpu_by_role(), "cpu_s_per_warm_round": per_round(warm)}
+
+
+def round_ended(line: str, rounds: int) -> int | None:
+    """The round a "fedfraud round 3/10: 2.9 s" line reports as ended."""
+    marker = "fedfraud round "
+    if marker not in line or f"/{rounds}:" not in line:
+        return None
+    return int(line.split(marker, 1)[1].split("/", 1)[0])
+
+
+def per_round(warm: dict[int, dict[str, float]]) -> dict[str, float]:
+    """CPU seconds per role and round between the two readings in ``warm``."""
+    if len(warm) != 2:
+        return {}
+    (first, before), (last, after) = sorted(warm.items())
+    return {name: (seconds - before.get(name, 0.0)) / (last - first)
+            for name, seconds in after.items()}
 
 
 def main() -> None:
@@ -170,6 +192,10 @@ def main() -> None:
         print(f"       per round: {' '.join(f'{s:.1f}' for s in r['round_s'])}")
         print("       CPU s (whole run, sampled): " + ", ".join(
             f"{name} {seconds:.1f}" for name, seconds in r["cpu_s"].items()))
+        if per_warm_round := r["cpu_s_per_warm_round"]:
+            print(f"       CPU s per warm round: {sum(per_warm_round.values()):.2f} in all, "
+                  f"on {os.cpu_count()} cores: " + ", ".join(
+                      f"{name} {seconds:.2f}" for name, seconds in per_warm_round.items()))
 
 
 if __name__ == "__main__":
