@@ -81,7 +81,15 @@ def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) ->
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         from flwr.client.mod import secaggplus_mod  # ~0.1 s of imports: only when used
 
-        return secaggplus_mod(msg, context, call_next)
+        reply = secaggplus_mod(msg, context, call_next)
+        if "policy" not in context.node_config:  # attack settings: simulations only
+            config = Config.from_run_config(context.run_config)
+            if config.attack == "secagg-malformed" and int(
+                    context.node_config["partition-id"]) in config.attacker_ids:
+                from client.attack import malformed_secagg
+
+                reply = malformed_secagg(reply)
+        return reply
     return call_next(msg, context)
 
 

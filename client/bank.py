@@ -31,7 +31,7 @@ from common.model import (
 from common.schema import BankDataError
 from common.privacy import epsilon_spent, privacy_for
 from common.task import score, train
-from client.attack import poison
+from client.attack import POISONS, poison
 
 Arrays = dict[str, np.ndarray]  # as the model travels: {keys.WEIGHTS: one vector}
 MODELS_DIR = "models"  # in the bank's state folder: <run id>/ per kept model, and latest
@@ -226,6 +226,6 @@ class Bank:
             metrics[keys.DP_EPSILON] = epsilon_spent(config, rows, privacy, rounds)
             metrics[keys.DP_NOISE] = privacy.noise_multiplier
         trained = {keys.WEIGHTS: packed(model.state_dict())}
-        if self.id in config.attacker_ids and config.attack != "none":
+        if self.id in config.attacker_ids and config.attack in POISONS:
             trained = poison(arrays, trained, config.attack, config.attack_scale)
         return trained, metrics

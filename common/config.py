@@ -18,7 +18,7 @@ from typing import Any
 BANK_WEIGHTINGS = ("equal", "samples")
 STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "fedavgm",
               "fedadam", "fedyogi")
-ATTACKS = ("none", "scale", "sign-flip", "nan", "inf")
+ATTACKS = ("none", "scale", "sign-flip", "nan", "inf", "secagg-malformed")
 SERVER_TEST_SETS = ("simulation", "always", "never")
 ACTIVATIONS = ("relu", "tanh")  # FraudNet's hidden-layer activations (common/model.py)
 # A bank's round must end: a run config asking a small bank for more steps a round than

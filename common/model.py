@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
@@ -71,15 +71,24 @@ MOST_WEIGHTS = 10**8  # far above any FraudNet (~4,000 weights for 30 features)
 
 def weights_of(array: Array, most: int = MOST_WEIGHTS) -> np.ndarray:
     """A travelling Array of weights as numpy; ValueError unless it is numpy-serialized
-    float32 or float64 with at most ``most`` values, all of them there. The npy header
-    is read first: ``np.load`` allocates whatever shape a header claims. The error texts
-    quote nothing the sender chose."""
+    float32 or float64 with at most ``most`` values, all of them there."""
     from flwr.common.constant import SType
-    from numpy.lib import format as npy
 
     if array.stype != SType.NUMPY:
         raise ValueError("an array that is not numpy-serialized")
-    stream = BytesIO(array.data)
+    return npy_array(array.data, most, FLOATS, "weights that are not float32 or float64 "
+                                               "numbers")
+
+
+def npy_array(data: bytes, most: int, dtypes: Collection[np.dtype],
+              not_those: str) -> np.ndarray:
+    """npy bytes a sender chose as numpy: ValueError (``not_those`` if the dtype is not
+    one of ``dtypes``) unless they hold at most ``most`` values, all of them there. The
+    header is read first: ``np.load`` allocates whatever shape a header claims. The
+    error texts quote nothing the sender chose."""
+    from numpy.lib import format as npy
+
+    stream = BytesIO(data)
     try:
         version = npy.read_magic(stream)
         read_header = (npy.read_array_header_1_0 if version == (1, 0)
@@ -87,17 +96,17 @@ def weights_of(array: Array, most: int = MOST_WEIGHTS) -> np.ndarray:
         shape, _, dtype = read_header(stream)
     except (ValueError, EOFError):
         raise ValueError("an array whose npy header does not parse") from None
-    if dtype not in FLOATS:
-        raise ValueError("weights that are not float32 or float64 numbers")
+    if dtype not in dtypes:
+        raise ValueError(not_those)
     # numpy takes True for 1 and (2**64, 0) for 0 values, then fails to load them.
     if not all(type(length) is int and 0 <= length <= most for length in shape):
         raise ValueError("an array whose npy header has a shape no model has")
     size = math.prod(shape)
-    if size > most or len(array.data) - stream.tell() != size * dtype.itemsize:
+    if size > most or len(data) - stream.tell() != size * dtype.itemsize:
         raise ValueError(f"an array of another size than the model's ({most} weights at "
                          "most) or with missing bytes")
     try:
-        return np.load(BytesIO(array.data), allow_pickle=False)
+        return np.load(BytesIO(data), allow_pickle=False)
     except Exception:  # noqa: BLE001 - whatever numpy makes of bytes a sender chose
         raise ValueError("an array numpy cannot load") from None
 

@@ -461,7 +461,7 @@ def test_a_task_tells_its_executor_what_to_make_ready_for_the_next_ones(prepared
 
 @pytest.mark.parametrize("bad", ["inf", "abc", "odd column"])
 def test_a_bad_file_is_reported_by_the_task_not_lost_in_the_preparer(prepared, tmp_path,
-                                                                      bad) -> None:
+                                                                      bad, monkeypatch) -> None:
     """The executor's preparer child fails quietly on a file with inf, text in a number
     column or a column the schema lacks; nothing is kept, and the task that reads the
     file then reports the one-line error naming the bank, the file and the column."""
@@ -483,6 +483,9 @@ def test_a_bad_file_is_reported_by_the_task_not_lost_in_the_preparer(prepared, t
     shutil.copy(source.parent / SCHEMA_FILE, shard.parent / SCHEMA_FILE)
     shard.write_text("\n".join([header, *(",".join(row) for row in cells)]) + "\n")
 
+    # Nothing kept from an earlier test of this process (tests/test_data.py prepares
+    # a bank 9 of its own).
+    monkeypatch.setattr("common.data._PREPARED", {})
     Preparing(9, shard, prepared).keep()
 
     assert prepared_with(9) is None

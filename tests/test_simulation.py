@@ -83,6 +83,11 @@ def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
 
 
 def simulate(tmp_path: Path, name: str, *settings: str) -> Path:
+    return simulated(tmp_path, name, *settings)[0]
+
+
+def simulated(tmp_path: Path, name: str, *settings: str) -> tuple[Path, str]:
+    """A one-round simulation's run folder, and what ``fedfraud simulate`` printed."""
     command = [
         str(BIN / "fedfraud"), "--app-dir", str(APP_DIR),
         "--flwr-home", str(tmp_path / f"flwr-{name}"),
@@ -93,7 +98,7 @@ def simulate(tmp_path: Path, name: str, *settings: str) -> Path:
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return (tmp_path / name / "latest").resolve()
+    return (tmp_path / name / "latest").resolve(), done.stdout + done.stderr
 
 
 def test_secure_aggregation_matches_fedavg_and_never_shows_a_banks_weights(
@@ -278,3 +283,29 @@ def test_a_stopped_simulation_leaves_no_flower_process_behind(tmp_path: Path) ->
             os.killpg(os.getpgid(pid), signal.SIGKILL)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_bank_sending_malformed_secagg_replies_drops_out_and_the_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Bank 3 breaks one SecAgg+ stage's reply per round (client/attack.py): a key that
+    is no key, lists that do not pair, a masked vector of another shape, shares that are
+    not shares. Each used to raise inside Flower's workflow and end the run (or, for
+    the first two, stop every round: Flower's own dropout handling then asks the others
+    for shares they never got). Now the reply is refused and the round goes on as for a
+    bank that dropped out."""
+    run_dir, output = simulated(tmp_path, "attacked", "--set", "secure-aggregation=true",
+                       "--set", "num-server-rounds=4", "--set", "attackers='3'",
+                       "--set", "attack='secagg-malformed'")
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [row["round"] for row in metrics["history"]] == [1, 2, 3, 4]
+    # Rounds 1-3 aggregate the nine others. In round 4 bank 3's masked vector was
+    # well-formed and is in the sum: the other banks' shares remove its masks.
+    others = [b for b in range(10) if b != 3]
+    assert [row["banks_trained"] for row in metrics["history"]] == [others] * 3 + [
+        list(range(10))]
+    for stage in ("setup", "share_keys", "collect_masked_vectors", "unmask"):
+        assert f"SecAgg+ {stage} reply from node" in output, stage
+    assert "secure aggregation stopped" not in output
+    assert 0.5 < metrics["final"]["auc"] <= 1.0

@@ -453,3 +453,110 @@ def test_one_bank_withholding_its_epsilon_does_not_hide_the_others() -> None:
                             "deployment")
     assert [(b["bank"], b["epsilon"]) for b in record["banks"]] == [(0, 1.0), (2, 3.0)]
     assert record["max_epsilon_spent"] == 3.0
+
+
+def secagg_reply(stage: str, **items: Any) -> RecordDict:
+    """A bank's SecAgg+ reply at ``stage`` as Flower's secaggplus_mod builds it, with
+    ``items`` in its configs record (a collect-stage reply also carries its fit
+    result)."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.app import ConfigRecord
+    from flwr.common import Code, FitRes, Parameters, Status
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(items)})
+    if stage == "collect_masked_vectors":
+        fit = compat.fitres_to_recorddict(FitRes(
+            Status(Code.OK, ""), Parameters([], ""), 10, {keys.BANK_ID: 0}), True)
+        for name, record in fit.items():
+            content[name] = record
+    return content
+
+
+def test_a_secagg_reply_in_a_form_its_stage_does_not_have_is_refused() -> None:
+    """Flower's SecAgg+ workflow reads each reply unchecked: every form here raised
+    inside it (or, a key that is no key, in the other banks) and ended the run. The
+    guard refuses them; the honest form of each stage passes."""
+    from flwr.common import ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+    from flwr.supercore.primitives.asymmetric import (
+        generate_key_pairs, public_key_to_bytes,
+    )
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives import serialization
+
+    from server.secure import malformed
+
+    size, sampled = 7, {11, 12, 13}
+
+    def pem(key: Any) -> bytes:
+        return key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    key = public_key_to_bytes(generate_key_pairs()[1])
+    masked = [ndarray_to_bytes(np.array([3])), ndarray_to_bytes(np.zeros(size, np.int64))]
+    bomb = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        bomb, {"descr": "<i8", "fortran_order": False, "shape": (2**40,)})
+    share = b"\1" * 4 + b"\2" * 32
+    honest = {
+        Stage.SETUP: {Key.PUBLIC_KEY_1: key, Key.PUBLIC_KEY_2: key},
+        Stage.SHARE_KEYS: {Key.DESTINATION_LIST: [12, 13], Key.CIPHERTEXT_LIST: [b"a", b"b"]},
+        Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS: masked},
+        Stage.UNMASK: {Key.NODE_ID_LIST: [11, 13], Key.SHARE_LIST: [share, share]},
+    }
+    crafted = [
+        (Stage.SETUP, {Key.PUBLIC_KEY_1: b"not a key", Key.PUBLIC_KEY_2: key}),
+        (Stage.SETUP, {Key.PUBLIC_KEY_1: key}),
+        (Stage.SETUP, {Key.PUBLIC_KEY_1: key, Key.PUBLIC_KEY_2: pem(
+            rsa.generate_private_key(public_exponent=65537, key_size=1024))}),
+        (Stage.SETUP, {Key.PUBLIC_KEY_1: key, Key.PUBLIC_KEY_2: pem(
+            ec.generate_private_key(ec.SECP256R1()))}),  # another curve
+        (Stage.SHARE_KEYS, {Key.DESTINATION_LIST: [12, 13], Key.CIPHERTEXT_LIST: [b"a"]}),
+        (Stage.SHARE_KEYS, {Key.DESTINATION_LIST: [12, True],
+                            Key.CIPHERTEXT_LIST: [b"a", b"b"]}),
+        (Stage.SHARE_KEYS, {Key.CIPHERTEXT_LIST: [b"a"]}),
+        (Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: masked[:1]}),
+        (Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: [
+            masked[0], ndarray_to_bytes(np.zeros(size + 1, np.int64))]}),
+        (Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: [
+            masked[0], ndarray_to_bytes(np.zeros(size, np.float64))]}),
+        (Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: [
+            masked[0], bomb.getvalue() + b"\0" * 8]}),
+        (Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: [masked[0], b"junk"]}),
+        (Stage.UNMASK, {Key.NODE_ID_LIST: [11, 99], Key.SHARE_LIST: [share, share]}),
+        (Stage.UNMASK, {Key.NODE_ID_LIST: [11, 13], Key.SHARE_LIST: [share]}),
+        (Stage.UNMASK, {Key.NODE_ID_LIST: [11], Key.SHARE_LIST: [b"\0" * 5]}),
+    ]
+    for stage, items in honest.items():
+        assert malformed(stage, secagg_reply(stage, **items), sampled, size) is None, stage
+    for stage, items in crafted:
+        assert malformed(stage, secagg_reply(stage, **items), sampled, size), (stage, items)
+    assert malformed(Stage.SETUP, RecordDict(), sampled, size)  # no SecAgg+ record
+    # A collect-stage reply without its fit result (Flower's compat layer raised).
+    bare = secagg_reply(Stage.SETUP, **honest[Stage.COLLECT_MASKED_VECTORS])
+    assert malformed(Stage.COLLECT_MASKED_VECTORS, bare, sampled, size)
+
+
+def test_a_secure_round_that_raises_ends_that_round_not_the_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.app import ConfigRecord, Context
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key as WorkflowKey
+
+    from server.secure import GuardedSecAggPlus
+
+    context = LegacyContext(
+        context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                        run_config={}),
+        config=ServerConfig(num_rounds=1), strategy=LegacyFedAvg())
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {WorkflowKey.CURRENT_ROUND: 2})
+    workflow = GuardedSecAggPlus(num_shares=3, reconstruction_threshold=2)
+
+    def combine_fails(*_: Any) -> bool:
+        raise ValueError("Padding is incorrect.")  # what a wrong share ends in
+
+    monkeypatch.setattr(workflow, "setup_stage", combine_fails)
+    workflow(None, context)  # type: ignore[arg-type]  # logged, not raised
