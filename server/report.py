@@ -239,7 +239,7 @@ def privacy_lines(metrics: dict[str, Any]) -> list[str]:
                      f"held-out rows with AUC {audit['attack_auc']:.3f} (0.5 = chance).")
     for refused in (metrics.get("strategy") or {}).get("refused_updates", []):
         who = "A bank" if refused["bank"] is None else f"Bank {refused['bank']}"
-        what = "update" if refused.get("message", "train") == "train" else "evaluation"
+        what = "evaluation" if refused.get("message") == "evaluate" else "update"
         lines.append(f"{who}'s {what} of round {refused['round']} was refused: "
                      f"{refused['why']}.")
     return lines

@@ -66,6 +66,7 @@ class RecordingGrid:
         self.grid = grid
         self.model_size = model_size
         self.replies: list[tuple[int, int, RecordDict]] = []  # (round, node, content)
+        self.refused: list[tuple[int, int, str, str]] = []  # (round, node, stage, why)
         self.sampled: set[int] = set()  # the nodes the round's setup stage went to
 
     def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
@@ -75,18 +76,20 @@ class RecordingGrid:
             self.sampled = {message.metadata.dst_node_id for message in messages}
         kept = []
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
-            node = reply.metadata.src_node_id
+            node, server_round = reply.metadata.src_node_id, int(
+                reply.metadata.group_id or 0)
             if reply.has_error():  # the reason's tail holds the exception
                 reason = reply.error.reason[-900:].replace("\n", " | ")
                 log(WARNING, "fedfraud: SecAgg+ reply from node %d failed: %s", node,
                     reason)
-            elif why := malformed(stage, reply.content, self.sampled, self.model_size):
-                log(WARNING, "fedfraud: SecAgg+ %s reply from node %d refused: %s; the "
-                    "round goes on as if that bank had dropped out", stage, node, why)
-                continue
-            if reply.has_content():
-                self.replies.append((int(reply.metadata.group_id or 0), node,
-                                     reply.content))
+            if reply.has_content():  # to the ledger, refused or not
+                self.replies.append((server_round, node, reply.content))
+                if why := malformed(stage, reply.content, self.sampled, self.model_size):
+                    log(WARNING, "fedfraud: SecAgg+ %s reply from node %d refused: %s; "
+                        "the round goes on as if that bank had dropped out", stage, node,
+                        why)
+                    self.refused.append((server_round, node, str(stage), why))
+                    continue
             kept.append(reply)
         return kept
 
@@ -247,6 +250,9 @@ def run_secure(grid: Grid, context: Context, config: Config,
             if isinstance(record.get(keys.BANK_ID), int):
                 node_to_bank[node] = record[keys.BANK_ID]
     guard.ledger[:0] = recording.ledger(node_to_bank)
+    guard.refused[:0] = [{"round": server_round, "bank": node_to_bank.get(node),
+                          "message": f"train (SecAgg+ {stage})", "why": why}
+                         for server_round, node, stage, why in recording.refused]
 
     fit_history = legacy.history.metrics_distributed_fit
     rounds = sorted({r for values in fit_history.values() for r, _ in values})

@@ -308,4 +308,8 @@ def test_a_bank_sending_malformed_secagg_replies_drops_out_and_the_run_goes_on(
     for stage in ("setup", "share_keys", "collect_masked_vectors", "unmask"):
         assert f"SecAgg+ {stage} reply from node" in output, stage
     assert "secure aggregation stopped" not in output
+    refused = metrics["strategy"]["refused_updates"]
+    assert [(r["round"], r["bank"], r["message"]) for r in refused] == [
+        (1, 3, "train (SecAgg+ setup)"), (2, 3, "train (SecAgg+ share_keys)"),
+        (3, 3, "train (SecAgg+ collect_masked_vectors)"), (4, 3, "train (SecAgg+ unmask)")]
     assert 0.5 < metrics["final"]["auc"] <= 1.0
