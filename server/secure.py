@@ -12,18 +12,22 @@ the plain strategy's ``Result`` shape so that metrics.json, the model and the re
 are built the same way.
 
 Flower's workflow trusts every reply's form: one bank's malformed reply (a key that is
-no key, lists that do not pair, a masked vector of another shape, shares of banks
-outside the round) raised inside it and ended the run. ``RecordingGrid`` checks each
-reply's form for its stage (``malformed``) and drops a malformed one, so the workflow
-treats that bank as one that dropped out, which SecAgg+ is built to survive; what
-still raises in a round (a well-formed share that is wrong only fails when combined)
-ends that round with the global model unchanged (``GuardedSecAggPlus``), not the run.
-Neither makes SecAgg+ robust to a malicious bank: any bank can still add whatever it
-likes to the masked sum (README, "Threat model").
+no key, lists that do not pair, a masked vector of another shape, thousands of shares
+to combine) raised inside it, in the other banks, or kept the server busy for hours.
+``RecordingGrid`` checks each reply's form for its stage against what that bank was
+asked (``malformed``) and drops a malformed one, so the workflow treats that bank as
+one that dropped out, which SecAgg+ is built to survive (``GuardedSecAggPlus`` makes
+Flower's workflow survive it at the first two stages too). A round whose unmasking
+still raises, or whose sum is no model's (``CheckedFedAvg``), ends with the global
+model unchanged, not the run. Neither makes SecAgg+ robust to a malicious bank: a bank
+can still add whatever it likes to the sum, directly or with wrong shares (README,
+"Threat model").
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from functools import cache
 from logging import WARNING
 from typing import Any
 
@@ -32,7 +36,9 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import Metrics, Scalar, log, ndarrays_to_parameters
+from flwr.common import (
+    Metrics, Scalar, log, ndarrays_to_parameters, parameters_to_ndarrays,
+)
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS, Key, Stage,
 )
@@ -47,7 +53,7 @@ from flwr.serverapp.strategy import Result
 
 from common import keys
 from common.config import Config
-from common.model import npy_array, packed
+from common.model import implausible, npy_array, packed
 from server.evaluation import TestSetEvaluation
 from server.strategy import BankGuard, ledger_entry
 
@@ -67,15 +73,18 @@ class RecordingGrid:
         self.model_size = model_size
         self.replies: list[tuple[int, int, RecordDict]] = []  # (round, node, content)
         self.refused: list[tuple[int, int, str, str]] = []  # (round, node, stage, why)
-        self.sampled: set[int] = set()  # the nodes the round's setup stage went to
 
     def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
         messages = list(messages)
         stage = stage_of(messages)
-        if stage == Stage.SETUP:
-            self.sampled = {message.metadata.dst_node_id for message in messages}
+        asked = {message.metadata.dst_node_id:
+                 message.content.config_records.get(RECORD_KEY_CONFIGS)
+                 for message in messages}
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        keys_seen = Counter(key for reply in replies if reply.has_content()
+                            for key in public_keys(reply.content))
         kept = []
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+        for reply in replies:
             node, server_round = reply.metadata.src_node_id, int(
                 reply.metadata.group_id or 0)
             if reply.has_error():  # the reason's tail holds the exception
@@ -84,7 +93,11 @@ class RecordingGrid:
                     reason)
             if reply.has_content():  # to the ledger, refused or not
                 self.replies.append((server_round, node, reply.content))
-                if why := malformed(stage, reply.content, self.sampled, self.model_size):
+                why = malformed(stage, reply.content, asked.get(node), node,
+                                self.model_size)
+                if not why and any(keys_seen[key] > 1 for key in public_keys(reply.content)):
+                    why = "another bank's reply holds the same public key"
+                if why:
                     log(WARNING, "fedfraud: SecAgg+ %s reply from node %d refused: %s; "
                         "the round goes on as if that bank had dropped out", stage, node,
                         why)
@@ -111,13 +124,14 @@ def stage_of(messages: list[Message]) -> str | None:
     return None
 
 
-def malformed(stage: str | None, content: RecordDict, sampled: set[int],
+def malformed(stage: str | None, content: RecordDict, asked: Any, node: int,
               model_size: int) -> str | None:
-    """Why a bank's reply at ``stage`` is not in the form Flower's workflow reads
-    unchecked (None: it is). The reasons quote nothing the bank chose."""
+    """Why bank ``node``'s reply at ``stage`` is not in the form Flower's workflow
+    reads unchecked (None: it is); ``asked`` is the configs record the workflow sent
+    that node. The reasons quote nothing the bank chose."""
     record = content.config_records.get(RECORD_KEY_CONFIGS)
-    if record is None:
-        return "it holds no SecAgg+ record"
+    if record is None or asked is None:
+        return "it holds no SecAgg+ record, or answers nothing the node was asked"
 
     def listed(key: str, kind: type) -> list[Any] | None:
         value = record.get(key)
@@ -126,14 +140,17 @@ def malformed(stage: str | None, content: RecordDict, sampled: set[int],
         return None
 
     if stage == Stage.SETUP:
-        if not all(is_public_key(record.get(key))
-                   for key in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2)):
-            return "its public keys are not SecAgg+ keys"
+        first, second = record.get(Key.PUBLIC_KEY_1), record.get(Key.PUBLIC_KEY_2)
+        if not (is_public_key(first) and is_public_key(second)) or first == second:
+            return "its public keys are not two distinct SecAgg+ keys"
     elif stage == Stage.SHARE_KEYS:
         destinations, texts = listed(Key.DESTINATION_LIST, int), listed(
             Key.CIPHERTEXT_LIST, bytes)
-        if destinations is None or texts is None or len(destinations) != len(texts):
-            return "its destinations and ciphertexts do not pair"
+        neighbours = {int(name) for name in asked.keys() if name.isdigit()} - {node}
+        if destinations is None or texts is None or len(destinations) != len(texts) or \
+                len(set(destinations)) != len(destinations) or \
+                set(destinations) != neighbours:
+            return "its ciphertexts are not one for each of its neighbours"
     elif stage == Stage.COLLECT_MASKED_VECTORS:
         vectors = listed(Key.MASKED_PARAMETERS, bytes)
         if vectors is None or len(vectors) != 2:
@@ -146,19 +163,50 @@ def malformed(stage: str | None, content: RecordDict, sampled: set[int],
         if shapes != [(1,), (model_size,)]:
             return "its masked vector is not the model's shape"
         try:
-            compat.recorddict_to_fitres(content, keep_input=True)
+            fit = compat.recorddict_to_fitres(content, keep_input=True)
         except Exception:  # noqa: BLE001 - what Flower's compat layer makes of it
             return "it holds no fit result"
+        if type(fit.num_examples) is not int or fit.num_examples != 1:
+            return "its fit result weighs it other than one vote"  # client/app.py: 1
     elif stage == Stage.UNMASK:
         owners, shares = listed(Key.NODE_ID_LIST, int), listed(Key.SHARE_LIST, bytes)
-        if owners is None or shares is None or len(owners) != len(shares):
-            return "its node ids and shares do not pair"
-        if not set(owners) <= sampled:
-            return "it holds shares of nodes outside the round"
-        # Flower's Shamir shares: a 4-byte index, then 16 bytes per chunk of the secret.
-        if any(len(share) < 20 or (len(share) - 4) % 16 for share in shares):
-            return "its shares are not Shamir shares"
+        active = list(asked.get(Key.ACTIVE_NODE_ID_LIST) or [])
+        dead = list(asked.get(Key.DEAD_NODE_ID_LIST) or [])
+        if owners is None or shares is None or owners != active + dead or \
+                len(shares) != len(owners):
+            return "its shares are not one for each node it was asked about"
+        # Shamir shares of a 32-byte mask seed (active) and of a key (dead), as the
+        # banks' secaggplus_mod makes them: combining costs the square of their number
+        # and grows with their length.
+        seed, key = share_lengths()
+        if any(len(share) != seed for share in shares[:len(active)]) or \
+                any(len(share) != key for share in shares[len(active):]):
+            return "its shares are not the length of SecAgg+'s shares"
     return None
+
+
+def public_keys(content: RecordDict) -> list[bytes]:
+    """The public keys a setup-stage reply holds (none in any other stage's)."""
+    record = content.config_records.get(RECORD_KEY_CONFIGS)
+    if record is None:
+        return []
+    return [value for value in (record.get(Key.PUBLIC_KEY_1), record.get(Key.PUBLIC_KEY_2))
+            if isinstance(value, bytes)]
+
+
+@cache
+def share_lengths() -> tuple[int, int]:
+    """The length of a Shamir share of a mask seed and of a private key, as Flower's
+    secaggplus_mod shares them (os.urandom(32); private_key_to_bytes of a SECP384R1
+    key)."""
+    from flwr.common.secure_aggregation.crypto.shamir import create_shares
+    from flwr.supercore.primitives.asymmetric import (
+        generate_key_pairs, private_key_to_bytes,
+    )
+
+    seed = create_shares(bytes(32), 2, 3)[0]
+    key = create_shares(private_key_to_bytes(generate_key_pairs()[0]), 2, 3)[0]
+    return len(seed), len(key)
 
 
 def is_public_key(value: Any) -> bool:
@@ -181,26 +229,55 @@ class GuardedSecAggPlus(SecAggPlusWorkflow):
       unmask stage it asks the others for shares of that bank's key, which they never
       received (they raise KeyError), and would remove masks nobody added. So one
       bank's dropout there, or a reply refused as malformed, stopped the round;
-    - a round that raises (what a well-formed but wrong share does when combined) ends
-      with the global model as it was, logged, instead of ending the run."""
+    - a round whose unmasking raises (what wrong shares mostly do when combined) ends
+      with the global model as it was, logged and recorded in ``failed``, instead of
+      ending the run. Errors no bank's reply causes still end it."""
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext,
                          state: WorkflowState) -> bool:
-        going_on = super().share_keys_stage(grid, context, state)
+        super().share_keys_stage(grid, context, state)
         shared = set(state.active_node_ids)  # whose key shares reached their neighbours
         state.sampled_node_ids = state.sampled_node_ids & shared
         state.nid_to_neighbours = {node: neighbours & shared for node, neighbours
                                    in state.nid_to_neighbours.items() if node in shared}
-        return going_on
+        return self._check_threshold(state)  # Flower's, on the round as it now is
+
+    def __init__(self, failed: list[tuple[int, str]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.failed = failed  # (round, why) of each round that ended without an update
 
     def __call__(self, grid: Grid, context: Context) -> None:
         try:
             super().__call__(grid, context)
-        except Exception as err:  # noqa: BLE001 - one round's failure, not the run's
-            current = context.state.config_records[MAIN_CONFIGS_RECORD].get(
-                WorkflowKey.CURRENT_ROUND)
-            log(WARNING, "fedfraud: round %s: secure aggregation stopped (%s); the "
-                "global model stays as it was", current, type(err).__name__)
+        # What a bank's well-formed but wrong share raises when combined (padding,
+        # key bytes, interpolation); any other error ends the run as before.
+        except (ValueError, KeyError, TypeError, ZeroDivisionError) as err:
+            current = int(context.state.config_records[MAIN_CONFIGS_RECORD].get(
+                WorkflowKey.CURRENT_ROUND, 0))
+            log(WARNING, "fedfraud: round %d: secure aggregation stopped; the global "
+                "model stays as it was", current, exc_info=err)
+            self.failed.append((current, f"unmasking the sum failed ({type(err).__name__})"))
+
+
+class CheckedFedAvg(LegacyFedAvg):
+    """The legacy FedAvg SecAgg+ hands the unmasked sum to, refusing a sum that is not
+    a model's (NaN, infinite or beyond MAX_WEIGHT: a bank's factor or weight of its
+    choosing can make it so): the round ends without an update."""
+
+    def __init__(self, failed: list[tuple[int, str]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.failed = failed
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        if parameters is not None and any(
+                implausible(weights) for weights in parameters_to_ndarrays(parameters)):
+            log(WARNING, "fedfraud: round %d: the unmasked sum is no model's (NaN, "
+                "infinite or huge weights); the global model stays as it was",
+                server_round)
+            self.failed.append((server_round, "the unmasked sum is no model's"))
+            return None, {}
+        return parameters, metrics
 
 
 def aggregate_fit_metrics(results: list[tuple[int, Metrics]]) -> dict[str, Scalar]:
@@ -225,8 +302,9 @@ def run_secure(grid: Grid, context: Context, config: Config,
         metrics = evaluation(server_round, as_record(arrays))
         return float(metrics["loss"]), dict(metrics)
 
-    strategy = LegacyFedAvg(
-        fraction_fit=1.0, fraction_evaluate=0.0,
+    failed: list[tuple[int, str]] = []
+    strategy = CheckedFedAvg(
+        failed, fraction_fit=1.0, fraction_evaluate=0.0,
         min_fit_clients=config.min_banks, min_available_clients=config.min_banks,
         initial_parameters=ndarrays_to_parameters([packed(initial)]),
         on_fit_config_fn=lambda server_round: {keys.SERVER_ROUND: server_round},
@@ -238,7 +316,7 @@ def run_secure(grid: Grid, context: Context, config: Config,
                            strategy=strategy)
     recording = RecordingGrid(grid, model_size=len(packed(initial)))
     workflow = DefaultWorkflow(fit_workflow=GuardedSecAggPlus(
-        num_shares=config.secagg_shares, reconstruction_threshold=config.secagg_threshold,
+        failed, num_shares=config.secagg_shares, reconstruction_threshold=config.secagg_threshold,
         max_weight=1.0))  # every bank one vote (bank-weighting "equal")
     workflow(recording, legacy)  # type: ignore[arg-type]
 
@@ -253,6 +331,8 @@ def run_secure(grid: Grid, context: Context, config: Config,
     guard.refused[:0] = [{"round": server_round, "bank": node_to_bank.get(node),
                           "message": f"train (SecAgg+ {stage})", "why": why}
                          for server_round, node, stage, why in recording.refused]
+    guard.refused += [{"round": server_round, "bank": None, "message": "train (SecAgg+)",
+                       "why": why} for server_round, why in failed]
 
     fit_history = legacy.history.metrics_distributed_fit
     rounds = sorted({r for values in fit_history.values() for r, _ in values})

@@ -467,7 +467,7 @@ def secagg_reply(stage: str, **items: Any) -> RecordDict:
     content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(items)})
     if stage == "collect_masked_vectors":
         fit = compat.fitres_to_recorddict(FitRes(
-            Status(Code.OK, ""), Parameters([], ""), 10, {keys.BANK_ID: 0}), True)
+            Status(Code.OK, ""), Parameters([], ""), 1, {keys.BANK_ID: 0}), True)
         for name, record in fit.items():
             content[name] = record
     return content
@@ -475,39 +475,51 @@ def secagg_reply(stage: str, **items: Any) -> RecordDict:
 
 def test_a_secagg_reply_in_a_form_its_stage_does_not_have_is_refused() -> None:
     """Flower's SecAgg+ workflow reads each reply unchecked: every form here raised
-    inside it (or, a key that is no key, in the other banks) and ended the run. The
-    guard refuses them; the honest form of each stage passes."""
+    inside it, in the other banks, or (many shares) kept the server combining them for
+    hours, or (a NaN weight) ended the run in the evaluation. The guard refuses them;
+    the honest form of each stage passes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from flwr.app import ConfigRecord
     from flwr.common import ndarray_to_bytes
     from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
     from flwr.supercore.primitives.asymmetric import (
         generate_key_pairs, public_key_to_bytes,
     )
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.hazmat.primitives import serialization
 
-    from server.secure import malformed
+    from server.secure import malformed, share_lengths
 
-    size, sampled = 7, {11, 12, 13}
+    size, node = 7, 11
 
     def pem(key: Any) -> bytes:
         return key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
-    key = public_key_to_bytes(generate_key_pairs()[1])
+    key, other = (public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2))
     masked = [ndarray_to_bytes(np.array([3])), ndarray_to_bytes(np.zeros(size, np.int64))]
     bomb = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         bomb, {"descr": "<i8", "fortran_order": False, "shape": (2**40,)})
-    share = b"\1" * 4 + b"\2" * 32
+    seed_len, key_len = share_lengths()
+    seed, dead = b"\1" * seed_len, b"\2" * key_len
+    asked = {
+        Stage.SETUP: ConfigRecord({Key.STAGE: Stage.SETUP}),
+        Stage.SHARE_KEYS: ConfigRecord({"11": [key, other], "12": [key, other],
+                                        "13": [key, other], Key.STAGE: Stage.SHARE_KEYS}),
+        Stage.COLLECT_MASKED_VECTORS: ConfigRecord({Key.STAGE: "collect_masked_vectors"}),
+        Stage.UNMASK: ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [11, 13],
+                                    Key.DEAD_NODE_ID_LIST: [12]}),
+    }
     honest = {
-        Stage.SETUP: {Key.PUBLIC_KEY_1: key, Key.PUBLIC_KEY_2: key},
+        Stage.SETUP: {Key.PUBLIC_KEY_1: key, Key.PUBLIC_KEY_2: other},
         Stage.SHARE_KEYS: {Key.DESTINATION_LIST: [12, 13], Key.CIPHERTEXT_LIST: [b"a", b"b"]},
         Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS: masked},
-        Stage.UNMASK: {Key.NODE_ID_LIST: [11, 13], Key.SHARE_LIST: [share, share]},
+        Stage.UNMASK: {Key.NODE_ID_LIST: [11, 13, 12], Key.SHARE_LIST: [seed, seed, dead]},
     }
     crafted = [
         (Stage.SETUP, {Key.PUBLIC_KEY_1: b"not a key", Key.PUBLIC_KEY_2: key}),
         (Stage.SETUP, {Key.PUBLIC_KEY_1: key}),
+        (Stage.SETUP, {Key.PUBLIC_KEY_1: key, Key.PUBLIC_KEY_2: key}),  # neighbours raise
         (Stage.SETUP, {Key.PUBLIC_KEY_1: key, Key.PUBLIC_KEY_2: pem(
             rsa.generate_private_key(public_exponent=65537, key_size=1024))}),
         (Stage.SETUP, {Key.PUBLIC_KEY_1: key, Key.PUBLIC_KEY_2: pem(
@@ -516,6 +528,10 @@ def test_a_secagg_reply_in_a_form_its_stage_does_not_have_is_refused() -> None:
         (Stage.SHARE_KEYS, {Key.DESTINATION_LIST: [12, True],
                             Key.CIPHERTEXT_LIST: [b"a", b"b"]}),
         (Stage.SHARE_KEYS, {Key.CIPHERTEXT_LIST: [b"a"]}),
+        (Stage.SHARE_KEYS, {Key.DESTINATION_LIST: [], Key.CIPHERTEXT_LIST: []}),
+        (Stage.SHARE_KEYS, {Key.DESTINATION_LIST: [12, 12], Key.CIPHERTEXT_LIST: [b"a", b"b"]}),
+        (Stage.SHARE_KEYS, {Key.DESTINATION_LIST: [12, 13, 14],
+                            Key.CIPHERTEXT_LIST: [b"a", b"b", b"c"]}),
         (Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: masked[:1]}),
         (Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: [
             masked[0], ndarray_to_bytes(np.zeros(size + 1, np.int64))]}),
@@ -524,28 +540,86 @@ def test_a_secagg_reply_in_a_form_its_stage_does_not_have_is_refused() -> None:
         (Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: [
             masked[0], bomb.getvalue() + b"\0" * 8]}),
         (Stage.COLLECT_MASKED_VECTORS, {Key.MASKED_PARAMETERS: [masked[0], b"junk"]}),
-        (Stage.UNMASK, {Key.NODE_ID_LIST: [11, 99], Key.SHARE_LIST: [share, share]}),
-        (Stage.UNMASK, {Key.NODE_ID_LIST: [11, 13], Key.SHARE_LIST: [share]}),
-        (Stage.UNMASK, {Key.NODE_ID_LIST: [11], Key.SHARE_LIST: [b"\0" * 5]}),
+        (Stage.UNMASK, {Key.NODE_ID_LIST: [11, 99, 12], Key.SHARE_LIST: [seed, seed, dead]}),
+        (Stage.UNMASK, {Key.NODE_ID_LIST: [11, 13, 12], Key.SHARE_LIST: [seed, seed]}),
+        (Stage.UNMASK, {Key.NODE_ID_LIST: [11, 13, 12], Key.SHARE_LIST: [seed, seed, seed]}),
+        (Stage.UNMASK, {Key.NODE_ID_LIST: [11, 13, 12] + [13] * 250,
+                        Key.SHARE_LIST: [seed, seed, dead] + [seed] * 250}),  # O(K^2)
+        (Stage.UNMASK, {Key.NODE_ID_LIST: [11, 13, 12],
+                        Key.SHARE_LIST: [seed + b"\3" * 16, seed, dead]}),
     ]
     for stage, items in honest.items():
-        assert malformed(stage, secagg_reply(stage, **items), sampled, size) is None, stage
+        reply = secagg_reply(stage, **items)
+        assert malformed(stage, reply, asked[stage], node, size) is None, stage
     for stage, items in crafted:
-        assert malformed(stage, secagg_reply(stage, **items), sampled, size), (stage, items)
-    assert malformed(Stage.SETUP, RecordDict(), sampled, size)  # no SecAgg+ record
+        reply = secagg_reply(stage, **items)
+        assert malformed(stage, reply, asked[stage], node, size), (stage, items)
+    for examples in (float("nan"), 2):  # a NaN or heavier vote: a NaN or skewed sum
+        reply = secagg_reply(Stage.COLLECT_MASKED_VECTORS,
+                             **honest[Stage.COLLECT_MASKED_VECTORS])
+        reply["fitres.num_examples"] = MetricRecord({"num_examples": examples})
+        assert malformed(Stage.COLLECT_MASKED_VECTORS, reply, asked[
+            Stage.COLLECT_MASKED_VECTORS], node, size), examples
+    assert malformed(Stage.SETUP, RecordDict(), asked[Stage.SETUP], node, size)
+    assert malformed(Stage.SETUP, secagg_reply(Stage.SETUP, **honest[Stage.SETUP]), None,
+                     node, size)  # a node the stage did not ask
     # A collect-stage reply without its fit result (Flower's compat layer raised).
     bare = secagg_reply(Stage.SETUP, **honest[Stage.COLLECT_MASKED_VECTORS])
-    assert malformed(Stage.COLLECT_MASKED_VECTORS, bare, sampled, size)
+    assert malformed(Stage.COLLECT_MASKED_VECTORS, bare, asked[
+        Stage.COLLECT_MASKED_VECTORS], node, size)
 
 
-def test_a_secure_round_that_raises_ends_that_round_not_the_run(
+def test_two_secagg_replies_with_one_public_key_are_both_refused() -> None:
+    """A bank copying another's public key would make its neighbours raise ("Some
+    public keys are identical"): both replies go, the other banks' round goes on."""
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import (
+        RECORD_KEY_CONFIGS, Key, Stage,
+    )
+    from flwr.supercore.primitives.asymmetric import (
+        generate_key_pairs, public_key_to_bytes,
+    )
+
+    from server.secure import RecordingGrid
+
+    keys_of = {node: [public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2)]
+               for node in (1, 2, 3)}
+    keys_of[3][0] = keys_of[1][0]  # bank 3 copies bank 1's first key
+
+    from types import SimpleNamespace
+
+    def message(node: int, content: RecordDict, sender: int = 0) -> Any:
+        """What the grid's messages and replies show RecordingGrid."""
+        return SimpleNamespace(
+            content=content, has_error=lambda: False, has_content=lambda: True,
+            metadata=SimpleNamespace(dst_node_id=node, src_node_id=sender, group_id="1"))
+
+    class Answering:
+        def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
+            return [message(0, secagg_reply(Stage.SETUP, **{
+                Key.PUBLIC_KEY_1: keys_of[m.metadata.dst_node_id][0],
+                Key.PUBLIC_KEY_2: keys_of[m.metadata.dst_node_id][1]}),
+                sender=m.metadata.dst_node_id) for m in messages]
+
+    asked = [message(node, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
+        {Key.STAGE: Stage.SETUP})})) for node in (1, 2, 3)]
+    grid = RecordingGrid(Answering(), model_size=7)  # type: ignore[arg-type]
+    kept = grid.send_and_receive(asked)
+    assert [reply.metadata.src_node_id for reply in kept] == [2]
+    assert [(node, why) for _, node, _, why in grid.refused] == [
+        (1, "another bank's reply holds the same public key"),
+        (3, "another bank's reply holds the same public key")]
+
+
+def test_a_secure_round_that_raises_or_sums_to_no_model_ends_without_an_update(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from flwr.app import ConfigRecord, Context
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.strategy import FedAvg as LegacyFedAvg
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key as WorkflowKey
 
-    from server.secure import GuardedSecAggPlus
+    from server.secure import CheckedFedAvg, GuardedSecAggPlus
 
     context = LegacyContext(
         context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
@@ -553,10 +627,27 @@ def test_a_secure_round_that_raises_ends_that_round_not_the_run(
         config=ServerConfig(num_rounds=1), strategy=LegacyFedAvg())
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
         {WorkflowKey.CURRENT_ROUND: 2})
-    workflow = GuardedSecAggPlus(num_shares=3, reconstruction_threshold=2)
+    failed: list[tuple[int, str]] = []
+    workflow = GuardedSecAggPlus(failed, num_shares=3, reconstruction_threshold=2)
 
     def combine_fails(*_: Any) -> bool:
         raise ValueError("Padding is incorrect.")  # what a wrong share ends in
 
     monkeypatch.setattr(workflow, "setup_stage", combine_fails)
     workflow(None, context)  # type: ignore[arg-type]  # logged, not raised
+    assert failed == [(2, "unmasking the sum failed (ValueError)")]
+
+    def broken(*_: Any) -> bool:
+        raise RuntimeError("the grid is gone")  # not a bank's doing: the run ends
+
+    monkeypatch.setattr(workflow, "setup_stage", broken)
+    with pytest.raises(RuntimeError):
+        workflow(None, context)  # type: ignore[arg-type]
+
+    strategy = CheckedFedAvg(failed)
+    for weights, kept in ((np.full(3, 0.5), True), (np.full(3, np.nan), False),
+                          (np.full(3, 1e9), False)):
+        result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([weights]), 1, {})
+        parameters, _ = strategy.aggregate_fit(3, [(None, result)], [])
+        assert (parameters is not None) is kept, weights
+    assert failed[1:] == [(3, "the unmasked sum is no model's")] * 2
