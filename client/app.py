@@ -82,13 +82,14 @@ def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) ->
         from flwr.client.mod import secaggplus_mod  # ~0.1 s of imports: only when used
 
         reply = secaggplus_mod(msg, context, call_next)
-        if "policy" not in context.node_config:  # attack settings: simulations only
-            config = Config.from_run_config(context.run_config)
-            if config.attack == "secagg-malformed" and int(
-                    context.node_config["partition-id"]) in config.attacker_ids:
-                from client.attack import malformed_secagg
+        # Attack settings: simulations only (a deployed bank's policy refuses them).
+        if "policy" not in context.node_config and \
+                context.run_config.get("attack") == "secagg-malformed" and int(
+                    context.node_config["partition-id"]) in Config.from_run_config(
+                        context.run_config).attacker_ids:
+            from client.attack import malformed_secagg
 
-                reply = malformed_secagg(reply)
+            reply = malformed_secagg(reply)
         return reply
     return call_next(msg, context)
 

@@ -81,8 +81,8 @@ class RecordingGrid:
                  message.content.config_records.get(RECORD_KEY_CONFIGS)
                  for message in messages}
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        keys_seen = Counter(key for reply in replies if reply.has_content()
-                            for key in public_keys(reply.content))
+        keys_seen = Counter(key for reply in replies if stage == Stage.SETUP and
+                            reply.has_content() for key in public_keys(reply.content))
         kept = []
         for reply in replies:
             node, server_round = reply.metadata.src_node_id, int(
@@ -140,8 +140,8 @@ def malformed(stage: str | None, content: RecordDict, asked: Any, node: int,
         return None
 
     if stage == Stage.SETUP:
-        first, second = record.get(Key.PUBLIC_KEY_1), record.get(Key.PUBLIC_KEY_2)
-        if not (is_public_key(first) and is_public_key(second)) or first == second:
+        pair = public_keys(content)
+        if len(set(pair)) != 2 or not all(map(is_public_key, pair)):
             return "its public keys are not two distinct SecAgg+ keys"
     elif stage == Stage.SHARE_KEYS:
         destinations, texts = listed(Key.DESTINATION_LIST, int), listed(
@@ -186,7 +186,7 @@ def malformed(stage: str | None, content: RecordDict, asked: Any, node: int,
 
 
 def public_keys(content: RecordDict) -> list[bytes]:
-    """The public keys a setup-stage reply holds (none in any other stage's)."""
+    """The public keys (bytes) a setup-stage reply holds under Flower's two names."""
     record = content.config_records.get(RECORD_KEY_CONFIGS)
     if record is None:
         return []
