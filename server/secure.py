@@ -229,9 +229,10 @@ class GuardedSecAggPlus(SecAggPlusWorkflow):
       unmask stage it asks the others for shares of that bank's key, which they never
       received (they raise KeyError), and would remove masks nobody added. So one
       bank's dropout there, or a reply refused as malformed, stopped the round;
-    - a round whose unmasking raises (what wrong shares mostly do when combined) ends
-      with the global model as it was, logged and recorded in ``failed``, instead of
-      ending the run. Errors no bank's reply causes still end it."""
+    - a round whose unmasking raises (what wrong shares mostly do when combined: any
+      exception of the unmask stage, or a bank-caused one of the others) ends with the
+      global model as it was, logged and recorded in ``failed``, instead of ending the
+      run. Other errors still end it."""
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext,
                          state: WorkflowState) -> bool:
@@ -241,6 +242,17 @@ class GuardedSecAggPlus(SecAggPlusWorkflow):
         state.nid_to_neighbours = {node: neighbours & shared for node, neighbours
                                    in state.nid_to_neighbours.items() if node in shared}
         return self._check_threshold(state)  # Flower's, on the round as it now is
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext,
+                     state: WorkflowState) -> bool:
+        """Flower's unmask stage; whatever it raises ends the round, not the run: it
+        rebuilds secrets the banks chose (a 33-byte seed fails an assert, an Ed25519
+        key has no ECDH exchange: a review's two ways through the form checks)."""
+        try:
+            return super().unmask_stage(grid, context, state)
+        except Exception as err:  # noqa: BLE001 - secrets a bank chose
+            self.round_failed(context, err)
+            return False
 
     def __init__(self, failed: list[tuple[int, str]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -252,11 +264,14 @@ class GuardedSecAggPlus(SecAggPlusWorkflow):
         # What a bank's well-formed but wrong share raises when combined (padding,
         # key bytes, interpolation); any other error ends the run as before.
         except (ValueError, KeyError, TypeError, ZeroDivisionError) as err:
-            current = int(context.state.config_records[MAIN_CONFIGS_RECORD].get(
-                WorkflowKey.CURRENT_ROUND, 0))
-            log(WARNING, "fedfraud: round %d: secure aggregation stopped; the global "
-                "model stays as it was", current, exc_info=err)
-            self.failed.append((current, f"unmasking the sum failed ({type(err).__name__})"))
+            self.round_failed(context, err)
+
+    def round_failed(self, context: Context, err: Exception) -> None:
+        current = int(context.state.config_records[MAIN_CONFIGS_RECORD].get(
+            WorkflowKey.CURRENT_ROUND, 0))
+        log(WARNING, "fedfraud: round %d: secure aggregation stopped; the global model "
+            "stays as it was", current, exc_info=err)
+        self.failed.append((current, f"unmasking the sum failed ({type(err).__name__})"))
 
 
 class CheckedFedAvg(LegacyFedAvg):

@@ -619,6 +619,8 @@ def test_a_secure_round_that_raises_or_sums_to_no_model_ends_without_an_update(
     from flwr.server.strategy import FedAvg as LegacyFedAvg
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key as WorkflowKey
 
+    from flwr.server.workflow import SecAggPlusWorkflow
+
     from server.secure import CheckedFedAvg, GuardedSecAggPlus
 
     context = LegacyContext(
@@ -636,6 +638,14 @@ def test_a_secure_round_that_raises_or_sums_to_no_model_ends_without_an_update(
     monkeypatch.setattr(workflow, "setup_stage", combine_fails)
     workflow(None, context)  # type: ignore[arg-type]  # logged, not raised
     assert failed == [(2, "unmasking the sum failed (ValueError)")]
+
+    def seed_of_33_bytes(*_: Any) -> bool:  # Flower's pseudo_rand_gen asserts
+        raise AssertionError
+
+    monkeypatch.setattr(SecAggPlusWorkflow, "unmask_stage", seed_of_33_bytes)
+    assert workflow.unmask_stage(None, context, None) is False  # type: ignore[arg-type]
+    assert failed[-1] == (2, "unmasking the sum failed (AssertionError)")
+    failed.pop()
 
     def broken(*_: Any) -> bool:
         raise RuntimeError("the grid is gone")  # not a bank's doing: the run ends
