@@ -134,14 +134,16 @@ def run_deploy(rounds: int, banks: int, work: Path, overrides: list[str]) -> dic
                                stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     warm: dict[int, dict[str, float]] = {}  # round -> CPU by role when it ended
+    startup: dict[str, float] = {}  # CPU by role when the run saw its banks
     for line in process.stdout:
         if (ended := round_ended(line, rounds)) in (2, rounds - 1):
             warm[ended] = sampler.cpu_by_role()
         if "banks connected" in line:
+            startup = sampler.cpu_by_role()
             pids = processes_with_env(f"FLWR_HOME={flwr_home}")
             sampler.idle_bank_mb = max(sampler.bank_mb(pids, b) for b in range(banks))
         if "fedfraud" in line:
-            print(f"  [{path}] {line.strip()}", flush=True)
+            print(f"  [{path} {time.monotonic() - started:5.1f} s] {line.strip()}", flush=True)
     code = process.wait()
     wall = time.monotonic() - started
     sampler.stopped.set()
@@ -151,7 +153,7 @@ def run_deploy(rounds: int, banks: int, work: Path, overrides: list[str]) -> dic
     metrics = json.loads((work / f"runs-{path}" / "latest" / "metrics.json").read_text())
     return {"wall_s": wall, "round_s": metrics["timing"]["round_s"],
             "peak_mb": sampler.peak_mb, "idle_bank_mb": sampler.idle_bank_mb,
-            "cpu_s": sampler.cpu_by_role(), "cpu_s_per_warm_round": per_round(warm)}
+            "cpu_s": sampler.cpu_by_role(), "cpu_s_startup": startup, "cpu_s_per_warm_round": per_round(warm)}
 
 
 def round_ended(line: str, rounds: int) -> int | None:
@@ -192,6 +194,8 @@ def main() -> None:
         print(f"       per round: {' '.join(f'{s:.1f}' for s in r['round_s'])}")
         print("       CPU s (whole run, sampled): " + ", ".join(
             f"{name} {seconds:.1f}" for name, seconds in r["cpu_s"].items()))
+        print("       CPU s until the banks are connected: " + ", ".join(
+            f"{name} {seconds:.1f}" for name, seconds in r["cpu_s_startup"].items()))
         if per_warm_round := r["cpu_s_per_warm_round"]:
             print(f"       CPU s per warm round: {sum(per_warm_round.values()):.2f} in all, "
                   f"on {os.cpu_count()} cores: " + ", ".join(

@@ -10,7 +10,7 @@ with that one module's ``time.sleep`` replaced:
   message that comes within ~0.3 s of the last is picked up within 0.05-0.2 s, a later
   one within 0.4 s, Flower's 3 s otherwise; an idle bank pulls ~2.5 times a second);
 - a reply wait (the loop has just stored a message as a task) rings the executor's
-  doorbell, so the executor takes the task at once instead of polling for it, and
+  doorbell once, so the executor takes the task at once instead of polling for it, and
   waits on the SuperNode's own doorbell, which the executor rings when a task ends:
   the reply goes out the moment it is there, with no polling on either side.
 
@@ -72,14 +72,20 @@ class Doorbell:
 
 def prompt_time(idle_wait: Backoff, tasks: Doorbell, replies: Doorbell) -> SimpleNamespace:
     """The ``time`` module as the SuperNode loop sees it: its sleeps shortened."""
+    told = False  # the executor was told of the message being answered
 
     def sleep(seconds: float) -> None:
+        nonlocal told
         if seconds >= FLOWER_IDLE_S:
+            told = False
             idle_wait.sleep()
         else:  # a message is being answered: the next pull comes soon after
             idle_wait.active()
-            tasks.ring()
-            replies.wait(seconds)
+            if not told:  # once a message: each ring costs the executor a Runtime API call
+                tasks.ring()
+                told = True
+            if replies.wait(seconds):  # a task ended: the next message rings anew
+                told = False
 
     names = {name: getattr(time, name) for name in dir(time) if not name.startswith("__")}
     return SimpleNamespace(**{**names, "sleep": sleep})

@@ -92,20 +92,23 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
     (``fedfraud-bank``), in its own folder: it writes its policy and makes its key
     pair there; the operator reads only the public key."""
     from common.processes import BIN, free_port, services
-    from server.launch import start_deployment_superlink
+    from server.launch import start_deployment_superlink, superlink_up
 
-    data_dir = ensure_prepared(config)
     tls = ensure_certificates(certs)
-    banks = [bank_dir(data_dir, bank) for bank in range(config.num_banks)]
-    public_keys = [folder / "keys" / "bank.key.pub" for folder in banks]  # each bank's own
-    for bank, folder in enumerate(banks):
-        if not public_keys[bank].exists():
-            subprocess.run([str(BIN / "fedfraud-bank"), "init", "--bank-id", str(bank),
-                            "--bank-dir", str(folder), "--app-dir", str(app_dir)],
-                           check=True, stdout=subprocess.DEVNULL)
     with services(flwr_home) as started:
         fleet_port, control_port = fleet_port or free_port(), control_port or free_port()
-        start_deployment_superlink(started, tls, fleet_port, control_port)
+        # The SuperLink starts (~2 s of imports) while the data is prepared (one core).
+        superlink = start_deployment_superlink(started, tls, fleet_port, control_port,
+                                               wait=False)
+        data_dir = ensure_prepared(config)
+        banks = [bank_dir(data_dir, bank) for bank in range(config.num_banks)]
+        public_keys = [folder / "keys" / "bank.key.pub" for folder in banks]  # each bank's
+        for bank, folder in enumerate(banks):
+            if not public_keys[bank].exists():
+                subprocess.run([str(BIN / "fedfraud-bank"), "init", "--bank-id", str(bank),
+                                "--bank-dir", str(folder), "--app-dir", str(app_dir)],
+                               check=True, stdout=subprocess.DEVNULL)
+        superlink_up(superlink, fleet_port, control_port)
         print(f"fedfraud: SuperLink up (Fleet gRPC on 127.0.0.1:{fleet_port}, "
               f"{'TLS + bank authentication' if tls else 'INSECURE'}; control API on "
               f"127.0.0.1:{control_port}, for the operator only)", flush=True)

@@ -286,8 +286,8 @@ def test_flower_supernode_still_idles_through_its_module_s_time_sleep(
         tmp_path: Path) -> None:
     """client/supernode.py replaces the sleeps of this one module: they must still be
     there (a 3 s idle pull, 0.5 s reply waits) and go through its ``time``; idle pulls
-    back off from busy_s to idle_s; a reply wait rings the executor's doorbell, ends
-    when the executor rings back, and makes the next pull prompt."""
+    back off from busy_s to idle_s; a message's first reply wait rings the executor's
+    doorbell, a wait ends when the executor rings back, and the next pull is prompt."""
     import threading
     import time
 
@@ -323,6 +323,15 @@ def test_flower_supernode_still_idles_through_its_module_s_time_sleep(
     started = time.monotonic()
     clock.sleep(0.5)  # the executor rings back after 0.1 s
     assert 0.08 <= time.monotonic() - started < 0.3
+    assert not executor_tasks.wait(0)  # told once a message, not on every reply wait
+    threading.Timer(0.05, executor_replies.ring).start()
+    clock.sleep(0.5)  # the next message's reply wait, after a task ended: told anew
+    assert executor_tasks.wait(0)
+    clock.sleep(0.5)  # the next message's, its task not over in 0.5 s
+    assert executor_tasks.wait(0)
+    clock.sleep(3)  # it was answered, then a pull came back empty: told anew
+    threading.Timer(0.05, executor_replies.ring).start()
+    clock.sleep(0.5)
     assert executor_tasks.wait(0)
     assert clock.monotonic is time.monotonic and clock.time is time.time
 
