@@ -9,7 +9,8 @@ peak memory of every process of the run together, and an idle bank's memory (all
 processes, once every bank is online and before the run starts). Memory is PSS: shared
 pages (e.g. a task forked from its bank's executor) are counted once, not per process.
 Also the CPU seconds by part (SuperLink, SuperNodes, executors with their tasks,
-ServerApp), sampled every 0.2 s, over the whole run and per warm round (from the end
+ServerApp), sampled every 0.2 s, over the whole run, until the run sees its banks
+(start-up), and per warm round (from the end
 of round 2 to the end of the last round but one: no start-up, no final evaluate):
 where a round's time goes on a machine that is short of cores. A round can take no
 less than its CPU seconds over the cores.
@@ -153,7 +154,8 @@ def run_deploy(rounds: int, banks: int, work: Path, overrides: list[str]) -> dic
     metrics = json.loads((work / f"runs-{path}" / "latest" / "metrics.json").read_text())
     return {"wall_s": wall, "round_s": metrics["timing"]["round_s"],
             "peak_mb": sampler.peak_mb, "idle_bank_mb": sampler.idle_bank_mb,
-            "cpu_s": sampler.cpu_by_role(), "cpu_s_startup": startup, "cpu_s_per_warm_round": per_round(warm)}
+            "cpu_s": sampler.cpu_by_role(), "cpu_s_startup": startup,
+            "cpu_s_per_warm_round": per_round(warm)}
 
 
 def round_ended(line: str, rounds: int) -> int | None:
