@@ -128,6 +128,9 @@ class Config:
             raise ValueError("run config: secure-aggregation works with strategy 'fedavg' "
                              "and bank-weighting 'equal' only: the server never sees one "
                              "bank's update, so it cannot weigh, rank or refuse it")
+        if self.attack == "secagg-malformed" and not self.secure_aggregation:
+            raise ValueError("run config: attack 'secagg-malformed' breaks SecAgg+ replies: "
+                             "it needs secure-aggregation = true")
         if self.strategy == "fedprox" and self.differential_privacy:
             raise ValueError("run config: fedprox with dp-epsilon > 0 is not supported: "
                              "DP-SGD noises per-transaction gradients and FedProx's term "

@@ -29,6 +29,9 @@ INSTRUCTIONS = (
     "false-positive rate and precision/recall at the chosen threshold, not by accuracy."
 )
 REQUEST_FILE = "report_request.json"
+# refused_updates' "message" of a secure round that ended without an update, no one
+# reply refused (server/secure.py): the report says so, not "a bank's update".
+SECURE_ROUND_FAILED = "train (SecAgg+)"
 REPORT_FILE, HTML_FILE = "report.md", "report.html"
 
 
@@ -238,6 +241,10 @@ def privacy_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"Membership audit: a loss-threshold attack tells training rows from "
                      f"held-out rows with AUC {audit['attack_auc']:.3f} (0.5 = chance).")
     for refused in (metrics.get("strategy") or {}).get("refused_updates", []):
+        if refused.get("message") == SECURE_ROUND_FAILED:  # no one reply was refused
+            lines.append(f"Round {refused['round']}'s secure aggregation ended without an "
+                         f"update, the global model staying as it was: {refused['why']}.")
+            continue
         who = "A bank" if refused["bank"] is None else f"Bank {refused['bank']}"
         what = "evaluation" if refused.get("message") == "evaluate" else "update"
         lines.append(f"{who}'s {what} of round {refused['round']} was refused: "

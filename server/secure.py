@@ -55,6 +55,7 @@ from common import keys
 from common.config import Config
 from common.model import implausible, npy_array, packed
 from server.evaluation import TestSetEvaluation
+from server.report import SECURE_ROUND_FAILED
 from server.strategy import BankGuard, ledger_entry
 
 
@@ -346,7 +347,7 @@ def run_secure(grid: Grid, context: Context, config: Config,
     guard.refused[:0] = [{"round": server_round, "bank": node_to_bank.get(node),
                           "message": f"train (SecAgg+ {stage})", "why": why}
                          for server_round, node, stage, why in recording.refused]
-    guard.refused += [{"round": server_round, "bank": None, "message": "train (SecAgg+)",
+    guard.refused += [{"round": server_round, "bank": None, "message": SECURE_ROUND_FAILED,
                        "why": why} for server_round, why in failed]
 
     fit_history = legacy.history.metrics_distributed_fit

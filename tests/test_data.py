@@ -323,6 +323,9 @@ def test_config_rejects_unknown_and_wrongly_typed_keys() -> None:
         app_config(attackers="bank three")
     with pytest.raises(ValueError, match="fedprox with dp-epsilon"):
         app_config(strategy="fedprox", dp_epsilon=3.0)
+    with pytest.raises(ValueError, match="secagg-malformed.*needs secure-aggregation"):
+        app_config(attack="secagg-malformed")  # would silently attack nothing
+    assert app_config(attack="secagg-malformed", secure_aggregation=True)
 
 
 def test_the_model_uses_dp_activation_under_dp_and_activation_without() -> None:

@@ -383,11 +383,20 @@ def test_a_secure_dp_deployment_without_test_set_reports_what_it_knows(
 
 
 def test_the_report_names_each_refused_reply_and_its_reason() -> None:
-    from server.report import privacy_lines
+    """...and says of a secure round that failed as a whole that it did, not that a
+    bank's update was refused (no one reply was)."""
+    from server.report import SECURE_ROUND_FAILED, privacy_lines
 
     refused = [{"round": 2, "bank": 1, "message": "train", "why": "non-finite values in weights"},
-               {"round": 10, "bank": None, "message": "evaluate", "why": "no bank-id"}]
+               {"round": 10, "bank": None, "message": "evaluate", "why": "no bank-id"},
+               {"round": 3, "bank": 4, "message": "train (SecAgg+ unmask)",
+                "why": "shares of nodes it was not asked about"},
+               {"round": 4, "bank": None, "message": SECURE_ROUND_FAILED,
+                "why": "unmasking the sum failed (ValueError)"}]
     lines = privacy_lines({"strategy": {"refused_updates": refused}})
-    assert lines[-2:] == [
+    assert lines[-4:] == [
         "Bank 1's update of round 2 was refused: non-finite values in weights.",
-        "A bank's evaluation of round 10 was refused: no bank-id."]
+        "A bank's evaluation of round 10 was refused: no bank-id.",
+        "Bank 4's update of round 3 was refused: shares of nodes it was not asked about.",
+        "Round 4's secure aggregation ended without an update, the global model staying "
+        "as it was: unmasking the sum failed (ValueError)."]
