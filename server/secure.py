@@ -65,15 +65,19 @@ MASKED_DTYPES = (np.dtype(np.int64),)
 
 
 class RecordingGrid:
-    """The grid, passed to Flower's workflow, noting what every bank's reply held and
-    dropping a reply whose form is not its stage's (``malformed``): to the workflow
-    that bank has dropped out."""
+    """The grid, passed to Flower's workflow, noting what every bank's reply held (its
+    ledger entry: its records' sizes, not the reply) and dropping a reply whose
+    form is not its stage's (``malformed``), or whose fit result states another bank's
+    id than its node's (``guard``'s check, as in the plain run): to the workflow that
+    bank has dropped out."""
 
-    def __init__(self, grid: Grid, model_size: int) -> None:
+    def __init__(self, grid: Grid, model_size: int, guard: BankGuard) -> None:
         self.grid = grid
         self.model_size = model_size
-        self.replies: list[tuple[int, int, RecordDict]] = []  # (round, node, content)
+        self.guard = guard
+        self.replies: list[tuple[int, dict[str, Any]]] = []  # (node, its ledger entry)
         self.refused: list[tuple[int, int, str, str]] = []  # (round, node, stage, why)
+        self.banks: dict[int, int] = {}  # node -> the bank its kept fit results state
 
     def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
         messages = list(messages)
@@ -84,6 +88,8 @@ class RecordingGrid:
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         keys_seen = Counter(key for reply in replies if stage == Stage.SETUP and
                             reply.has_content() for key in public_keys(reply.content))
+        stating = Counter(stated_bank(reply.content) for reply in replies
+                          if stage == Stage.COLLECT_MASKED_VECTORS and reply.has_content())
         kept = []
         for reply in replies:
             node, server_round = reply.metadata.src_node_id, int(
@@ -93,11 +99,14 @@ class RecordingGrid:
                 log(WARNING, "fedfraud: SecAgg+ reply from node %d failed: %s", node,
                     reason)
             if reply.has_content():  # to the ledger, refused or not
-                self.replies.append((server_round, node, reply.content))
+                self.replies.append((node, ledger_entry(
+                    "train (SecAgg+)", server_round, reply.content, bank=None)))
                 why = malformed(stage, reply.content, asked.get(node), node,
                                 self.model_size)
                 if not why and any(keys_seen[key] > 1 for key in public_keys(reply.content)):
                     why = "another bank's reply holds the same public key"
+                if not why and stage == Stage.COLLECT_MASKED_VECTORS:
+                    why = self.wrong_sender(node, stated_bank(reply.content), stating)
                 if why:
                     log(WARNING, "fedfraud: SecAgg+ %s reply from node %d refused: %s; "
                         "the round goes on as if that bank had dropped out", stage, node,
@@ -110,10 +119,31 @@ class RecordingGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
 
+    def wrong_sender(self, node: int, stated: int | None, stating: Counter[int | None],
+                     ) -> str | None:
+        """Why a collect reply's fit result is not from the bank it states (None: it
+        is, and ``banks`` notes it): the bank the operator registered its node for, or
+        without registrations the bank no other reply of the round states (the plain
+        run's ``BankGuard``). Each round's metrics list the banks summed by these ids."""
+        if stated is None:
+            return "its fit result states no bank-id"
+        if why := self.guard.wrong_bank(stated, self.guard.sender(node, stated, stating),
+                                        stating):
+            return why
+        self.banks[node] = stated
+        return None
+
     def ledger(self, node_to_bank: dict[int, int]) -> list[dict[str, Any]]:
-        return [ledger_entry("train (SecAgg+)", server_round, content,
-                             bank=node_to_bank.get(node, -1))
-                for server_round, node, content in self.replies]
+        return [{**entry, "bank": node_to_bank.get(node, -1)} for node, entry in self.replies]
+
+
+def stated_bank(content: RecordDict) -> int | None:
+    """The bank id a collect-stage reply's fit result states (None: none, or no int)."""
+    try:
+        bank = compat.recorddict_to_fitres(content, keep_input=True).metrics.get(keys.BANK_ID)
+    except Exception:  # noqa: BLE001 - what Flower's compat layer makes of a bank's reply
+        return None
+    return bank if type(bank) is int else None
 
 
 def stage_of(messages: list[Message]) -> str | None:
@@ -330,7 +360,7 @@ def run_secure(grid: Grid, context: Context, config: Config,
     legacy = LegacyContext(context=context,
                            config=ServerConfig(num_rounds=config.num_server_rounds),
                            strategy=strategy)
-    recording = RecordingGrid(grid, model_size=len(packed(initial)))
+    recording = RecordingGrid(grid, model_size=len(packed(initial)), guard=guard)
     workflow = DefaultWorkflow(fit_workflow=GuardedSecAggPlus(
         failed, num_shares=config.secagg_shares, reconstruction_threshold=config.secagg_threshold,
         max_weight=1.0))  # every bank one vote (bank-weighting "equal")
@@ -338,11 +368,8 @@ def run_secure(grid: Grid, context: Context, config: Config,
 
     final = legacy.state.array_records[MAIN_PARAMS_RECORD]
     arrays = as_record([array.numpy() for array in final.values()])
-    node_to_bank = dict(guard.node_banks)  # the registered banks', if given
-    for _, node, content in recording.replies if not guard.registered else ():
-        for record in content.config_records.values():
-            if isinstance(record.get(keys.BANK_ID), int):
-                node_to_bank[node] = record[keys.BANK_ID]
+    # The registered banks', if given; else what each node's kept fit results stated.
+    node_to_bank = dict(guard.node_banks) if guard.registered else dict(recording.banks)
     guard.ledger[:0] = recording.ledger(node_to_bank)
     guard.refused[:0] = [{"round": server_round, "bank": node_to_bank.get(node),
                           "message": f"train (SecAgg+ {stage})", "why": why}

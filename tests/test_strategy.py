@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -455,10 +456,10 @@ def test_one_bank_withholding_its_epsilon_does_not_hide_the_others() -> None:
     assert record["max_epsilon_spent"] == 3.0
 
 
-def secagg_reply(stage: str, **items: Any) -> RecordDict:
+def secagg_reply(stage: str, bank: int | None = 0, **items: Any) -> RecordDict:
     """A bank's SecAgg+ reply at ``stage`` as Flower's secaggplus_mod builds it, with
     ``items`` in its configs record (a collect-stage reply also carries its fit
-    result)."""
+    result, stating ``bank``)."""
     import flwr.compat.common.recorddict_compat as compat
     from flwr.app import ConfigRecord
     from flwr.common import Code, FitRes, Parameters, Status
@@ -467,7 +468,8 @@ def secagg_reply(stage: str, **items: Any) -> RecordDict:
     content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(items)})
     if stage == "collect_masked_vectors":
         fit = compat.fitres_to_recorddict(FitRes(
-            Status(Code.OK, ""), Parameters([], ""), 1, {keys.BANK_ID: 0}), True)
+            Status(Code.OK, ""), Parameters([], ""), 1,
+            {} if bank is None else {keys.BANK_ID: bank}), True)
         for name, record in fit.items():
             content[name] = record
     return content
@@ -603,12 +605,65 @@ def test_two_secagg_replies_with_one_public_key_are_both_refused() -> None:
 
     asked = [message(node, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
         {Key.STAGE: Stage.SETUP})})) for node in (1, 2, 3)]
-    grid = RecordingGrid(Answering(), model_size=7)  # type: ignore[arg-type]
+    grid = RecordingGrid(Answering(), model_size=7,  # type: ignore[arg-type]
+                         guard=make_strategy(app_config()))
     kept = grid.send_and_receive(asked)
     assert [reply.metadata.src_node_id for reply in kept] == [2]
     assert [(node, why) for _, node, _, why in grid.refused] == [
         (1, "another bank's reply holds the same public key"),
         (3, "another bank's reply holds the same public key")]
+
+
+@pytest.mark.parametrize("registered", [True, False])
+def test_a_secagg_fit_result_in_another_bank_s_name_is_refused(
+        tmp_path: Path, registered: bool) -> None:
+    """The round's metrics list the banks whose masked vectors were summed, by the bank
+    id each fit result states: a bank stating another's id, or none, is refused as in
+    the plain run, and the round goes on without it (SecAgg+ unmasks around it). With
+    registrations the id must be the node's bank; without, one no other reply states."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+    from flwr.common import ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import (
+        RECORD_KEY_CONFIGS, Key, Stage,
+    )
+
+    from server.secure import RecordingGrid
+
+    nodes = {11: 1, 12: 2, 13: 3, 14: 4}  # node id -> its bank
+    stated = {11: 1, 12: 1, 13: 3, 14: None}  # node 12 states bank 1; node 14 none
+    masked = [ndarray_to_bytes(np.array([3])), ndarray_to_bytes(np.zeros(7, np.int64))]
+
+    def message(node: int, content: RecordDict, sender: int = 0) -> Any:
+        return SimpleNamespace(
+            content=content, has_error=lambda: False, has_content=lambda: True,
+            metadata=SimpleNamespace(dst_node_id=node, src_node_id=sender, group_id="2"))
+
+    class Answering:
+        def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
+            return [message(0, secagg_reply(Stage.COLLECT_MASKED_VECTORS,
+                                            bank=stated[m.metadata.dst_node_id],
+                                            **{Key.MASKED_PARAMETERS: masked}),
+                            sender=m.metadata.dst_node_id) for m in messages]
+
+    bank_nodes = tmp_path / "bank-nodes.json"
+    bank_nodes.write_text(json.dumps({str(node): bank for node, bank in nodes.items()}))
+    guard = make_strategy(app_config(bank_nodes=str(bank_nodes) if registered else ""))
+    grid = RecordingGrid(Answering(), model_size=7, guard=guard)  # type: ignore[arg-type]
+    kept = grid.send_and_receive([message(node, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
+        {Key.STAGE: Stage.COLLECT_MASKED_VECTORS})})) for node in nodes])
+    refused = {node: why for _, node, _, why in grid.refused}
+    assert refused[14] == "its fit result states no bank-id"
+    if registered:  # node 11 is bank 1: only node 12 lies
+        assert [reply.metadata.src_node_id for reply in kept] == [11, 13]
+        assert refused[12] == "it states bank-id 1, but its node is bank 2"
+        assert grid.banks == {11: 1, 13: 3}
+    else:  # two replies state bank 1: neither is taken for bank 1's
+        assert [reply.metadata.src_node_id for reply in kept] == [13]
+        assert refused[11] == refused[12] == "2 replies state bank-id 1"
+        assert grid.banks == {13: 3}
+    assert len(grid.ledger(grid.banks)) == 4  # every reply, refused or not
 
 
 def test_a_secure_round_that_raises_or_sums_to_no_model_ends_without_an_update(
