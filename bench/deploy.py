@@ -9,8 +9,9 @@ peak memory of every process of the run together, and an idle bank's memory (all
 processes, once every bank is online and before the run starts). Memory is PSS: shared
 pages (e.g. a task forked from its bank's executor) are counted once, not per process.
 Also the CPU seconds by part (SuperLink, SuperNodes, executors with their tasks,
-ServerApp), sampled every 0.2 s, over the whole run, until the run sees its banks
-(start-up), and per warm round (from the end
+ServerApp: the processes of the run's FLWR_HOME, not the `fedfraud` command itself,
+which prepares the demo data), sampled every 0.2 s, over the whole run, until the run
+sees its banks (start-up), and per warm round (from the end
 of round 2 to the end of the last round but one: no start-up, no final evaluate):
 where a round's time goes on a machine that is short of cores. A round can take no
 less than its CPU seconds over the cores.

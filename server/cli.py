@@ -92,7 +92,7 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
     (``fedfraud-bank``), in its own folder: it writes its policy and makes its key
     pair there; the operator reads only the public key."""
     from common.processes import BIN, free_port, services
-    from server.launch import start_deployment_superlink, superlink_up
+    from server.launch import FlowerCommandError, start_deployment_superlink, superlink_up
 
     tls = ensure_certificates(certs)
     with services(flwr_home) as started:
@@ -104,10 +104,12 @@ def deploy(app_dir: Path, config: Config, flwr_home: Path, certs: Path | None,
         banks = [bank_dir(data_dir, bank) for bank in range(config.num_banks)]
         public_keys = [folder / "keys" / "bank.key.pub" for folder in banks]  # each bank's
         for bank, folder in enumerate(banks):
-            if not public_keys[bank].exists():
-                subprocess.run([str(BIN / "fedfraud-bank"), "init", "--bank-id", str(bank),
-                                "--bank-dir", str(folder), "--app-dir", str(app_dir)],
-                               check=True, stdout=subprocess.DEVNULL)
+            if not public_keys[bank].exists() and subprocess.run(
+                    [str(BIN / "fedfraud-bank"), "init", "--bank-id", str(bank),
+                     "--bank-dir", str(folder), "--app-dir", str(app_dir)],
+                    stdout=subprocess.DEVNULL).returncode:
+                raise FlowerCommandError(f"fedfraud-bank init of bank {bank} failed "
+                                         "(its message above)")
         superlink_up(superlink, fleet_port, control_port)
         print(f"fedfraud: SuperLink up (Fleet gRPC on 127.0.0.1:{fleet_port}, "
               f"{'TLS + bank authentication' if tls else 'INSECURE'}; control API on "
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         out = make_certificates(args.out or app_dir / "certs")
         print(f"fedfraud: certificates in {out}; give the banks only {out / CA_CERT}")
         return 0
+    from common.data import BankDataError
     from server.launch import FlowerCommandError, Tls
 
     try:
@@ -315,10 +318,11 @@ def main(argv: list[str] | None = None) -> int:
             keys = sorted(args.keys.glob("**/*.pub")) if args.keys else None
             return submit(app_dir, config, flower_env(flwr_home), flwr_home,
                           args.control, tls, keys, args.bank_nodes)
-    except FlowerCommandError as err:  # a bank's key, or the SuperLink: one line
+        return simulate(app_dir, config, flwr_home)
+    # A bank's key, the SuperLink, or the data to prepare: one line, no traceback.
+    except (FlowerCommandError, BankDataError) as err:
         print(f"fedfraud: {err}", file=sys.stderr)
         return 1
-    return simulate(app_dir, config, flwr_home)
 
 
 def agree_schema(config: Config, folder: Path) -> Schema:

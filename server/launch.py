@@ -272,12 +272,14 @@ def run_status(connection: str, env: dict[str, str], run_id: int) -> str:
     from flwr.common.serde import run_from_proto
     from flwr.proto.control_pb2 import ListRunsRequest
 
-    with control_client(Path(env["FLWR_HOME"]), connection) as control:
-        try:
+    if "FLWR_HOME" not in env:
+        raise FlowerCommandError("flwr ls: no FLWR_HOME to read the connection from")
+    try:
+        with control_client(Path(env["FLWR_HOME"]), connection) as control:
             answer = control.ListRuns(ListRunsRequest(run_id=run_id))
-        except Exception as err:  # noqa: BLE001 - one line, as flwr says it
-            raise FlowerCommandError(f"flwr ls: {str(err).strip() or type(err).__name__}"
-                                     ) from None
+    except Exception as err:  # noqa: BLE001 - one line, as flwr says it
+        raise FlowerCommandError(f"flwr ls: {str(err).strip() or type(err).__name__}"
+                                 ) from None
     runs = format_runs([run_from_proto(run) for run in answer.run_dict.values()],
                        answer.now)
     if not runs:

@@ -102,10 +102,14 @@ def report_facts(metrics: dict[str, Any], share_bank_details: bool) -> dict[str,
                 facts[key] = value
         return facts
     if strategy:
+        refused = strategy.get("refused_updates", [])
+        failed = sum(1 for entry in refused if entry.get("message") == SECURE_ROUND_FAILED)
         facts["strategy"] = {
             "name": strategy["name"], "attack": strategy["attack"],
             "attacking_banks": len(strategy.get("attackers", [])),
-            "refused_updates": len(strategy.get("refused_updates", []))}
+            "refused_updates": len(refused) - failed}
+        if failed:
+            facts["strategy"]["secure_rounds_without_update"] = failed
     if privacy:
         facts["privacy"] = {key: privacy[key] for key in PRIVACY_AGGREGATES if key in privacy}
     if audit:

@@ -75,9 +75,10 @@ class RecordingGrid:
         self.grid = grid
         self.model_size = model_size
         self.guard = guard
-        self.replies: list[tuple[int, dict[str, Any]]] = []  # (node, its ledger entry)
+        self.replies: list[tuple[int, int, dict[str, Any]]] = []  # (round, node, entry)
         self.refused: list[tuple[int, int, str, str]] = []  # (round, node, stage, why)
-        self.banks: dict[int, int] = {}  # node -> the bank its kept fit results state
+        # (round, node) -> the bank that round's kept fit result of the node states
+        self.banks: dict[tuple[int, int], int] = {}
 
     def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
         messages = list(messages)
@@ -99,14 +100,15 @@ class RecordingGrid:
                 log(WARNING, "fedfraud: SecAgg+ reply from node %d failed: %s", node,
                     reason)
             if reply.has_content():  # to the ledger, refused or not
-                self.replies.append((node, ledger_entry(
+                self.replies.append((server_round, node, ledger_entry(
                     "train (SecAgg+)", server_round, reply.content, bank=None)))
                 why = malformed(stage, reply.content, asked.get(node), node,
                                 self.model_size)
                 if not why and any(keys_seen[key] > 1 for key in public_keys(reply.content)):
                     why = "another bank's reply holds the same public key"
                 if not why and stage == Stage.COLLECT_MASKED_VECTORS:
-                    why = self.wrong_sender(node, stated_bank(reply.content), stating)
+                    why = self.wrong_sender(server_round, node, stated_bank(reply.content),
+                                            stating)
                 if why:
                     log(WARNING, "fedfraud: SecAgg+ %s reply from node %d refused: %s; "
                         "the round goes on as if that bank had dropped out", stage, node,
@@ -119,8 +121,8 @@ class RecordingGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
 
-    def wrong_sender(self, node: int, stated: int | None, stating: Counter[int | None],
-                     ) -> str | None:
+    def wrong_sender(self, server_round: int, node: int, stated: int | None,
+                     stating: Counter[int | None]) -> str | None:
         """Why a collect reply's fit result is not from the bank it states (None: it
         is, and ``banks`` notes it): the bank the operator registered its node for, or
         without registrations the bank no other reply of the round states (the plain
@@ -130,11 +132,25 @@ class RecordingGrid:
         if why := self.guard.wrong_bank(stated, self.guard.sender(node, stated, stating),
                                         stating):
             return why
-        self.banks[node] = stated
+        self.banks[server_round, node] = stated
         return None
 
-    def ledger(self, node_to_bank: dict[int, int]) -> list[dict[str, Any]]:
-        return [{**entry, "bank": node_to_bank.get(node, -1)} for node, entry in self.replies]
+    def bank(self, server_round: int, node: int) -> int | None:
+        """The bank a node's replies of a round are from, as far as the server knows
+        (``BankGuard.sender``): its registered bank. Without registrations, the bank
+        its kept fit result of that round states; for a round it sent none (it
+        dropped out or was refused first), the one bank its kept fit results of the
+        other rounds state, if they agree (None otherwise): all a node says."""
+        if self.guard.registered:
+            return self.guard.node_banks.get(node)
+        if (server_round, node) in self.banks:
+            return self.banks[server_round, node]
+        stated = {bank for (_, other), bank in self.banks.items() if other == node}
+        return stated.pop() if len(stated) == 1 else None
+
+    def ledger(self) -> list[dict[str, Any]]:
+        return [{**entry, "bank": self.bank(server_round, node)}
+                for server_round, node, entry in self.replies]
 
 
 def stated_bank(content: RecordDict) -> int | None:
@@ -280,29 +296,45 @@ class GuardedSecAggPlus(SecAggPlusWorkflow):
         rebuilds secrets the banks chose (a 33-byte seed fails an assert, an Ed25519
         key has no ECDH exchange: a review's two ways through the form checks)."""
         try:
-            return super().unmask_stage(grid, context, state)
+            self.summed = super().unmask_stage(grid, context, state)
         except Exception as err:  # noqa: BLE001 - secrets a bank chose
             self.round_failed(context, err)
             return False
+        return self.summed
 
     def __init__(self, failed: list[tuple[int, str]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.failed = failed  # (round, why) of each round that ended without an update
+        self.summed = False  # whether this round's unmask stage ran to its end
 
     def __call__(self, grid: Grid, context: Context) -> None:
+        self.summed = False
         try:
             super().__call__(grid, context)
         # What a bank's well-formed but wrong share raises when combined (padding,
         # key bytes, interpolation); any other error ends the run as before.
         except (ValueError, KeyError, TypeError, ZeroDivisionError) as err:
             self.round_failed(context, err)
+            return
+        if not self.summed and not any(r == current_round(context) for r, _ in self.failed):
+            # A stage found fewer banks than secagg-threshold left (dropped out or
+            # refused): Flower logs "Secure aggregation halted" and skips the round.
+            log(WARNING, "fedfraud: round %d: too few banks left to sum securely; the "
+                "global model stays as it was", current_round(context))
+            self.failed.append((current_round(context),
+                                "too few banks were left to unmask the sum"))
 
     def round_failed(self, context: Context, err: Exception) -> None:
-        current = int(context.state.config_records[MAIN_CONFIGS_RECORD].get(
-            WorkflowKey.CURRENT_ROUND, 0))
+        current = current_round(context)
         log(WARNING, "fedfraud: round %d: secure aggregation stopped; the global model "
             "stays as it was", current, exc_info=err)
         self.failed.append((current, f"unmasking the sum failed ({type(err).__name__})"))
+
+
+def current_round(context: Context) -> int:
+    """The round the legacy workflow is in."""
+    return int(context.state.config_records[MAIN_CONFIGS_RECORD].get(
+        WorkflowKey.CURRENT_ROUND, 0))
 
 
 class CheckedFedAvg(LegacyFedAvg):
@@ -368,10 +400,8 @@ def run_secure(grid: Grid, context: Context, config: Config,
 
     final = legacy.state.array_records[MAIN_PARAMS_RECORD]
     arrays = as_record([array.numpy() for array in final.values()])
-    # The registered banks', if given; else what each node's kept fit results stated.
-    node_to_bank = dict(guard.node_banks) if guard.registered else dict(recording.banks)
-    guard.ledger[:0] = recording.ledger(node_to_bank)
-    guard.refused[:0] = [{"round": server_round, "bank": node_to_bank.get(node),
+    guard.ledger[:0] = recording.ledger()
+    guard.refused[:0] = [{"round": server_round, "bank": recording.bank(server_round, node),
                           "message": f"train (SecAgg+ {stage})", "why": why}
                          for server_round, node, stage, why in recording.refused]
     guard.refused += [{"round": server_round, "bank": None, "message": SECURE_ROUND_FAILED,

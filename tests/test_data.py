@@ -779,7 +779,8 @@ def test_partition_that_no_floor_can_meet_says_which_setting_to_change() -> None
         dirichlet_partition(y, num_banks=100, alpha=0.35, seed=1)
 
 
-def run_prepare(tmp_path: Path, frame: pd.DataFrame, *settings: str):
+def run_prepare(tmp_path: Path, frame: pd.DataFrame, *settings: str,
+                action: tuple[str, ...] = ("prepare",)):
     import subprocess
     import sys
 
@@ -789,12 +790,32 @@ def run_prepare(tmp_path: Path, frame: pd.DataFrame, *settings: str):
     frame.to_csv(source, index=False)
     overrides = [f"data-source='{source}'", f"data-dir='{tmp_path / 'data'}'",
                  "label-column='fraud'", "num-banks=2", *settings]
-    command = [sys.executable, "-m", "server.cli", "--app-dir", str(APP_DIR)]
+    command = [sys.executable, "-m", "server.cli", "--app-dir", str(APP_DIR),
+               "--flwr-home", str(tmp_path / "flwr")]
     for item in overrides:
         command += ["--set", item]
-    done = subprocess.run([*command, "prepare"], cwd=APP_DIR, capture_output=True,
+    done = subprocess.run([*command, *action], cwd=APP_DIR, capture_output=True,
                           text=True, timeout=120)
     return source, done
+
+
+@pytest.mark.parametrize("action", [("simulate",), ("deploy", "--insecure")])
+def test_simulate_and_deploy_on_bad_data_print_one_line_and_leave_nothing_running(
+        tmp_path: Path, action: tuple[str, ...]) -> None:
+    """They prepare the data first (deploy while its SuperLink starts): a data problem
+    ends them as it ends ``prepare``, in one line, with no process left behind. A text
+    cell in the label column names that cell, not a "0" the text made a string."""
+    from common.processes import processes_with_env
+
+    frame = pooled_table(500).astype({"fraud": object})
+    frame.loc[3, "fraud"] = "yes"
+    source, done = run_prepare(tmp_path, frame, action=action)
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr + done.stdout
+    assert done.stderr == (f"fedfraud: data source: {source}: label column 'fraud' must "
+                           "be 0/1 (row 4: 'yes')\n")
+    assert not processes_with_env(f"FLWR_HOME={tmp_path / 'flwr'}")
 
 
 @pytest.mark.parametrize(

@@ -385,7 +385,7 @@ def test_a_secure_dp_deployment_without_test_set_reports_what_it_knows(
 def test_the_report_names_each_refused_reply_and_its_reason() -> None:
     """...and says of a secure round that failed as a whole that it did, not that a
     bank's update was refused (no one reply was)."""
-    from server.report import SECURE_ROUND_FAILED, privacy_lines
+    from server.report import SECURE_ROUND_FAILED, privacy_lines, report_facts
 
     refused = [{"round": 2, "bank": 1, "message": "train", "why": "non-finite values in weights"},
                {"round": 10, "bank": None, "message": "evaluate", "why": "no bank-id"},
@@ -400,3 +400,7 @@ def test_the_report_names_each_refused_reply_and_its_reason() -> None:
         "Bank 4's update of round 3 was refused: shares of nodes it was not asked about.",
         "Round 4's secure aggregation ended without an update, the global model staying "
         "as it was: unmasking the sum failed (ValueError)."]
+    facts = report_facts({**sample_metrics(), "strategy": {
+        "name": "fedavg", "attack": "none", "refused_updates": refused}}, False)
+    assert facts["strategy"]["refused_updates"] == 3  # replies, not the failed round
+    assert facts["strategy"]["secure_rounds_without_update"] == 1

@@ -655,15 +655,31 @@ def test_a_secagg_fit_result_in_another_bank_s_name_is_refused(
         {Key.STAGE: Stage.COLLECT_MASKED_VECTORS})})) for node in nodes])
     refused = {node: why for _, node, _, why in grid.refused}
     assert refused[14] == "its fit result states no bank-id"
+    ledger = grid.ledger()
+    assert len(ledger) == 4  # every reply, refused or not
     if registered:  # node 11 is bank 1: only node 12 lies
         assert [reply.metadata.src_node_id for reply in kept] == [11, 13]
         assert refused[12] == "it states bank-id 1, but its node is bank 2"
-        assert grid.banks == {11: 1, 13: 3}
+        assert [entry["bank"] for entry in ledger] == [1, 2, 3, 4]  # the registered
     else:  # two replies state bank 1: neither is taken for bank 1's
         assert [reply.metadata.src_node_id for reply in kept] == [13]
         assert refused[11] == refused[12] == "2 replies state bank-id 1"
-        assert grid.banks == {13: 3}
-    assert len(grid.ledger(grid.banks)) == 4  # every reply, refused or not
+        assert grid.banks == {(2, 13): 3}
+        assert [entry["bank"] for entry in ledger] == [None, None, 3, None]
+
+
+def test_without_registrations_a_secagg_reply_is_named_by_what_its_node_states() -> None:
+    """A SecAgg+ reply states no bank but at the collect stage: a node's replies of a
+    round are its kept fit result's bank, else the one bank its other rounds' kept fit
+    results agree on; a node stating two banks is named by neither elsewhere."""
+    from server.secure import RecordingGrid
+
+    grid = RecordingGrid(None, model_size=7,  # type: ignore[arg-type]
+                         guard=make_strategy(app_config()))
+    grid.banks = {(2, 11): 1, (3, 11): 1, (2, 12): 3, (3, 12): 2}
+    assert grid.bank(2, 11) == grid.bank(1, 11) == 1  # refused in round 1, bank 1 later
+    assert (grid.bank(2, 12), grid.bank(3, 12), grid.bank(1, 12)) == (3, 2, None)
+    assert grid.bank(1, 13) is None  # never kept
 
 
 def test_a_secure_round_that_raises_or_sums_to_no_model_ends_without_an_update(
@@ -693,6 +709,15 @@ def test_a_secure_round_that_raises_or_sums_to_no_model_ends_without_an_update(
     monkeypatch.setattr(workflow, "setup_stage", combine_fails)
     workflow(None, context)  # type: ignore[arg-type]  # logged, not raised
     assert failed == [(2, "unmasking the sum failed (ValueError)")]
+
+    # A stage that finds fewer banks than the threshold left (refused or dropped out):
+    # Flower skips the round ("Secure aggregation halted"); the report must say so.
+    monkeypatch.setattr(workflow, "setup_stage", lambda *_: False)
+    configs = context.state.config_records[MAIN_CONFIGS_RECORD]
+    configs[WorkflowKey.CURRENT_ROUND] = 4
+    workflow(None, context)  # type: ignore[arg-type]
+    assert failed.pop() == (4, "too few banks were left to unmask the sum")
+    configs[WorkflowKey.CURRENT_ROUND] = 2
 
     def seed_of_33_bytes(*_: Any) -> bool:  # Flower's pseudo_rand_gen asserts
         raise AssertionError
