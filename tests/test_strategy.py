@@ -475,6 +475,30 @@ def secagg_reply(stage: str, bank: int | None = 0, **items: Any) -> RecordDict:
     return content
 
 
+def grid_message(node: int, content: RecordDict, sender: int = 0,
+                 server_round: int = 1) -> Any:
+    """What a grid's message (to ``node``) or reply (from ``sender``) shows
+    RecordingGrid."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        content=content, has_error=lambda: False, has_content=lambda: True,
+        metadata=SimpleNamespace(dst_node_id=node, src_node_id=sender,
+                                 group_id=str(server_round)))
+
+
+class AnsweringGrid:
+    """A grid whose every node answers its message with ``answer(node)``."""
+
+    def __init__(self, answer: Any, server_round: int = 1) -> None:
+        self.answer, self.server_round = answer, server_round
+
+    def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
+        return [grid_message(0, self.answer(m.metadata.dst_node_id),
+                             sender=m.metadata.dst_node_id, server_round=self.server_round)
+                for m in messages]
+
+
 def test_a_secagg_reply_in_a_form_its_stage_does_not_have_is_refused() -> None:
     """Flower's SecAgg+ workflow reads each reply unchecked: every form here raised
     inside it, in the other banks, or (many shares) kept the server combining them for
@@ -588,24 +612,11 @@ def test_two_secagg_replies_with_one_public_key_are_both_refused() -> None:
                for node in (1, 2, 3)}
     keys_of[3][0] = keys_of[1][0]  # bank 3 copies bank 1's first key
 
-    from types import SimpleNamespace
-
-    def message(node: int, content: RecordDict, sender: int = 0) -> Any:
-        """What the grid's messages and replies show RecordingGrid."""
-        return SimpleNamespace(
-            content=content, has_error=lambda: False, has_content=lambda: True,
-            metadata=SimpleNamespace(dst_node_id=node, src_node_id=sender, group_id="1"))
-
-    class Answering:
-        def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
-            return [message(0, secagg_reply(Stage.SETUP, **{
-                Key.PUBLIC_KEY_1: keys_of[m.metadata.dst_node_id][0],
-                Key.PUBLIC_KEY_2: keys_of[m.metadata.dst_node_id][1]}),
-                sender=m.metadata.dst_node_id) for m in messages]
-
-    asked = [message(node, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
+    asked = [grid_message(node, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
         {Key.STAGE: Stage.SETUP})})) for node in (1, 2, 3)]
-    grid = RecordingGrid(Answering(), model_size=7,  # type: ignore[arg-type]
+    answering = AnsweringGrid(lambda node: secagg_reply(Stage.SETUP, **{
+        Key.PUBLIC_KEY_1: keys_of[node][0], Key.PUBLIC_KEY_2: keys_of[node][1]}))
+    grid = RecordingGrid(answering, model_size=7,  # type: ignore[arg-type]
                          guard=make_strategy(app_config()))
     kept = grid.send_and_receive(asked)
     assert [reply.metadata.src_node_id for reply in kept] == [2]
@@ -621,8 +632,6 @@ def test_a_secagg_fit_result_in_another_bank_s_name_is_refused(
     id each fit result states: a bank stating another's id, or none, is refused as in
     the plain run, and the round goes on without it (SecAgg+ unmasks around it). With
     registrations the id must be the node's bank; without, one no other reply states."""
-    from types import SimpleNamespace
-
     from flwr.app import ConfigRecord
     from flwr.common import ndarray_to_bytes
     from flwr.common.secure_aggregation.secaggplus_constants import (
@@ -635,24 +644,17 @@ def test_a_secagg_fit_result_in_another_bank_s_name_is_refused(
     stated = {11: 1, 12: 1, 13: 3, 14: None}  # node 12 states bank 1; node 14 none
     masked = [ndarray_to_bytes(np.array([3])), ndarray_to_bytes(np.zeros(7, np.int64))]
 
-    def message(node: int, content: RecordDict, sender: int = 0) -> Any:
-        return SimpleNamespace(
-            content=content, has_error=lambda: False, has_content=lambda: True,
-            metadata=SimpleNamespace(dst_node_id=node, src_node_id=sender, group_id="2"))
-
-    class Answering:
-        def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
-            return [message(0, secagg_reply(Stage.COLLECT_MASKED_VECTORS,
-                                            bank=stated[m.metadata.dst_node_id],
-                                            **{Key.MASKED_PARAMETERS: masked}),
-                            sender=m.metadata.dst_node_id) for m in messages]
+    answering = AnsweringGrid(lambda node: secagg_reply(
+        Stage.COLLECT_MASKED_VECTORS, bank=stated[node], **{Key.MASKED_PARAMETERS: masked}),
+        server_round=2)
 
     bank_nodes = tmp_path / "bank-nodes.json"
     bank_nodes.write_text(json.dumps({str(node): bank for node, bank in nodes.items()}))
     guard = make_strategy(app_config(bank_nodes=str(bank_nodes) if registered else ""))
-    grid = RecordingGrid(Answering(), model_size=7, guard=guard)  # type: ignore[arg-type]
-    kept = grid.send_and_receive([message(node, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
-        {Key.STAGE: Stage.COLLECT_MASKED_VECTORS})})) for node in nodes])
+    grid = RecordingGrid(answering, model_size=7, guard=guard)  # type: ignore[arg-type]
+    kept = grid.send_and_receive([grid_message(node, RecordDict({
+        RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS})}))
+        for node in nodes])
     refused = {node: why for _, node, _, why in grid.refused}
     assert refused[14] == "its fit result states no bank-id"
     ledger = grid.ledger()
