@@ -83,6 +83,9 @@ class RecordingGrid:
     def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
         messages = list(messages)
         stage = stage_of(messages)
+        # The round Flower's workflow asks about (its messages' group id); a reply's own
+        # group id is the bank's to set, and Flower's SuperLink does not check it.
+        server_round = int(messages[0].metadata.group_id) if messages else 0
         asked = {message.metadata.dst_node_id:
                  message.content.config_records.get(RECORD_KEY_CONFIGS)
                  for message in messages}
@@ -93,8 +96,7 @@ class RecordingGrid:
                           if stage == Stage.COLLECT_MASKED_VECTORS and reply.has_content())
         kept = []
         for reply in replies:
-            node, server_round = reply.metadata.src_node_id, int(
-                reply.metadata.group_id or 0)
+            node = reply.metadata.src_node_id
             if reply.has_error():  # the reason's tail holds the exception
                 reason = reply.error.reason[-900:].replace("\n", " | ")
                 log(WARNING, "fedfraud: SecAgg+ reply from node %d failed: %s", node,

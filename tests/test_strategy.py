@@ -476,7 +476,7 @@ def secagg_reply(stage: str, bank: int | None = 0, **items: Any) -> RecordDict:
 
 
 def grid_message(node: int, content: RecordDict, sender: int = 0,
-                 server_round: int = 1) -> Any:
+                 server_round: int | str = 1) -> Any:
     """What a grid's message (to ``node``) or reply (from ``sender``) shows
     RecordingGrid."""
     from types import SimpleNamespace
@@ -490,7 +490,7 @@ def grid_message(node: int, content: RecordDict, sender: int = 0,
 class AnsweringGrid:
     """A grid whose every node answers its message with ``answer(node)``."""
 
-    def __init__(self, answer: Any, server_round: int = 1) -> None:
+    def __init__(self, answer: Any, server_round: int | str = 1) -> None:
         self.answer, self.server_round = answer, server_round
 
     def send_and_receive(self, messages: Any, timeout: float | None = None) -> Any:
@@ -646,16 +646,17 @@ def test_a_secagg_fit_result_in_another_bank_s_name_is_refused(
 
     answering = AnsweringGrid(lambda node: secagg_reply(
         Stage.COLLECT_MASKED_VECTORS, bank=stated[node], **{Key.MASKED_PARAMETERS: masked}),
-        server_round=2)
+        server_round="x")  # a reply's group id is the bank's to set: not read
 
     bank_nodes = tmp_path / "bank-nodes.json"
     bank_nodes.write_text(json.dumps({str(node): bank for node, bank in nodes.items()}))
     guard = make_strategy(app_config(bank_nodes=str(bank_nodes) if registered else ""))
     grid = RecordingGrid(answering, model_size=7, guard=guard)  # type: ignore[arg-type]
     kept = grid.send_and_receive([grid_message(node, RecordDict({
-        RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS})}))
-        for node in nodes])
+        RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS})}),
+        server_round=2) for node in nodes])
     refused = {node: why for _, node, _, why in grid.refused}
+    assert {server_round for server_round, *_ in grid.refused} == {2}  # Flower's round
     assert refused[14] == "its fit result states no bank-id"
     ledger = grid.ledger()
     assert len(ledger) == 4  # every reply, refused or not
@@ -712,13 +713,29 @@ def test_a_secure_round_that_raises_or_sums_to_no_model_ends_without_an_update(
     workflow(None, context)  # type: ignore[arg-type]  # logged, not raised
     assert failed == [(2, "unmasking the sum failed (ValueError)")]
 
-    # A stage that finds fewer banks than the threshold left (refused or dropped out):
-    # Flower skips the round ("Secure aggregation halted"); the report must say so.
-    monkeypatch.setattr(workflow, "setup_stage", lambda *_: False)
+    # Whole rounds, each stage as Flower's workflow calls it: one that sums changes
+    # nothing here; one whose unmasking raises is recorded once; one a stage halts
+    # (fewer banks than the threshold left, refused or dropped out: Flower logs
+    # "Secure aggregation halted" and skips the round) is recorded too, once.
     configs = context.state.config_records[MAIN_CONFIGS_RECORD]
-    configs[WorkflowKey.CURRENT_ROUND] = 4
+    for stage in ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage"):
+        monkeypatch.setattr(workflow, stage, lambda *_: True)
+    for round_, unmask, expected in (
+            (4, lambda *_: True, []),
+            (5, combine_fails, [(5, "unmasking the sum failed (ValueError)")]),
+            (6, lambda *_: False, [(6, "too few banks were left to unmask the sum")])):
+        configs[WorkflowKey.CURRENT_ROUND] = round_
+        monkeypatch.setattr(SecAggPlusWorkflow, "unmask_stage", unmask)
+        workflow(None, context)  # type: ignore[arg-type]
+        assert failed[1:] == expected, round_
+        del failed[1:]
+    monkeypatch.setattr(SecAggPlusWorkflow, "unmask_stage", lambda *_: True)
+    workflow(None, context)  # type: ignore[arg-type]  # round 6 again, summed this time
+    monkeypatch.setattr(workflow, "setup_stage", lambda *_: False)  # the next, halted
+    configs[WorkflowKey.CURRENT_ROUND] = 7
     workflow(None, context)  # type: ignore[arg-type]
-    assert failed.pop() == (4, "too few banks were left to unmask the sum")
+    assert failed[1:] == [(7, "too few banks were left to unmask the sum")]
+    failed.pop()
     configs[WorkflowKey.CURRENT_ROUND] = 2
 
     def seed_of_33_bytes(*_: Any) -> bool:  # Flower's pseudo_rand_gen asserts
