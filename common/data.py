@@ -446,8 +446,8 @@ def read_pooled_csv(path: Path, label_column: str, owner: str = "data source") -
     if labels is None:
         raise BankDataError(f"{owner}: {path}: no label column {label_column!r} "
                             f"(label-column; columns: {', '.join(map(str, frame.columns))})")
-    bad = ~pd.to_numeric(labels, errors="coerce").isin([0, 1]).to_numpy()  # "0" is text
-    # when another cell is: name the cell that is not 0/1
+    # One text cell makes every cell text ("0" too): compare as numbers, name the text.
+    bad = ~pd.to_numeric(labels, errors="coerce").isin([0, 1]).to_numpy()
     if bad.any():
         row = int(bad.argmax())
         raise BankDataError(f"{owner}: {path}: label column {label_column!r} must be "

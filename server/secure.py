@@ -85,7 +85,7 @@ class RecordingGrid:
         stage = stage_of(messages)
         # The round Flower's workflow asks about (its messages' group id); a reply's own
         # group id is the bank's to set, and Flower's SuperLink does not check it.
-        server_round = int(messages[0].metadata.group_id) if messages else 0
+        server_round = int(messages[0].metadata.group_id or 0) if messages else 0
         asked = {message.metadata.dst_node_id:
                  message.content.config_records.get(RECORD_KEY_CONFIGS)
                  for message in messages}
