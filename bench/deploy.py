@@ -176,6 +176,11 @@ def per_round(warm: dict[int, dict[str, float]]) -> dict[str, float]:
             for name, seconds in after.items()}
 
 
+def by_part(cpu_s: dict[str, float], digits: int) -> str:
+    """"SuperLink 1.2, SuperNode 0.8, ...": CPU seconds by part, as the bench prints them."""
+    return ", ".join(f"{name} {seconds:.{digits}f}" for name, seconds in cpu_s.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
@@ -195,14 +200,11 @@ def main() -> None:
         print(f"{path:6} {r['wall_s']:8.1f} {r['round_s'][0]:14.1f} {median:22.1f} "
               f"{r['peak_mb']:8.0f} {r['idle_bank_mb']:13.0f}")
         print(f"       per round: {' '.join(f'{s:.1f}' for s in r['round_s'])}")
-        print("       CPU s (whole run, sampled): " + ", ".join(
-            f"{name} {seconds:.1f}" for name, seconds in r["cpu_s"].items()))
-        print("       CPU s until the banks are connected: " + ", ".join(
-            f"{name} {seconds:.1f}" for name, seconds in r["cpu_s_startup"].items()))
+        print(f"       CPU s (whole run, sampled): {by_part(r['cpu_s'], 1)}")
+        print(f"       CPU s until the banks are connected: {by_part(r['cpu_s_startup'], 1)}")
         if per_warm_round := r["cpu_s_per_warm_round"]:
             print(f"       CPU s per warm round: {sum(per_warm_round.values()):.2f} in all, "
-                  f"on {os.cpu_count()} cores: " + ", ".join(
-                      f"{name} {seconds:.2f}" for name, seconds in per_warm_round.items()))
+                  f"on {os.cpu_count()} cores: {by_part(per_warm_round, 2)}")
 
 
 if __name__ == "__main__":

@@ -92,10 +92,12 @@ class RecordingGrid:
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         keys_seen = Counter(key for reply in replies if stage == Stage.SETUP and
                             reply.has_content() for key in public_keys(reply.content))
-        stating = Counter(stated_bank(reply.content) for reply in replies
-                          if stage == Stage.COLLECT_MASKED_VECTORS and reply.has_content())
+        # The bank each collect-stage fit result states (None at other stages).
+        stated = [stated_bank(reply.content) if stage == Stage.COLLECT_MASKED_VECTORS
+                  and reply.has_content() else None for reply in replies]
+        stating = Counter(stated) if stage == Stage.COLLECT_MASKED_VECTORS else Counter()
         kept = []
-        for reply in replies:
+        for reply, bank in zip(replies, stated):
             node = reply.metadata.src_node_id
             if reply.has_error():  # the reason's tail holds the exception
                 reason = reply.error.reason[-900:].replace("\n", " | ")
@@ -109,8 +111,7 @@ class RecordingGrid:
                 if not why and any(keys_seen[key] > 1 for key in public_keys(reply.content)):
                     why = "another bank's reply holds the same public key"
                 if not why and stage == Stage.COLLECT_MASKED_VECTORS:
-                    why = self.wrong_sender(server_round, node, stated_bank(reply.content),
-                                            stating)
+                    why = self.wrong_sender(server_round, node, bank, stating)
                 if why:
                     log(WARNING, "fedfraud: SecAgg+ %s reply from node %d refused: %s; "
                         "the round goes on as if that bank had dropped out", stage, node,
@@ -298,39 +299,39 @@ class GuardedSecAggPlus(SecAggPlusWorkflow):
         rebuilds secrets the banks chose (a 33-byte seed fails an assert, an Ed25519
         key has no ECDH exchange: a review's two ways through the form checks)."""
         try:
-            self.summed = super().unmask_stage(grid, context, state)
+            self.settled = super().unmask_stage(grid, context, state)
         except Exception as err:  # noqa: BLE001 - secrets a bank chose
             self.round_failed(context, err)
             return False
-        return self.summed
+        return self.settled
 
     def __init__(self, failed: list[tuple[int, str]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.failed = failed  # (round, why) of each round that ended without an update
-        self.summed = False  # whether this round's unmask stage ran to its end
+        self.settled = False  # this round summed, or its failure is in ``failed``
 
     def __call__(self, grid: Grid, context: Context) -> None:
-        self.summed = False
+        self.settled = False
         try:
             super().__call__(grid, context)
         # What a bank's well-formed but wrong share raises when combined (padding,
         # key bytes, interpolation); any other error ends the run as before.
         except (ValueError, KeyError, TypeError, ZeroDivisionError) as err:
             self.round_failed(context, err)
-            return
-        if not self.summed and not any(r == current_round(context) for r, _ in self.failed):
+        if not self.settled:
             # A stage found fewer banks than secagg-threshold left (dropped out or
             # refused): Flower logs "Secure aggregation halted" and skips the round.
+            current = current_round(context)
             log(WARNING, "fedfraud: round %d: too few banks left to sum securely; the "
-                "global model stays as it was", current_round(context))
-            self.failed.append((current_round(context),
-                                "too few banks were left to unmask the sum"))
+                "global model stays as it was", current)
+            self.failed.append((current, "too few banks were left to unmask the sum"))
 
     def round_failed(self, context: Context, err: Exception) -> None:
         current = current_round(context)
         log(WARNING, "fedfraud: round %d: secure aggregation stopped; the global model "
             "stays as it was", current, exc_info=err)
         self.failed.append((current, f"unmasking the sum failed ({type(err).__name__})"))
+        self.settled = True
 
 
 def current_round(context: Context) -> int:
