@@ -114,9 +114,14 @@ def loaded_where_installed(project_dir: Callable[[str, str, str], Path],
 
 
 def run_task(runtime: str, token: str, approved: frozenset[str], bank: str) -> None:
-    """In the forked child: Flower's own ClientApp runtime, with the app checks."""
+    """In the forked child: Flower's own ClientApp runtime, with the app checks, and
+    its message's objects pulled again promptly when the task started before the
+    SuperNode had them all (``common.processes.retry_object_pulls_promptly``)."""
     from flwr.supernode.runtime import run_clientapp as runtime_module
 
+    from common.processes import retry_object_pulls_promptly
+
+    retry_object_pulls_promptly(runtime_module, "pull_and_inflate_object_from_tree")
     installed: list[Path] = []
     runtime_module.install_from_fab = only_approved(  # type: ignore[assignment]
         runtime_module.install_from_fab, approved, bank, installed)

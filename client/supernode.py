@@ -14,6 +14,8 @@ with that one module's ``time.sleep`` replaced:
   waits on the SuperNode's own doorbell, which the executor rings when a task ends:
   the reply goes out the moment it is there, with no polling on either side.
 
+A message pulled before all its objects were uploaded is pulled again after 0.05 s,
+doubling, instead of Flower's 1 s (``common.processes.retry_object_pulls_promptly``).
 Everything else (gRPC, TLS, authentication, heartbeats, retries, the Runtime API the
 executor takes the task from) is Flower's as it ships.
 ``tests/test_bank_boundary.py`` fails if a Flower upgrade changes those sleeps.
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common.processes import Backoff
+from common.processes import Backoff, retry_object_pulls_promptly
 
 FLOWER_IDLE_S = 3  # Flower's wait after an empty pull; its reply waits are 0.5 s
 TASK_BELL = "task.bell"  # the SuperNode rings it: a task waits for the executor
@@ -103,6 +105,7 @@ def main() -> None:
     idle_wait = Backoff(busy_s=0.05, idle_s=0.4)
     start_client_internal.time = prompt_time(  # type: ignore[assignment]
         idle_wait, Doorbell(bells / TASK_BELL), Doorbell(bells / REPLY_BELL))
+    retry_object_pulls_promptly(start_client_internal)
     sys.argv[:3] = ["flower-supernode"]
     flower_supernode()
 

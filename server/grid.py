@@ -4,11 +4,14 @@ Flower 1.39's ``HttpGrid.send_and_receive`` (what every strategy calls) sleeps a
 3 s between polls for replies; a round whose last bank answers just after a poll waits
 up to 3 s more, every exchange. ``PromptGrid`` does the same through the grid's public
 ``push_messages``/``pull_messages``, polling every ``POLL_S``. It wraps whichever grid
-Flower hands the ServerApp (deployment or simulation) and changes nothing else.
+Flower hands the ServerApp (deployment or simulation) and changes nothing else, but,
+for a deployment's ``HttpGrid``, how soon a reply polled while its objects were still
+being uploaded is pulled again (``common.processes.retry_object_pulls_promptly``).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -16,12 +19,18 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from common.processes import retry_object_pulls_promptly
+
 POLL_S = 0.05  # one cheap local HTTP call per poll
 
 
 class PromptGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
+        # A deployment's grid is an HttpGrid, so its module is imported already.
+        http_grid = sys.modules.get("flwr.superlink.grid.http_grid")
+        if http_grid is not None and isinstance(grid, http_grid.HttpGrid):
+            retry_object_pulls_promptly(http_grid)
 
     @property
     def run(self) -> Any:

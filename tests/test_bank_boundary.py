@@ -336,6 +336,69 @@ def test_flower_supernode_still_idles_through_its_module_s_time_sleep(
     assert clock.monotonic is time.monotonic and clock.time is time.time
 
 
+PROMPT_PULLS = (  # (module, the function of it that pulls, the name it pulls through)
+    ("flwr.superlink.grid.http_grid", "HttpGrid.pull_messages", "pull_objects"),
+    ("flwr.supernode.start_client_internal", "_pull_and_store_message", "pull_objects"),
+    ("flwr.supernode.runtime.run_clientapp", "pull_task_input",
+     "pull_and_inflate_object_from_tree"))
+
+
+@pytest.mark.parametrize(("module_name", "function", "name"), PROMPT_PULLS)
+def test_flower_still_pulls_objects_through_the_name_made_prompt(
+        module_name: str, function: str, name: str) -> None:
+    """``retry_object_pulls_promptly`` rebinds, in each process that pulls, the
+    inflatable_utils function the ServerApp's grid, the SuperNode's loop and a task's
+    runtime call by that module-global name, without an ``initial_backoff`` of their
+    own (which would override the rebound one)."""
+    import importlib
+
+    from flwr.supercore.inflatable import inflatable_utils
+
+    module = importlib.import_module(module_name)
+    code = module
+    for part in function.split("."):
+        code = getattr(code, part)
+    assert name in code.__code__.co_names
+    assert "initial_backoff" not in inspect.getsource(code)
+    pull = getattr(module, name)
+    assert getattr(pull, "func", pull) is getattr(inflatable_utils, name)
+    assert "initial_backoff" in inspect.signature(getattr(inflatable_utils, name)).parameters
+
+
+def test_an_object_not_uploaded_yet_is_pulled_again_within_a_tenth_of_a_second() -> None:
+    """Flower's first retry waits ~1 s (PULL_INITIAL_BACKOFF, +-20 %); the rebound
+    pull's ~0.05 s. Both get the object on the second try."""
+    import time
+    from types import ModuleType
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from common.processes import OBJECT_RETRY_S, retry_object_pulls_promptly
+
+    def seconds_to_pull(pull) -> float:
+        tries = []
+
+        def pull_object(object_id: str) -> bytes:
+            tries.append(object_id)
+            if len(tries) == 1:
+                raise ObjectUnavailableError(object_id)
+            return b"uploaded"
+
+        started = time.monotonic()
+        assert pull(["a"], pull_object) == {"a": b"uploaded"} and tries == ["a", "a"]
+        return time.monotonic() - started
+
+    prompt = ModuleType("pulls")
+    prompt.pull_objects = inflatable_utils.pull_objects
+    retry_object_pulls_promptly(prompt)
+    retry_object_pulls_promptly(prompt)  # once is what twice does
+    assert prompt.pull_objects.keywords == {"initial_backoff": OBJECT_RETRY_S}
+    assert prompt.pull_objects.func is inflatable_utils.pull_objects
+    assert seconds_to_pull(prompt.pull_objects) < 0.3
+    assert seconds_to_pull(inflatable_utils.pull_objects) >= 0.7
+
+
 def test_a_bank_whose_runtime_port_was_taken_moves_both_its_processes(
         tmp_path: Path, prepared, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -47,6 +47,20 @@ def test_a_missing_reply_ends_at_the_timeout_with_the_others() -> None:
     assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
 
 
+def test_a_deployment_s_grid_pulls_a_half_uploaded_reply_again_promptly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only around Flower's HttpGrid (a deployment), not a simulation's grid."""
+    from flwr.superlink.grid import http_grid
+
+    from common.processes import OBJECT_RETRY_S
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+    PromptGrid(ScriptedGrid({}))
+    assert not hasattr(http_grid.pull_objects, "keywords")
+    PromptGrid(http_grid.HttpGrid.__new__(http_grid.HttpGrid))
+    assert http_grid.pull_objects.keywords == {"initial_backoff": OBJECT_RETRY_S}
+
+
 def test_too_few_banks_fail_fast_with_the_fix_in_the_message() -> None:
     with pytest.raises(RuntimeError, match='only 2 of the 10 banks .*num-supernodes=10'):
         wait_for_banks(ScriptedGrid({}, nodes=2), 10, 0.2)
