@@ -75,6 +75,8 @@ class Sampler(threading.Thread):
     def __init__(self, marker: str) -> None:
         super().__init__(daemon=True)
         self.marker, self.peak_mb, self.idle_bank_mb = marker, 0.0, 0.0
+        self.started = time.monotonic()
+        self.peak_at, self.peak_by_role = 0.0, {}  # when the peak was, each part's MB then
         self.roles: dict[int, str | None] = {}  # None: a forked task
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> its role, its CPU seconds
         self.stopped = threading.Event()
@@ -111,9 +113,17 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stopped.is_set():
             pids = processes_with_env(self.marker)
-            self.peak_mb = max(self.peak_mb, sum(rss_mb(p) for p in pids))
             for pid in pids:
                 self.sample_cpu(pid)
+            sizes = {pid: rss_mb(pid) for pid in pids}
+            if sum(sizes.values()) > self.peak_mb:
+                self.peak_mb = sum(sizes.values())
+                self.peak_at = time.monotonic() - self.started
+                self.peak_by_role = {}
+                for pid, mb in sizes.items():
+                    # A forked task, or a preparer child of its executor.
+                    name = self.roles.get(pid) or "bank task or preparer"
+                    self.peak_by_role[name] = self.peak_by_role.get(name, 0.0) + mb
             time.sleep(0.2)
 
 
@@ -155,6 +165,7 @@ def run_deploy(rounds: int, banks: int, work: Path, overrides: list[str]) -> dic
     metrics = json.loads((work / f"runs-{path}" / "latest" / "metrics.json").read_text())
     return {"wall_s": wall, "round_s": metrics["timing"]["round_s"],
             "peak_mb": sampler.peak_mb, "idle_bank_mb": sampler.idle_bank_mb,
+            "peak_at_s": sampler.peak_at, "peak_mb_by_part": sampler.peak_by_role,
             "cpu_s": sampler.cpu_by_role(), "cpu_s_startup": startup,
             "cpu_s_per_warm_round": per_round(warm)}
 
@@ -200,6 +211,8 @@ def main() -> None:
         print(f"{path:6} {r['wall_s']:8.1f} {r['round_s'][0]:14.1f} {median:22.1f} "
               f"{r['peak_mb']:8.0f} {r['idle_bank_mb']:13.0f}")
         print(f"       per round: {' '.join(f'{s:.1f}' for s in r['round_s'])}")
+        parts = dict(sorted(r["peak_mb_by_part"].items(), key=lambda item: -item[1]))
+        print(f"       peak at {r['peak_at_s']:.1f} s, MB: {by_part(parts, 0)}")
         print(f"       CPU s (whole run, sampled): {by_part(r['cpu_s'], 1)}")
         print(f"       CPU s until the banks are connected: {by_part(r['cpu_s_startup'], 1)}")
         if per_warm_round := r["cpu_s_per_warm_round"]:
