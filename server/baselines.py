@@ -18,11 +18,14 @@ than the test set's noise: the difference with a 95 % paired bootstrap interval.
 
 from __future__ import annotations
 
+import time
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.common import log
 
 from common.config import Config
 from common.data import BankSplit, bank_file, fit_scaler, prepared_bank, standardize
@@ -62,11 +65,18 @@ def compute_baselines(
     x_test: np.ndarray, y_test: np.ndarray, federated_logits: np.ndarray,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """``{"centralized": ..., "local_only": [...], "federated_minus": ...}`` and the
-    centralized test logits."""
+    centralized test logits. Logs its progress: every tenth of the banks' local-only
+    models, then the centralized one, with the seconds since it began."""
+    started = time.monotonic()
+
+    def progress(done: str) -> None:
+        log(INFO, "fedfraud: references: %s [%.1f s]", done, time.monotonic() - started)
+
     banks = range(config.num_banks)
     prepared = [prepared_bank(bank, Path(config.data_dir) / bank_file(bank), config)
                 for bank in banks]
     splits = [rows.split for rows in prepared]
+    every = max(1, len(banks) // 10)
     local_only, best = [], (-1.0, 0, np.empty(0))  # the best bank's (AUC, id, logits)
     for bank, rows in zip(banks, prepared):
         split, scaler = rows.split, rows.scaler
@@ -78,9 +88,13 @@ def compute_baselines(
                            "test": result})
         if result["auc"] > best[0]:
             best = (result["auc"], bank, logits)
+        if (bank + 1) % every == 0 or bank + 1 == len(banks):
+            progress(f"local-only models of {bank + 1} of {len(banks)} banks trained")
     pooled = BankSplit(*(np.concatenate([getattr(s, name) for s in splits])
                          for name in ("x_train", "y_train", "x_val", "y_val")))
     scaler = fit_scaler(pooled.x_train)
+    progress(f"training the centralized model on {len(pooled.y_train):,} pooled training "
+             "rows")
     model = fit_alone(pooled, scaler, spec, initial, config, config.seed)
     curve = validation_curve(model, standardize(pooled.x_val, *scaler), pooled.y_val)
     logits = score(model, x_test)
@@ -89,10 +103,12 @@ def compute_baselines(
         **tested(logits, y_test, curve),
         "banks_trained": list(banks), "banks_evaluated": list(banks),
     }
+    progress("centralized model trained; bootstrapping the test AUC differences")
     federated_minus = {
         "centralized": auc_difference(y_test, federated_logits, logits),
         "best_local_only": {"bank": best[1],
                             **auc_difference(y_test, federated_logits, best[2])},
     }
+    progress("done")
     return {"centralized": centralized, "local_only": local_only,
             "federated_minus": federated_minus}, logits

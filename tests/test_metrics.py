@@ -205,3 +205,41 @@ def test_auc_difference_tells_a_real_gap_from_test_set_noise() -> None:
     tie = auc_difference(y, good, other)
     assert tie["ci95"][0] < 0 < tie["ci95"][1]
     assert auc_difference(y, good, other, seed=1) != tie  # resamples follow the seed
+
+
+def test_the_references_log_their_progress_with_elapsed_time(
+        prepared, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The references took minutes in silence on a large table: each tenth of the
+    banks' local-only models, then the centralized one, is logged as it is done."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    import server.baselines as baselines
+    from common.data import TEST_FILE, fit_scaler, load_transactions, standardize
+    from common.model import FraudNet, ModelSpec
+
+    lines: list[str] = []
+    monkeypatch.setattr(baselines, "log", lambda _level, text, *args: lines.append(
+        text % args))
+    config = replace(prepared, num_server_rounds=1)
+    x_test, y_test, schema = load_transactions(Path(config.data_dir) / TEST_FILE,
+                                               config.label_column, "test set")
+    x_test = standardize(x_test, *fit_scaler(x_test))
+    spec = ModelSpec(in_features=len(schema.features))
+    torch.manual_seed(0)
+    result, _ = baselines.compute_baselines(config, spec, FraudNet(spec).state_dict(),
+                                            x_test, y_test, np.zeros(len(y_test)))
+
+    assert len(result["local_only"]) == config.num_banks
+    assert [line.split(" [")[0] for line in lines] == [
+        *(f"fedfraud: references: local-only models of {n} of {config.num_banks} banks "
+          "trained" for n in range(1, config.num_banks + 1)),
+        lines[config.num_banks].split(" [")[0],
+        "fedfraud: references: centralized model trained; bootstrapping the test AUC "
+        "differences",
+        "fedfraud: references: done"]
+    assert "training the centralized model on " in lines[config.num_banks]
+    seconds = [float(line.rsplit("[", 1)[1].removesuffix(" s]")) for line in lines]
+    assert seconds == sorted(seconds)
