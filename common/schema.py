@@ -5,7 +5,12 @@ Banks never fit their own encoders: the federation agrees on one schema (written
 same thing at every bank. Numeric columns are taken as they are, missing values kept
 as NaN for the bank's scaler to fill; a numeric column with gaps (more than 1 % of the
 agreed rows) also gets a 0/1 "<column> missing" feature, since a gap is often a signal
-itself (no device fingerprint, no address check). A text column with at most
+itself (no device fingerprint, no address check). A numeric column that has no value
+below 0 at any bank and is right-skewed (sample skewness above ``SKEWED``) at some bank
+(amounts, ages, distances, days since the last transaction) is read as log(1 + x): a
+standard scaler leaves a lognormal amount a few huge values and a crowd near 0, which
+the MLP reads badly (cards, centralized: test AP 0.88 raw, 0.94 with log1p, 0.97 for
+gradient-boosted trees; `bench/trees.py`). A text column with at most
 ``max-categories`` values becomes one 0/1 feature per agreed category (a missing or
 unknown value sets none of them); one with more becomes one feature per each of its
 ``max-categories`` most frequent values, plus "<other>" (any other value, including
@@ -48,6 +53,7 @@ NUMERIC, CATEGORICAL = "numeric", "categorical"
 MAX_CATEGORIES = 50  # the default of max-categories: one-hot up to this many values
 MISSING_RATE = 0.01  # a numeric column missing more often than this gets an indicator
 MIN_CATEGORY_ROWS = 5  # a many-valued column's value needs this many rows for a feature
+SKEWED = 1.0  # a non-negative numeric column this skewed at some bank is read as log1p
 OTHER, MISSING = "<other>", "<missing>"
 SUPPRESS_BELOW = 5  # a bank's summary leaves out text values seen in fewer of its rows
 EMPTY = "empty"  # a column with no value at a bank (read as numbers): either kind
@@ -67,6 +73,8 @@ class Column:
     missing: bool = False
     # CATEGORICAL only: a "<name>=<other>" feature for any value not in ``categories``.
     other: bool = False
+    # NUMERIC only: the feature is log(1 + value) (no value below 0 anywhere, skewed).
+    log: bool = False
 
     @property
     def features(self) -> list[str]:
@@ -78,11 +86,13 @@ class Column:
 
     @classmethod
     def from_counts(cls, name: str, rows: int, missing: int,
-                    counts: dict[str, int] | None, max_categories: int) -> Column:
+                    counts: dict[str, int] | None, max_categories: int,
+                    log: bool = False) -> Column:
         """The column agreed from counts over all banks: ``counts`` per text value
-        (None: a numeric column), ``missing`` gaps among ``rows``."""
+        (None: a numeric column, read as log1p with ``log``), ``missing`` gaps among
+        ``rows``."""
         if counts is None:
-            return cls(name, NUMERIC, missing=missing > MISSING_RATE * rows)
+            return cls(name, NUMERIC, missing=missing > MISSING_RATE * rows, log=log)
         if len(counts) <= max_categories:
             return cls(name, CATEGORICAL, tuple(sorted(counts)))
         common = sorted((value for value, count in counts.items()
@@ -138,7 +148,9 @@ class Schema:
         with either); a dropped column may be missing anywhere. Problems are
         ``BankDataError``s naming the bank and the column. Values each bank left out
         get no feature of their own, and a column they took to ``max_categories`` or
-        fewer known values is one-hot encoded."""
+        fewer known values is one-hot encoded. A numeric column is read as log1p when
+        every bank with values in it says none is below 0 and some bank says they are
+        skewed (summaries without these two answers: as it is)."""
         if not summaries:
             raise BankDataError("no bank summaries to agree a schema from")
         first = summaries[0]
@@ -178,9 +190,14 @@ class Schema:
                 for _, _, st in stats:
                     for value, count in st.get("counts", {}).items():
                         counts[value] = counts.get(value, 0) + int(count)
+            numbers = [st for _, _, st in stats if st["kind"] == NUMERIC]
+            log = (counts is None and bool(numbers)
+                   and all(st.get("nonnegative", False) for st in numbers)
+                   and any(st.get("skewed", False) for st in numbers))
             columns.append(Column.from_counts(
                 name, sum(rows for _, rows, _ in stats),
-                sum(int(st["missing"]) for _, _, st in stats), counts, max_categories))
+                sum(int(st["missing"]) for _, _, st in stats), counts, max_categories,
+                log))
         return cls(label, tuple(columns), tuple(ids), time, tuple(dropped))
 
     def encode(self, frame: Any, fail: Any) -> np.ndarray:
@@ -191,7 +208,8 @@ class Schema:
         float32 (inf, -inf, or 1e39, which overflows) is refused here, the one place
         every reader passes: otherwise training fails far from the cause and a score
         saturates without a word. An empty cell stays NaN: a missing value, which the
-        bank's scaler fills.
+        bank's scaler fills. A log1p column's value below 0 is refused too: the
+        federation agreed on it from banks that had none.
         """
         import numpy as np  # here: a bank's long-lived supervisor imports this module
         import pandas as pd
@@ -221,6 +239,14 @@ class Schema:
                     row = int(infinite.argmax())
                     raise fail(f"column {column.name!r} holds a value that is not a finite "
                                f"float32 number (row {row + 1}: {str(values.iloc[row])!r})")
+                if column.log:
+                    negative = floats < 0  # NaN (a gap) compares False
+                    if negative.any():
+                        row = int(negative.argmax())
+                        raise fail(f"column {column.name!r} is read as log(1 + value) by "
+                                   "the federation's schema, which no bank had a value "
+                                   f"below 0 in (row {row + 1}: {str(values.iloc[row])!r})")
+                    floats = np.log1p(floats)
                 parts.append(floats[:, None])
                 if column.missing:
                     parts.append(gaps.astype(np.float32)[:, None])
@@ -244,8 +270,10 @@ class Schema:
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Schema:
         # Schemas written before indicators and "<other>" existed have neither.
+        # Schemas written before log1p columns existed have none.
         columns = tuple(Column(c["name"], c["kind"], tuple(c["categories"]),
-                               bool(c.get("missing", False)), bool(c.get("other", False)))
+                               bool(c.get("missing", False)), bool(c.get("other", False)),
+                               bool(c.get("log", False)))
                         for c in saved["columns"])
         if any(c.kind not in (NUMERIC, CATEGORICAL) for c in columns):
             raise ValueError("unknown column kind")
@@ -270,9 +298,10 @@ def summarize(frame: Any, label: str, ignore: Sequence[str] = (), owner: str = "
     """The bank's side of agreeing a schema: what it sends the operator about its file.
 
     Per feature column: its kind (numbers, text, or no value at all), how many values
-    are missing and, for text, how many rows hold each value, leaving out values seen
-    in fewer than ``min_count`` rows before the summary leaves the bank. No row, no
-    numeric value, no label count. ``ignore``: the agreed id, time and dropped columns
+    are missing; for numbers, whether none is below 0 and whether they are skewed
+    (sample skewness above ``SKEWED``): two yes/no answers; for text, how many rows
+    hold each value, leaving out values seen in fewer than ``min_count`` rows before
+    the summary leaves the bank. No row, no numeric value, no label count. ``ignore``: the agreed id, time and dropped columns
     (named, never summarized). A plain JSON-able dict; ``Schema.merge`` sums them.
     """
     import pandas as pd
@@ -286,7 +315,10 @@ def summarize(frame: Any, label: str, ignore: Sequence[str] = (), owner: str = "
         if gaps == len(values):
             stats[str(name)] = {"kind": EMPTY, "missing": gaps}
         elif pd.api.types.is_numeric_dtype(values):
-            stats[str(name)] = {"kind": NUMERIC, "missing": gaps}
+            skew = values.skew()  # NaN for fewer than three values: not skewed
+            stats[str(name)] = {"kind": NUMERIC, "missing": gaps,
+                                "nonnegative": bool(values.min() >= 0),
+                                "skewed": bool(skew > SKEWED)}
         else:
             counts = values.dropna().astype(str).value_counts()
             stats[str(name)] = {"kind": TEXT, "missing": gaps, "counts": {

@@ -639,9 +639,52 @@ def test_a_summary_leaves_rare_values_and_all_numbers_at_the_bank() -> None:
 
     assert summary == {"owner": "bank 1", "rows": 20,
                        "columns": ["amount", "channel", "id"],
-                       "stats": {"amount": {"kind": NUMERIC, "missing": 0},
+                       "stats": {"amount": {"kind": NUMERIC, "missing": 0,
+                                            "nonnegative": True, "skewed": False},
                                  "channel": {"kind": "text", "missing": 0,
                                              "counts": {"pos": 19}}}}
+
+
+def test_a_non_negative_column_skewed_at_some_bank_is_read_as_log1p(tmp_path) -> None:
+    """Two yes/no answers per numeric column leave the bank; the merge reads a
+    column as log(1 + x) only if no bank has a value below 0 and some bank's are
+    skewed; summaries from before those answers leave every column as it is."""
+    rng = np.random.default_rng(0)
+    lognormal = np.exp(rng.normal(3, 1.5, 400))
+    def bank(amount, balance, owner: str) -> dict:
+        rows = pd.DataFrame({"amount": amount, "balance": balance, "hour": rng.integers(
+            0, 24, len(amount)), "Class": [0, 1] * (len(amount) // 2)})
+        return summarize(rows, "Class", owner=owner, min_count=1)
+
+    even = rng.uniform(0, 100, 400)
+    first = bank(lognormal, lognormal, "bank 0")
+    assert first["stats"]["amount"] == {"kind": NUMERIC, "missing": 0,
+                                        "nonnegative": True, "skewed": True}
+    assert first["stats"]["hour"]["skewed"] is False
+    # bank 1: amounts not skewed, a balance below 0 once
+    second = bank(even, np.where(np.arange(400) == 7, -5.0, even), "bank 1")
+    schema = Schema.merge([first, second], "Class")
+    assert {c.name: c.log for c in schema.columns} == {
+        "amount": True, "balance": False, "hour": False}
+    old = [{**summary, "stats": {name: {k: v for k, v in st.items()
+                                        if k not in ("nonnegative", "skewed")}
+                                 for name, st in summary["stats"].items()}}
+           for summary in (first, second)]
+    assert not any(c.log for c in Schema.merge(old, "Class").columns)
+
+    frame = pd.DataFrame({"amount": [0.0, np.e - 1, None], "balance": [-3.0, 1.0, 2.0],
+                          "hour": [1, 2, 3]})
+    fail = lambda why: BankDataError(f"bank 0 (own.csv): {why}")  # noqa: E731
+    encoded = schema.encode(frame, fail)
+    assert np.allclose(encoded[:2, 0], [0.0, 1.0]) and np.isnan(encoded[2, 0])
+    assert list(encoded[:, 1]) == [-3.0, 1.0, 2.0]  # as it is
+    with pytest.raises(BankDataError) as refused:
+        schema.encode(frame.assign(amount=[1.0, -0.5, 2.0]), fail)
+    assert str(refused.value).startswith("bank 0 (own.csv): column 'amount' is read as "
+                                         "log(1 + value)")
+    assert "(row 2: '-0.5')" in str(refused.value)
+    schema.save(tmp_path / SCHEMA_FILE)
+    assert Schema.load(tmp_path / SCHEMA_FILE) == schema
 
 
 def test_merge_refuses_banks_that_disagree_naming_bank_and_column() -> None:
