@@ -47,6 +47,10 @@ bench-quality: install
 	test -e data/raw/creditcard.csv || $(BIN)/fedfraud fetch-ulb --out data/raw/creditcard.csv
 	$(BIN)/python bench/quality.py --seeds 7 --data-source data/raw/creditcard.csv --rounds 20
 
+bench-trees: install
+	$(BIN)/python bench/trees.py --seeds 1-3 --data-source cards
+	$(BIN)/python bench/trees.py --seeds 1-3
+
 bench-privacy: install
 	$(BIN)/python bench/privacy.py --epsilons 0.5,1,3,8,0
 

@@ -70,6 +70,7 @@ class Config:
     time_column: str
     drop_columns: str
     max_categories: int
+    log_skewed: bool
     data_source: str
     data_dir: str
     runs_dir: str

@@ -199,7 +199,7 @@ def data_settings(config: Config) -> dict[str, Any]:
             "test_fraction": config.test_fraction, "label_column": config.label_column,
             "id_columns": config.id_columns, "time_column": config.time_column,
             "drop_columns": config.drop_columns,
-            "max_categories": config.max_categories}
+            "max_categories": config.max_categories, "log_skewed": config.log_skewed}
 
 
 def synthetic_table(seed: int, label_column: str) -> Any:
@@ -485,7 +485,7 @@ def check_numbers_read_as_text(frame: Any, skip: set[str], max_categories: int,
 def prepare(
     out_dir: Path, source: str, seed: int, num_banks: int, alpha: float,
     test_fraction: float, label_column: str, id_columns: str = "", time_column: str = "",
-    drop_columns: str = "", max_categories: int = MAX_CATEGORIES,
+    drop_columns: str = "", max_categories: int = MAX_CATEGORIES, log_skewed: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Split ``source`` ("synthetic", "cards" or a labelled CSV) into one shard per bank
@@ -494,7 +494,8 @@ def prepare(
 
     ``id_columns`` and ``drop_columns`` are comma-separated names; dropped columns are
     left out of every file. A text column with more than ``max_categories`` values is
-    encoded as its most common ones plus "<other>" and "<missing>" (common/schema.py).
+    encoded as its most common ones plus "<other>" and "<missing>" (common/schema.py);
+    with ``log_skewed`` a skewed numeric column with no value below 0 as log(1 + x).
     With a ``time_column`` the test set is the latest ``test_fraction`` of rows. The
     "cards" source marks its own id and time columns unless these settings name others.
     Every problem with the data is a ``BankDataError`` naming the source and the column.
@@ -510,7 +511,8 @@ def prepare(
     settings = {"source": source, "seed": seed, "num_banks": num_banks, "alpha": alpha,
                 "test_fraction": test_fraction, "label_column": label_column,
                 "id_columns": id_columns, "time_column": time_column,
-                "drop_columns": drop_columns, "max_categories": max_categories}
+                "drop_columns": drop_columns, "max_categories": max_categories,
+                "log_skewed": log_skewed}
     kinds = None  # each row's fraud kind, where the source knows it
     if source == SYNTHETIC_SOURCE:
         frame = synthetic_table(seed, label_column)
@@ -536,7 +538,7 @@ def prepare(
     check_numbers_read_as_text(frame, skip, max_categories, where)
     try:
         schema = Schema.infer(frame, label_column, ids, time_column, dropped,
-                              max_categories)
+                              max_categories, log_skewed)
     except BankDataError as err:
         raise BankDataError(f"{where}: {err}") from None
     step(f"schema: {len(schema.features)} features from {len(schema.columns)} columns")

@@ -5,9 +5,10 @@ Banks never fit their own encoders: the federation agrees on one schema (written
 same thing at every bank. Numeric columns are taken as they are, missing values kept
 as NaN for the bank's scaler to fill; a numeric column with gaps (more than 1 % of the
 agreed rows) also gets a 0/1 "<column> missing" feature, since a gap is often a signal
-itself (no device fingerprint, no address check). A numeric column that has no value
-below 0 at any bank and is right-skewed (sample skewness above ``SKEWED``) at some bank
-(amounts, ages, distances, days since the last transaction) is read as log(1 + x): a
+itself (no device fingerprint, no address check). With ``log-skewed`` (off by
+default, README), a numeric column that has no value below 0 at any bank and is
+right-skewed (sample skewness above ``SKEWED``) at some bank (amounts, ages, distances,
+days since the last transaction) is read as log(1 + x): a
 standard scaler leaves a lognormal amount a few huge values and a crowd near 0, which
 the MLP reads badly (cards, centralized: test AP 0.88 raw, 0.94 with log1p, 0.97 for
 gradient-boosted trees; `bench/trees.py`). A text column with at most
@@ -131,26 +132,26 @@ class Schema:
     @classmethod
     def infer(cls, frame: Any, label: str, ids: tuple[str, ...] = (), time: str = "",
               dropped: tuple[str, ...] = (), max_categories: int = MAX_CATEGORIES,
-              ) -> Schema:
+              log_skewed: bool = False) -> Schema:
         """The schema of a pooled table (run once, by whoever prepares the shards):
         ``merge`` of one summary of every row, nothing suppressed."""
         summary = summarize(frame, label, (*ids, time, *dropped), "the pooled data",
                             min_count=1)
-        return cls.merge([summary], label, ids, time, dropped, max_categories)
+        return cls.merge([summary], label, ids, time, dropped, max_categories, log_skewed)
 
     @classmethod
     def merge(cls, summaries: Sequence[dict[str, Any]], label: str,
               ids: tuple[str, ...] = (), time: str = "", dropped: tuple[str, ...] = (),
-              max_categories: int = MAX_CATEGORIES) -> Schema:
+              max_categories: int = MAX_CATEGORIES, log_skewed: bool = False) -> Schema:
         """The operator's side: one schema from the banks' ``summarize`` results, their
         counts summed. Every bank must have the same columns, and a column must be
         numbers at every bank or text at every bank (a bank with no value in it agrees
         with either); a dropped column may be missing anywhere. Problems are
         ``BankDataError``s naming the bank and the column. Values each bank left out
         get no feature of their own, and a column they took to ``max_categories`` or
-        fewer known values is one-hot encoded. A numeric column is read as log1p when
-        every bank with values in it says none is below 0 and some bank says they are
-        skewed (summaries without these two answers: as it is)."""
+        fewer known values is one-hot encoded. With ``log_skewed`` a numeric column is
+        read as log1p when every bank with values in it says none is below 0 and some
+        bank says they are skewed (summaries without these two answers: as it is)."""
         if not summaries:
             raise BankDataError("no bank summaries to agree a schema from")
         first = summaries[0]
@@ -191,7 +192,7 @@ class Schema:
                     for value, count in st.get("counts", {}).items():
                         counts[value] = counts.get(value, 0) + int(count)
             numbers = [st for _, _, st in stats if st["kind"] == NUMERIC]
-            log = (counts is None and bool(numbers)
+            log = (log_skewed and counts is None and bool(numbers)
                    and all(st.get("nonnegative", False) for st in numbers)
                    and any(st.get("skewed", False) for st in numbers))
             columns.append(Column.from_counts(

@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def agree_schema(config: Config, folder: Path) -> Schema:
     """The federation's schema from the banks' summaries (``Schema.merge``), with the
-    run config's label, id, time and dropped columns and ``max-categories``."""
+    run config's label, id, time and dropped columns, ``max-categories`` and
+    ``log-skewed``."""
     from common.config import column_names
     from common.schema import BankDataError, Schema
 
@@ -347,7 +348,7 @@ def agree_schema(config: Config, folder: Path) -> Schema:
         raise BankDataError(f"{folder}: no summaries (*.json from fedfraud-bank summarize)")
     return Schema.merge(summaries, config.label_column, column_names(config.id_columns),
                         config.time_column, column_names(config.drop_columns),
-                        config.max_categories)
+                        config.max_categories, config.log_skewed)
 
 
 def wait_for_public_keys(folder: Path, count: int) -> list[Path]:

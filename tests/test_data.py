@@ -646,9 +646,9 @@ def test_a_summary_leaves_rare_values_and_all_numbers_at_the_bank() -> None:
 
 
 def test_a_non_negative_column_skewed_at_some_bank_is_read_as_log1p(tmp_path) -> None:
-    """Two yes/no answers per numeric column leave the bank; the merge reads a
-    column as log(1 + x) only if no bank has a value below 0 and some bank's are
-    skewed; summaries from before those answers leave every column as it is."""
+    """Two yes/no answers per numeric column leave the bank; with log-skewed the merge
+    reads a column as log(1 + x) only if no bank has a value below 0 and some bank's
+    are skewed; without it, or from summaries without those answers, as it is."""
     rng = np.random.default_rng(0)
     lognormal = np.exp(rng.normal(3, 1.5, 400))
     def bank(amount, balance, owner: str) -> dict:
@@ -663,14 +663,15 @@ def test_a_non_negative_column_skewed_at_some_bank_is_read_as_log1p(tmp_path) ->
     assert first["stats"]["hour"]["skewed"] is False
     # bank 1: amounts not skewed, a balance below 0 once
     second = bank(even, np.where(np.arange(400) == 7, -5.0, even), "bank 1")
-    schema = Schema.merge([first, second], "Class")
+    assert not any(c.log for c in Schema.merge([first, second], "Class").columns)
+    schema = Schema.merge([first, second], "Class", log_skewed=True)  # log-skewed = true
     assert {c.name: c.log for c in schema.columns} == {
         "amount": True, "balance": False, "hour": False}
     old = [{**summary, "stats": {name: {k: v for k, v in st.items()
                                         if k not in ("nonnegative", "skewed")}
                                  for name, st in summary["stats"].items()}}
            for summary in (first, second)]
-    assert not any(c.log for c in Schema.merge(old, "Class").columns)
+    assert not any(c.log for c in Schema.merge(old, "Class", log_skewed=True).columns)
 
     frame = pd.DataFrame({"amount": [0.0, np.e - 1, None], "balance": [-3.0, 1.0, 2.0],
                           "hour": [1, 2, 3]})
@@ -933,3 +934,19 @@ def test_fedfraud_prepare_prints_its_progress(tmp_path: Path) -> None:
     assert lines[0].startswith("fedfraud: preparing 2 banks in ")
     assert any(line.startswith("fedfraud: prepare: schema: ") for line in lines)
     assert lines[-1] == f"fedfraud: banks' data in {tmp_path / 'data'}"
+
+
+@pytest.mark.parametrize("log_skewed", [False, True])
+def test_prepare_reads_skewed_amounts_as_log1p_only_with_log_skewed(
+        tmp_path: Path, log_skewed: bool) -> None:
+    rng = np.random.default_rng(3)
+    rows = pd.DataFrame({"amount": np.round(np.exp(rng.normal(3, 1.5, 600)), 2),
+                         "score": rng.normal(size=600), "Class": [0] * 570 + [1] * 30})
+    rows.to_csv(tmp_path / "source.csv", index=False)
+
+    prepare(tmp_path / "data", str(tmp_path / "source.csv"), seed=1, num_banks=2,
+            alpha=100.0, test_fraction=0.2, label_column="Class", log_skewed=log_skewed)
+
+    schema = Schema.load((tmp_path / "data" / bank_file(0)).parent / SCHEMA_FILE)
+    assert {c.name: c.log for c in schema.columns} == {"amount": log_skewed,
+                                                       "score": False}
