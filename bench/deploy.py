@@ -77,6 +77,7 @@ class Sampler(threading.Thread):
         self.marker, self.peak_mb, self.idle_bank_mb = marker, 0.0, 0.0
         self.started = time.monotonic()
         self.peak_at, self.peak_by_role = 0.0, {}  # when the peak was, each part's MB then
+        self.idle_bank_by_part: dict[str, float] = {}  # the largest idle bank's MB by part
         self.roles: dict[int, str | None] = {}  # None: a forked task
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> its role, its CPU seconds
         self.stopped = threading.Event()
@@ -101,14 +102,18 @@ class Sampler(threading.Thread):
             times = fields[11:15] if name == EXECUTOR else fields[11:13]
             self.cpu[pid] = (name, sum(int(t) for t in times) / os.sysconf("SC_CLK_TCK"))
 
-    def bank_mb(self, pids: list[int], bank: int) -> float:
-        """One bank's processes: its command, SuperNode and executor."""
+    def bank_mb(self, pids: list[int], bank: int) -> dict[str, float]:
+        """One bank's processes (its command, SuperNode and executor): MB by part."""
         for pid in pids:
             words = cmdline(pid).split()
             if "fedfraud-bank" in " ".join(words[:2]) and "run" in words and \
                     words[words.index("--bank-id") + 1] == str(bank):
-                return sum(rss_mb(p) for p in (pid, *descendants(pid)))
-        return 0.0
+                parts: dict[str, float] = {}
+                for p in (pid, *descendants(pid)):
+                    name = role(cmdline(p))
+                    parts[name] = parts.get(name, 0.0) + rss_mb(p)
+                return parts
+        return {}
 
     def run(self) -> None:
         while not self.stopped.is_set():
@@ -153,7 +158,9 @@ def run_deploy(rounds: int, banks: int, work: Path, overrides: list[str]) -> dic
         if "banks connected" in line:
             startup = sampler.cpu_by_role()
             pids = processes_with_env(f"FLWR_HOME={flwr_home}")
-            sampler.idle_bank_mb = max(sampler.bank_mb(pids, b) for b in range(banks))
+            sampler.idle_bank_by_part = max((sampler.bank_mb(pids, b) for b in range(banks)),
+                                            key=lambda parts: sum(parts.values()))
+            sampler.idle_bank_mb = sum(sampler.idle_bank_by_part.values())
         if "fedfraud" in line:
             print(f"  [{path} {time.monotonic() - started:5.1f} s] {line.strip()}", flush=True)
     code = process.wait()
@@ -166,6 +173,7 @@ def run_deploy(rounds: int, banks: int, work: Path, overrides: list[str]) -> dic
     return {"wall_s": wall, "round_s": metrics["timing"]["round_s"],
             "peak_mb": sampler.peak_mb, "idle_bank_mb": sampler.idle_bank_mb,
             "peak_at_s": sampler.peak_at, "peak_mb_by_part": sampler.peak_by_role,
+            "idle_bank_mb_by_part": sampler.idle_bank_by_part,
             "cpu_s": sampler.cpu_by_role(), "cpu_s_startup": startup,
             "cpu_s_per_warm_round": per_round(warm)}
 
@@ -213,6 +221,7 @@ def main() -> None:
         print(f"       per round: {' '.join(f'{s:.1f}' for s in r['round_s'])}")
         parts = dict(sorted(r["peak_mb_by_part"].items(), key=lambda item: -item[1]))
         print(f"       peak at {r['peak_at_s']:.1f} s, MB: {by_part(parts, 0)}")
+        print(f"       idle bank, MB: {by_part(r['idle_bank_mb_by_part'], 1)}")
         print(f"       CPU s (whole run, sampled): {by_part(r['cpu_s'], 1)}")
         print(f"       CPU s until the banks are connected: {by_part(r['cpu_s_startup'], 1)}")
         if per_warm_round := r["cpu_s_per_warm_round"]:
