@@ -89,7 +89,9 @@ class Config:
         unknown = sorted(set(values) - names)
         missing = sorted(names - set(values))
         if unknown or missing:
-            raise ValueError(f"run config: unknown keys {unknown}, missing keys {missing}")
+            raise ValueError("run config: " + "; ".join(
+                f"{what} keys: {', '.join(key.replace('_', '-') for key in keys)}"
+                for what, keys in (("unknown", unknown), ("missing", missing)) if keys))
         typed = {f.name: _coerce(f.name, f.type, values[f.name]) for f in fields(cls)}
         return cls(**typed)
 

@@ -42,7 +42,11 @@ BANKS_ONLINE_DEADLINE_S = 300.0
 def settings(app_dir: Path, overrides: list[str]) -> Config:
     values = read_app_config(app_dir)
     for item in overrides:
-        values.update(tomllib.loads(item))
+        try:
+            values.update(tomllib.loads(item))
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"--set {item!r} is not key=value in TOML ({err}); text "
+                             "needs quotes: --set \"key='text'\"") from None
     config = Config.from_run_config(values)
     # Runs may start from any working directory: make paths absolute once, here.
     source = config.data_source
@@ -266,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedfraud: ULB credit-card data in {fetch_ulb(args.out)}")
         return 0
     app_dir = args.app_dir.resolve()
-    config = settings(app_dir, args.overrides)
+    try:
+        config = settings(app_dir, args.overrides)
+    except ValueError as err:  # an unknown key, a wrong type, a --set that is no TOML
+        print(f"fedfraud: {err}", file=sys.stderr)
+        return 2
     flwr_home = (args.flwr_home or app_dir / FLWR_HOME).resolve()
     certs = None
     if not getattr(args, "insecure", True):

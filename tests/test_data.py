@@ -926,6 +926,22 @@ def test_prepare_reports_each_step_with_elapsed_time(tmp_path: Path) -> None:
                          f"wrote the server's test set; manifest in {manifest}"]
 
 
+@pytest.mark.parametrize(("setting", "said"), [
+    ("dirichlet-alpha=0.3", "fedfraud: run config: unknown keys: dirichlet-alpha"),
+    ("seed='1'", "fedfraud: run config: seed must be int"),
+    ("data-source=cards", "fedfraud: --set 'data-source=cards' is not key=value in TOML"),
+])
+def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             setting: str, said: str) -> None:
+    from server.cli import main as operator_main
+
+    assert operator_main(["--set", f"data-dir='{tmp_path}'", "--set", setting,
+                          "prepare"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(said) and error.count("\n") == 1, error
+    assert not any(tmp_path.iterdir())  # nothing prepared
+
+
 def test_fedfraud_prepare_prints_its_progress(tmp_path: Path) -> None:
     _, done = run_prepare(tmp_path, pooled_table(500), "drop-columns='note'")
 
