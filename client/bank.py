@@ -154,7 +154,8 @@ class Bank:
                   epochs=config.personalize_epochs_for(len(self.y_train)),
                   batch_size=config.batch_size, learning_rate=config.learning_rate,
                   pos_weight=config.pos_weight, seed=config.seed + 1000 * (
-                      config.num_server_rounds + 1) + self.id)
+                      config.num_server_rounds + 1) + self.id,
+                  local_optimizer=config.local_optimizer)
             legit, fraud = score_histograms(self.y_val, score(tuned, self.x_val))
             personal = PooledCurve.from_histograms(legit, fraud)
             # NaN AP (no validation fraud) compares False: the federated model stays.
@@ -213,6 +214,7 @@ class Bank:
                   else config.seed + 1000 * server_round + self.id),
             proximal_mu=proximal_mu,
             privacy=privacy,
+            local_optimizer=config.local_optimizer,
         )
         metrics.update({
             keys.NUM_EXAMPLES: rows, keys.VOTE: 1, keys.BANK_ID: self.id,

@@ -16,6 +16,7 @@ from typing import Any
 
 
 BANK_WEIGHTINGS = ("equal", "samples")
+OPTIMIZERS = ("adam", "sgd")  # a bank's local optimizer (common/task.py)
 STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "fedavgm",
               "fedadam", "fedyogi")
 ATTACKS = ("none", "scale", "sign-flip", "nan", "inf", "secagg-malformed")
@@ -56,6 +57,7 @@ class Config:
     personalize_epochs: int
     batch_size: int
     learning_rate: float
+    local_optimizer: str
     activation: str
     pos_weight: float
     decision_threshold: float
@@ -97,6 +99,7 @@ class Config:
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("bank-weighting", self.bank_weighting, BANK_WEIGHTINGS),
+                                    ("local-optimizer", self.local_optimizer, OPTIMIZERS),
                                     ("strategy", self.strategy, STRATEGIES),
                                     ("attack", self.attack, ATTACKS),
                                     ("server-test-set", self.server_test_set,

@@ -14,6 +14,8 @@ from torch import nn
 from common.model import FraudNet
 
 SCORE_BATCH = 8192  # scoring has no gradients; large batches are just faster
+# SGD's momentum with ``local-optimizer = "sgd"``: the usual 0.9 (none was tried).
+SGD_MOMENTUM = 0.9
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -30,9 +32,10 @@ class Privacy:
 def train(
     model: FraudNet, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int,
     learning_rate: float, pos_weight: float, seed: int, proximal_mu: float = 0.0,
-    privacy: Privacy | None = None,
+    privacy: Privacy | None = None, local_optimizer: str = "adam",
 ) -> float:
-    """Train in place with a fresh Adam; return the mean loss of the last epoch.
+    """Train in place with a fresh Adam (``local_optimizer`` "adam") or SGD with
+    momentum ("sgd"); return the mean loss of the last epoch.
 
     ``proximal_mu`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the weights
     the model came with, i.e. the global model). ``privacy`` trains with DP-SGD.
@@ -40,8 +43,12 @@ def train(
     the same in any process (simulation actor or a bank executor's task).
     """
     features, labels = torch.from_numpy(x), torch.tensor(y, dtype=torch.float32)
-    untraced_adam_step()  # before the optimizer: its constructor is wrapped too
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
+    untraced_torch_optim()  # before the optimizer: its constructor is wrapped too
+    if local_optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=learning_rate, momentum=SGD_MOMENTUM)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
     start = [p.detach().clone() for p in model.parameters()]
     model.train()
@@ -73,25 +80,35 @@ def train(
 
 # torch.optim and torch.compile: torch.optim wraps ``Optimizer.add_param_group``,
 # ``zero_grad`` and Adam's update in ``torch._disable_dynamo`` ("never trace this with
-# torch.compile") and Adam's ``step`` in ``torch._dynamo.graph_break()`` calls. Both
-# import ``torch._dynamo`` (sympy, torch.fx, torch.distributed: ~800 modules, ~70 MB
-# and ~1 s of CPU) on first use, in every process that trains. fedfraud never compiles:
-# ``untraced_adam_step`` marks each wrapped function as its own untraced version (what
-# ``_disable_dynamo`` would look up and keep as ``__dynamo_disable``) and returns
-# Adam's step without its wrappers. ``tests/test_data.py`` fails if a torch upgrade
-# imports ``torch._dynamo`` in training anyway, or steps differently.
-@cache
-def untraced_adam_step() -> Callable[[torch.optim.Adam], Any]:
-    """``Adam.step`` without torch's wrappers (graph breaks, the profiler's step
-    hooks: fedfraud registers none), after marking ``Optimizer``'s and Adam's
-    ``_disable_dynamo`` functions as their own untraced versions."""
-    import inspect
+# torch.compile") and Adam's and SGD's ``step`` in ``torch._dynamo.graph_break()``
+# calls. Both import ``torch._dynamo`` (sympy, torch.fx, torch.distributed: ~800
+# modules, ~70 MB and ~1 s of CPU) on first use, in every process that trains. fedfraud
+# never compiles: ``untraced_torch_optim`` marks each wrapped function as its own
+# untraced version (what ``_disable_dynamo`` would look up and keep as
+# ``__dynamo_disable``) and ``untraced_step`` returns an optimizer's step without its
+# wrappers. ``tests/test_data.py`` fails if a torch upgrade imports ``torch._dynamo`` in
+# training anyway, or steps differently.
+UNTRACED = (torch.optim.Adam, torch.optim.SGD)  # the optimizers ``step`` unwraps
 
+
+@cache
+def untraced_torch_optim() -> None:
+    """Mark ``Optimizer``'s and Adam's ``_disable_dynamo`` functions as their own
+    untraced versions (once: the marks stay)."""
     from torch.optim import adam
 
     for wrapper in [*vars(torch.optim.Optimizer).values(), adam.adam]:
         _untraced_is_itself(wrapper)
-    return inspect.unwrap(torch.optim.Adam.step)
+
+
+@cache
+def untraced_step(kind: type[torch.optim.Optimizer]) -> Callable[[Any], Any]:
+    """``kind.step`` without torch's wrappers (graph breaks, the profiler's step
+    hooks: fedfraud registers none)."""
+    import inspect
+
+    untraced_torch_optim()
+    return inspect.unwrap(kind.step)
 
 
 def _untraced_is_itself(wrapper: object) -> None:
@@ -112,11 +129,11 @@ def _untraced_is_itself(wrapper: object) -> None:
 
 
 def step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()``: plain Adam's through ``untraced_adam_step``, under
+    """``optimizer.step()``: plain Adam's or SGD's through ``untraced_step``, under
     ``no_grad`` as its wrapper runs it; Opacus's DP optimizer's as it ships."""
-    if type(optimizer) is torch.optim.Adam and not optimizer.defaults["differentiable"]:
+    if type(optimizer) in UNTRACED and not optimizer.defaults["differentiable"]:
         with torch.no_grad():
-            untraced_adam_step()(optimizer)
+            untraced_step(type(optimizer))(optimizer)
     else:
         optimizer.step()
 

@@ -45,7 +45,7 @@ def fit_alone(split: BankSplit, scaler: Scaler, spec: ModelSpec,
     train(model, standardize(split.x_train, *scaler), split.y_train,
           epochs=config.num_server_rounds * config.local_epochs_for(len(split.y_train)),
           batch_size=config.batch_size, learning_rate=config.learning_rate,
-          pos_weight=config.pos_weight, seed=seed)
+          pos_weight=config.pos_weight, seed=seed, local_optimizer=config.local_optimizer)
     return model
 
 

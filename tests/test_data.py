@@ -83,19 +83,23 @@ def test_a_bank_without_fraud_still_trains() -> None:
     assert any(not (a == b).all() for a, b in zip(before, model.parameters()))
 
 
-def test_training_steps_as_torch_s_adam_and_imports_no_torch_compile_machinery() -> None:
+@pytest.mark.parametrize("local_optimizer", ["adam", "sgd"])
+def test_training_steps_as_torch_s_optimizer_and_imports_no_torch_compile_machinery(
+        local_optimizer: str) -> None:
     """common/task.py's way around torch.optim's torch._dynamo imports: it must step
-    exactly as ``Adam.step()`` does, and a process that trains must not import
-    torch._dynamo (a torch upgrade that moves the wrappers fails here)."""
+    exactly as ``Adam.step()`` / ``SGD.step()`` does, and a process that trains must not
+    import torch._dynamo (a torch upgrade that moves the wrappers fails here)."""
     import torch
 
-    from common.task import step
+    from common.task import SGD_MOMENTUM, step
 
     x, y = torch.randn(64, 4), (torch.arange(64) % 2).float()
     models = [FraudNet(ModelSpec(in_features=4)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     for model, ours in zip(models, (False, True)):
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+        optimizer = (torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+                     if local_optimizer == "adam" else
+                     torch.optim.SGD(model.parameters(), lr=1e-1, momentum=SGD_MOMENTUM))
         for _ in range(5):
             optimizer.zero_grad()
             torch.nn.functional.binary_cross_entropy_with_logits(model.eval()(x), y).backward()
@@ -106,9 +110,25 @@ def test_training_steps_as_torch_s_adam_and_imports_no_torch_compile_machinery()
             "from common.model import FraudNet, ModelSpec; "
             "train(FraudNet(ModelSpec(in_features=4)), np.ones((64, 4), np.float32), "
             "np.arange(64) % 2, epochs=2, batch_size=16, learning_rate=1e-2, "
-            "pos_weight=1.0, seed=0); print('torch._dynamo' in sys.modules)")
+            f"pos_weight=1.0, seed=0, local_optimizer={local_optimizer!r}); "
+            "print('torch._dynamo' in sys.modules)")
     out = fresh_python(code)
     assert out.strip() == "False"
+
+
+def test_local_optimizer_picks_the_banks_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    made = []
+    monkeypatch.setattr("common.task.step", lambda optimizer: made.append(optimizer))
+    for name in ("adam", "sgd"):
+        train(FraudNet(ModelSpec(in_features=4)), np.ones((8, 4), np.float32),
+              np.arange(8) % 2, epochs=1, batch_size=8, learning_rate=0.1, pos_weight=1.0,
+              seed=0, local_optimizer=name)
+    assert [type(o) for o in made] == [torch.optim.Adam, torch.optim.SGD]
+    assert made[1].defaults["momentum"] == 0.9
+    with pytest.raises(ValueError, match="local-optimizer must be one of"):
+        app_config(local_optimizer="rmsprop")
 
 
 def test_hold_out_is_stratified() -> None:
