@@ -206,7 +206,8 @@ def records_matrix(records: Any, schema: Schema, id_column: str,
     columns plus ``id_column`` (a string or an integer). ``null`` is a missing value.
 
     ``Schema.encode`` decides what is accepted and names what is not. Only when the
-    schema is all numeric and every transaction is an object of exactly its columns
+    schema is all numeric columns taken as they are (no log1p, no gap indicator) and
+    every transaction is an object of exactly its columns
     and the id, with numbers for values (the usual request), is the matrix built
     directly, to the same float32 values (tested); anything else goes through
     ``Schema.encode`` via a table. Integers beyond float64 must not reach here (the
@@ -217,8 +218,10 @@ def records_matrix(records: Any, schema: Schema, id_column: str,
     if not records:
         raise fail("no transactions (an empty batch)")
     columns = [column.name for column in schema.columns]
+    # A column read as it is, one feature per column: no log(1 + x), no gap indicator.
     direct = _numbers_matrix(records, columns, id_column) if all(
-        column.kind == NUMERIC for column in schema.columns) else None
+        column.kind == NUMERIC and not column.log and not column.missing
+        for column in schema.columns) else None
     if direct is not None:
         ids, x = direct
         return ids, check_finite(x, schema, fail)

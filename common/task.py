@@ -14,7 +14,7 @@ from torch import nn
 from common.model import FraudNet
 
 SCORE_BATCH = 8192  # scoring has no gradients; large batches are just faster
-# SGD's momentum with ``local-optimizer = "sgd"``: the usual 0.9 (none was tried).
+# SGD's momentum with ``local-optimizer = "sgd"``: the usual 0.9 (no other was tried).
 SGD_MOMENTUM = 0.9
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 

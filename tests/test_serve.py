@@ -360,6 +360,23 @@ def test_records_are_encoded_as_schema_encode_does() -> None:
     assert x[0].tolist() == [12.5, 0.0, 1.0] and np.isnan(x[1, 0])
 
 
+def test_records_of_a_schema_with_log1p_or_gap_columns_are_encoded_as_schema_encode_does(
+        ) -> None:
+    def fail(why: str) -> ValueError:
+        return ValueError(why)
+
+    schema = Schema("Class", (Column("amount", NUMERIC, log=True),
+                              Column("age", NUMERIC, missing=True), Column("v", NUMERIC)))
+    rows = [{"id": 1, "amount": 100.0, "age": 30.0, "v": -1.5},
+            {"id": 2, "amount": 0.0, "age": 41.0, "v": 2.0}]
+    _, x = records_matrix(rows, schema, "id", fail)
+    expected = schema.encode(pd.DataFrame(rows).drop(columns="id").astype(object), fail)
+    np.testing.assert_array_equal(x, expected)
+    assert x.shape == (2, 4) and x[0, 0] == np.float32(np.log1p(100.0))
+    with pytest.raises(ValueError, match="'amount' is read as log"):
+        records_matrix([{"id": 3, "amount": -5.0, "age": 1.0, "v": 0.0}], schema, "id", fail)
+
+
 def _wait_for(condition, deadline_s: float, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + deadline_s
     while True:
