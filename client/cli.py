@@ -7,7 +7,9 @@
     fedfraud-bank run       its SuperNode and task executor (approved apps only)
     fedfraud-bank summarize what the bank sends to agree the federation's schema: per
                             column its kind, gaps and text-value counts (rare values
-                            left out); no row, no number, no label count
+                            left out); with --log-skewed two yes/no answers per numeric
+                            column (none below 0; skewed); no row, no number, no label
+                            count
     fedfraud-bank score     score its own transactions with a run's exported model
     fedfraud-bank serve     the scoring service: POST /score, GET /health, GET /model
     fedfraud-bank executor  the task executor alone (``run`` starts it)
@@ -132,7 +134,8 @@ def summarize(args: argparse.Namespace) -> int:
     ignore = (*ids, *((args.time_column,) if args.time_column else ()), *dropped)
     check_numbers_read_as_text(frame, {args.label_column, *ignore}, args.max_categories,
                                where)
-    summary = summary_of(frame, args.label_column, ignore, args.name)
+    summary = summary_of(frame, args.label_column, ignore, args.name,
+                         log_skewed=args.log_skewed)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     values = sum(len(stats.get("counts", {})) for stats in summary["stats"].values())
     print(f"fedfraud-bank: {args.name}: summary of {len(summary['stats'])} columns and "
@@ -200,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         summary_cmd.add_argument(f"--{setting}", default="",
                                  help="as agreed in the federation's run config")
     summary_cmd.add_argument("--max-categories", type=int, default=50)
+    summary_cmd.add_argument("--log-skewed", action="store_true",
+                             help="only if the run config has log-skewed = true: also "
+                                  "say per numeric column whether no value is below 0 "
+                                  "and whether they are skewed (two yes/no answers)")
     score_cmd = commands.add_parser("score", help="score transactions (CSV/Parquet)")
     score_cmd.add_argument("--run", type=Path, default=Path("runs/latest"),
                            help="run folder with model.ts and model_card.json")

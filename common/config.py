@@ -228,5 +228,9 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
 
 def read_app_config(app_dir: Path) -> dict[str, Any]:
     """The ``[tool.flwr.app.config]`` table of the app in ``app_dir``."""
-    with open(app_dir / "pyproject.toml", "rb") as file:
-        return dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
+    path = app_dir / "pyproject.toml"
+    with open(path, "rb") as file:
+        try:
+            return dict(tomllib.load(file)["tool"]["flwr"]["app"]["config"])
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not TOML ({err})") from None

@@ -80,7 +80,8 @@ def retry_object_pulls_promptly(module: ModuleType, name: str = "pull_objects") 
     ``client/executor.py`` (a task's runtime). ``tests/test_bank_boundary.py`` fails
     if Flower stops pulling through those names."""
     pull = getattr(module, name)
-    if not isinstance(pull, partial):  # not already prompt
+    if not (isinstance(pull, partial)  # ours already (a partial of Flower's is not)
+            and pull.keywords.get("initial_backoff") == OBJECT_RETRY_S):
         setattr(module, name, partial(pull, initial_backoff=OBJECT_RETRY_S))
 
 

@@ -10,8 +10,8 @@ default, README), a numeric column that has no value below 0 at any bank and is
 right-skewed (sample skewness above ``SKEWED``) at some bank (amounts, ages, distances,
 days since the last transaction) is read as log(1 + x): a
 standard scaler leaves a lognormal amount a few huge values and a crowd near 0, which
-the MLP reads badly (cards, centralized: test AP 0.88 raw, 0.94 with log1p, 0.97 for
-gradient-boosted trees; `bench/trees.py`). A text column with at most
+the MLP reads badly (cards, seed 1, centralized for 10 epochs: test AP 0.88 raw,
+0.94 with log1p, 0.97 for gradient-boosted trees; `bench/trees.py`). A text column with at most
 ``max-categories`` values becomes one 0/1 feature per agreed category (a missing or
 unknown value sets none of them); one with more becomes one feature per each of its
 ``max-categories`` most frequent values, plus "<other>" (any other value, including
@@ -55,6 +55,7 @@ MAX_CATEGORIES = 50  # the default of max-categories: one-hot up to this many va
 MISSING_RATE = 0.01  # a numeric column missing more often than this gets an indicator
 MIN_CATEGORY_ROWS = 5  # a many-valued column's value needs this many rows for a feature
 SKEWED = 1.0  # a non-negative numeric column this skewed at some bank is read as log1p
+MIN_SKEW_ROWS = 20  # a bank calls a column skewed only from at least this many values
 OTHER, MISSING = "<other>", "<missing>"
 SUPPRESS_BELOW = 5  # a bank's summary leaves out text values seen in fewer of its rows
 EMPTY = "empty"  # a column with no value at a bank (read as numbers): either kind
@@ -136,7 +137,7 @@ class Schema:
         """The schema of a pooled table (run once, by whoever prepares the shards):
         ``merge`` of one summary of every row, nothing suppressed."""
         summary = summarize(frame, label, (*ids, time, *dropped), "the pooled data",
-                            min_count=1)
+                            min_count=1, log_skewed=log_skewed)
         return cls.merge([summary], label, ids, time, dropped, max_categories, log_skewed)
 
     @classmethod
@@ -295,15 +296,17 @@ class Schema:
 
 
 def summarize(frame: Any, label: str, ignore: Sequence[str] = (), owner: str = "",
-              min_count: int = SUPPRESS_BELOW) -> dict[str, Any]:
+              min_count: int = SUPPRESS_BELOW, log_skewed: bool = False) -> dict[str, Any]:
     """The bank's side of agreeing a schema: what it sends the operator about its file.
 
     Per feature column: its kind (numbers, text, or no value at all), how many values
-    are missing; for numbers, whether none is below 0 and whether they are skewed
-    (sample skewness above ``SKEWED``): two yes/no answers; for text, how many rows
-    hold each value, leaving out values seen in fewer than ``min_count`` rows before
-    the summary leaves the bank. No row, no numeric value, no label count. ``ignore``: the agreed id, time and dropped columns
-    (named, never summarized). A plain JSON-able dict; ``Schema.merge`` sums them.
+    are missing; for text, how many rows hold each value, leaving out values seen in
+    fewer than ``min_count`` rows before the summary leaves the bank; only with
+    ``log_skewed`` (the federation reads skewed columns as log1p), for numbers, whether
+    none is below 0 and whether they are skewed (sample skewness above ``SKEWED``, from
+    at least ``MIN_SKEW_ROWS`` values): two yes/no answers. No row, no numeric value, no
+    label count. ``ignore``: the agreed id, time and dropped columns (named, never
+    summarized). A plain JSON-able dict; ``Schema.merge`` sums them.
     """
     import pandas as pd
 
@@ -316,10 +319,11 @@ def summarize(frame: Any, label: str, ignore: Sequence[str] = (), owner: str = "
         if gaps == len(values):
             stats[str(name)] = {"kind": EMPTY, "missing": gaps}
         elif pd.api.types.is_numeric_dtype(values):
-            skew = values.skew()  # NaN for fewer than three values: not skewed
-            stats[str(name)] = {"kind": NUMERIC, "missing": gaps,
-                                "nonnegative": bool(values.min() >= 0),
-                                "skewed": bool(skew > SKEWED)}
+            stats[str(name)] = {"kind": NUMERIC, "missing": gaps}
+            if log_skewed:
+                skewed = len(values) - gaps >= MIN_SKEW_ROWS and values.skew() > SKEWED
+                stats[str(name)].update(nonnegative=bool(values.min() >= 0),
+                                        skewed=bool(skewed))
         else:
             counts = values.dropna().astype(str).value_counts()
             stats[str(name)] = {"kind": TEXT, "missing": gaps, "counts": {

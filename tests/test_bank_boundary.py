@@ -397,6 +397,14 @@ def test_an_object_not_uploaded_yet_is_pulled_again_within_a_tenth_of_a_second()
     assert prompt.pull_objects.func is inflatable_utils.pull_objects
     assert seconds_to_pull(prompt.pull_objects) < 0.3
     assert seconds_to_pull(inflatable_utils.pull_objects) >= 0.7
+    # A partial Flower might bind itself is not taken for ours: it is made prompt too.
+    from functools import partial
+
+    flowers = ModuleType("flowers")
+    flowers.pull_objects = partial(inflatable_utils.pull_objects, max_time=5)
+    retry_object_pulls_promptly(flowers)
+    assert flowers.pull_objects.keywords == {"max_time": 5,
+                                             "initial_backoff": OBJECT_RETRY_S}
 
 
 def test_a_bank_whose_runtime_port_was_taken_moves_both_its_processes(

@@ -659,10 +659,16 @@ def test_a_summary_leaves_rare_values_and_all_numbers_at_the_bank() -> None:
 
     assert summary == {"owner": "bank 1", "rows": 20,
                        "columns": ["amount", "channel", "id"],
-                       "stats": {"amount": {"kind": NUMERIC, "missing": 0,
-                                            "nonnegative": True, "skewed": False},
+                       "stats": {"amount": {"kind": NUMERIC, "missing": 0},
                                  "channel": {"kind": "text", "missing": 0,
                                              "counts": {"pos": 19}}}}
+    # With log-skewed, two yes/no answers per numeric column; skewed only from 20 values.
+    asked = summarize(rows, "Class", ignore=("id",), owner="bank 1", log_skewed=True)
+    assert asked["stats"]["amount"] == {"kind": NUMERIC, "missing": 0,
+                                        "nonnegative": True, "skewed": False}
+    few = summarize(pd.DataFrame({"amount": [1.0, 1.0, 1000.0], "Class": [0, 1, 0]}),
+                    "Class", log_skewed=True)
+    assert few["stats"]["amount"]["skewed"] is False
 
 
 def test_a_non_negative_column_skewed_at_some_bank_is_read_as_log1p(tmp_path) -> None:
@@ -674,7 +680,7 @@ def test_a_non_negative_column_skewed_at_some_bank_is_read_as_log1p(tmp_path) ->
     def bank(amount, balance, owner: str) -> dict:
         rows = pd.DataFrame({"amount": amount, "balance": balance, "hour": rng.integers(
             0, 24, len(amount)), "Class": [0, 1] * (len(amount) // 2)})
-        return summarize(rows, "Class", owner=owner, min_count=1)
+        return summarize(rows, "Class", owner=owner, min_count=1, log_skewed=True)
 
     even = rng.uniform(0, 100, 400)
     first = bank(lognormal, lognormal, "bank 0")
@@ -711,7 +717,7 @@ def test_a_non_negative_column_skewed_at_some_bank_is_read_as_log1p(tmp_path) ->
 def test_merge_refuses_banks_that_disagree_naming_bank_and_column() -> None:
     a = pd.DataFrame({"amount": [1.0, 2.0], "channel": ["pos", "web"], "Class": [0, 1]})
     def summary(rows: pd.DataFrame, owner: str) -> dict:
-        return summarize(rows, "Class", owner=owner, min_count=1)
+        return summarize(rows, "Class", owner=owner, min_count=1, log_skewed=True)
 
     with pytest.raises(BankDataError, match=r"bank 1: columns differ from bank 0's: "
                                             r"missing \['channel'\]"):
