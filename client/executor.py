@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.supernode import REPLY_BELL, TASK_BELL, Doorbell
+from common.processes import die_with_parent
 
 if TYPE_CHECKING:
     from common.config import Config
@@ -162,10 +163,12 @@ class Preparing:
 
         self.bank_id = bank_id
         self.pipe, writable = os.pipe()
+        parent = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:  # the child: prepare, send, exit without the parent's handlers
             code = 1
             try:
+                die_with_parent(parent)
                 os.close(self.pipe)
                 prepared = prepared_bank(bank_id, shard, config)
                 with os.fdopen(writable, "wb") as parent:
@@ -273,6 +276,7 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
     print(f"{bank}: executor ready; approved apps {sorted(approved)}", flush=True)
     tasks, replies = Doorbell(bells / TASK_BELL), Doorbell(bells / REPLY_BELL)
     children: dict[int, tuple[float, int]] = {}  # pid -> when its task started, its pidfd
+    executor = os.getpid()
     while True:
         for pid in list(children):
             done, _, usage = os.wait4(pid, os.WNOHANG)
@@ -308,6 +312,7 @@ def serve(runtime: str, secret: bytes, approved: frozenset[str], bank: str,
         if pid == 0:  # the child: one task, then exit without the parent's handlers
             code = 1
             try:
+                die_with_parent(executor)
                 run_task(runtime, acquired.token, approved, bank)
                 code = 0
             except SystemExit as end:  # flwr_exit ends a task this way

@@ -85,6 +85,22 @@ def retry_object_pulls_promptly(module: ModuleType, name: str = "pull_objects") 
         setattr(module, name, partial(pull, initial_backoff=OBJECT_RETRY_S))
 
 
+def die_with_parent(parent: int) -> None:
+    """In a forked child of ``parent``: be killed (SIGKILL) when ``parent`` ends, so a
+    bank's executor that is killed outright leaves no preparer or task running on its
+    own (a supervisor stops the executor's group, but a killed executor is reaped first
+    and its orphans are then nobody's descendants). Linux's prctl; elsewhere nothing."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # it ended before we asked
+        os._exit(1)
+
+
 def free_port() -> int:
     """A port nobody listens on now, so two runs on one machine do not collide."""
     with socket.socket() as sock:

@@ -407,6 +407,42 @@ def test_an_object_not_uploaded_yet_is_pulled_again_within_a_tenth_of_a_second()
                                              "initial_backoff": OBJECT_RETRY_S}
 
 
+def test_a_child_forked_by_an_executor_that_is_killed_outright_dies_with_it() -> None:
+    """A preparer or task child calls ``die_with_parent``: when its executor is killed
+    with SIGKILL (no handler runs), the child is killed too instead of running on as
+    nobody's descendant."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from common.processes import proc_stat
+
+    code = ("import os, sys, time; from common.processes import die_with_parent; "
+            "parent = os.getpid(); pid = os.fork()\n"
+            "if pid == 0:\n    die_with_parent(parent); time.sleep(60); os._exit(0)\n"
+            "print(pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=APP_DIR, text=True,
+                              stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        time.sleep(0.2)  # the child has asked to die with its parent
+        stat = proc_stat(child)
+        assert stat is not None and stat[0] != "Z"
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 5
+        while (stat := proc_stat(child)) is not None and stat[0] != "Z":
+            assert time.monotonic() < deadline, "the child outlived its killed parent"
+            time.sleep(0.05)
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_a_bank_whose_runtime_port_was_taken_moves_both_its_processes(
         tmp_path: Path, prepared, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
