@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,9 @@ from runs import APP_DIR, simulate
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from common.config import Config, read_app_config
+from common.config import Config
 from common.data import TEST_FILE, bank_file, load_transactions, prepared_bank
+from server.cli import settings as run_settings
 
 MIN_CLASS_ROWS = 5  # a bank with fewer frauds (or legitimate rows) trains no tree model
 
@@ -74,6 +74,9 @@ def tree_models(config: Config) -> dict[str, str]:
         if auc > best[0]:
             best = (auc, f"{scored(y_test, logits)} (bank {bank}, "
                          f"{len(split.y_train):,} rows, {int(split.y_train.sum())} frauds)")
+    if not rows:  # no bank has MIN_CLASS_ROWS of each class: nothing to compare
+        return {**out, "trees, best bank alone": f"no bank has {MIN_CLASS_ROWS} rows of "
+                "each class"}
     out["trees, best bank alone"] = best[1]
     out["trees, one-shot ensemble of the banks' own"] = scored(y_test, mix / rows)
     return out
@@ -112,10 +115,7 @@ def main() -> None:
             print(f"seed {seed} [{time.monotonic() - started:.0f} s]", flush=True)
             for name, final in rows.items():
                 print(f"  {name:44} AUC {final['auc']:.3f} AP {final['ap']:.3f}")
-            values = read_app_config(APP_DIR)
-            for item in settings:
-                values.update(tomllib.loads(item))
-            for name, text in tree_models(Config.from_run_config(values)).items():
+            for name, text in tree_models(run_settings(APP_DIR, settings)).items():
                 print(f"  {name:44} {text}", flush=True)
 
 
