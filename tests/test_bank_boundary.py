@@ -407,6 +407,34 @@ def test_an_object_not_uploaded_yet_is_pulled_again_within_a_tenth_of_a_second()
                                              "initial_backoff": OBJECT_RETRY_S}
 
 
+def test_a_bank_s_supernode_and_tasks_make_their_object_pulls_prompt(tmp_path: Path) -> None:
+    """The wiring of ``retry_object_pulls_promptly``: ``client.supernode.main`` and
+    ``client.executor.run_task`` rebind Flower's names before Flower's code runs
+    (Flower's entry points stubbed, in a fresh interpreter)."""
+    code = f"""
+import importlib, sys
+from flwr.supernode import start_client_internal
+cli = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the module
+from flwr.supernode.runtime import run_clientapp as runtime
+import client.supernode, client.executor
+from common.processes import OBJECT_RETRY_S
+
+def prompt(module, name):
+    return getattr(getattr(module, name), "keywords", {{}}).get("initial_backoff")
+
+cli.flower_supernode = lambda: print("supernode", prompt(start_client_internal,
+                                                         "pull_objects"))
+sys.argv = ["client.supernode", "--bells", {str(tmp_path)!r}]
+client.supernode.main()
+runtime.run_clientapp = lambda **_: print("task", prompt(
+    runtime, "pull_and_inflate_object_from_tree"))
+client.executor.run_task("127.0.0.1:1", "token", frozenset(), "bank 0")
+print("expected", OBJECT_RETRY_S)
+"""
+    lines = dict(line.split() for line in fresh_python(code).splitlines())
+    assert lines["supernode"] == lines["task"] == lines["expected"]
+
+
 def test_a_child_forked_by_an_executor_that_is_killed_outright_dies_with_it() -> None:
     """A preparer or task child calls ``die_with_parent``: when its executor is killed
     with SIGKILL (no handler runs), the child is killed too instead of running on as
