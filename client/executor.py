@@ -163,12 +163,12 @@ class Preparing:
 
         self.bank_id = bank_id
         self.pipe, writable = os.pipe()
-        parent = os.getpid()
+        executor = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:  # the child: prepare, send, exit without the parent's handlers
             code = 1
             try:
-                die_with_parent(parent)
+                die_with_parent(executor)
                 os.close(self.pipe)
                 prepared = prepared_bank(bank_id, shard, config)
                 with os.fdopen(writable, "wb") as parent:
