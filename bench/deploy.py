@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -68,6 +69,14 @@ def role(command: str) -> str:
     return command.split()[0].rsplit("/", 1)[-1] if command else "?"
 
 
+def summed(pairs: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """The values of (name, value) pairs added up by name."""
+    totals: dict[str, float] = {}
+    for name, value in pairs:
+        totals[name] = totals.get(name, 0.0) + value
+    return totals
+
+
 class Sampler(threading.Thread):
     """Samples the summed PSS of every process of the run every 0.2 s, and each
     process's CPU time (the last reading before it ends)."""
@@ -83,9 +92,7 @@ class Sampler(threading.Thread):
         self.stopped = threading.Event()
 
     def cpu_by_role(self) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for name, seconds in list(self.cpu.values()):  # the sampler adds to it
-            totals[name] = totals.get(name, 0.0) + seconds
+        totals = summed(list(self.cpu.values()))  # a copy: the sampler adds to it
         return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
     def sample_cpu(self, pid: int) -> None:
@@ -108,11 +115,7 @@ class Sampler(threading.Thread):
             words = cmdline(pid).split()
             if "fedfraud-bank" in " ".join(words[:2]) and "run" in words and \
                     words[words.index("--bank-id") + 1] == str(bank):
-                parts: dict[str, float] = {}
-                for p in (pid, *descendants(pid)):
-                    name = role(cmdline(p))
-                    parts[name] = parts.get(name, 0.0) + rss_mb(p)
-                return parts
+                return summed((role(cmdline(p)), rss_mb(p)) for p in (pid, *descendants(pid)))
         return {}
 
     def run(self) -> None:
@@ -121,14 +124,12 @@ class Sampler(threading.Thread):
             for pid in pids:
                 self.sample_cpu(pid)
             sizes = {pid: rss_mb(pid) for pid in pids}
-            if sum(sizes.values()) > self.peak_mb:
-                self.peak_mb = sum(sizes.values())
-                self.peak_at = time.monotonic() - self.started
-                self.peak_by_role = {}
-                for pid, mb in sizes.items():
-                    # A forked task, or a preparer child of its executor.
-                    name = self.roles.get(pid) or "bank task or preparer"
-                    self.peak_by_role[name] = self.peak_by_role.get(name, 0.0) + mb
+            if (total := sum(sizes.values())) > self.peak_mb:
+                self.peak_mb, self.peak_at = total, time.monotonic() - self.started
+                # No role: a forked task, or a preparer child of its executor.
+                self.peak_by_role = summed(
+                    (self.roles.get(pid) or "bank task or preparer", mb)
+                    for pid, mb in sizes.items())
             time.sleep(0.2)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from runs import simulate
+from runs import data_overrides, seed_range, simulate
 
 COLUMNS = ("auc", "ap", "recall_at_1pct_fpr", "f1")
 # The tutorial (../shared/tutorial-baseline.md): FedAvg weighted by samples, one local
@@ -43,11 +43,6 @@ TUTORIAL = ["bank-weighting='samples'", "local-epochs=1", "min-local-steps=0",
             "personalize-epochs=0"]
 MIN_VAL_FRAUDS = 20  # a bank's validation AP is compared only with this many frauds
 CENTRAL_MARGIN = 0.01
-
-
-def seed_range(text: str) -> list[int]:
-    first, _, last = text.partition("-")
-    return list(range(int(first), int(last or first) + 1))
 
 
 def goals(metrics: dict[str, Any]) -> dict[str, str]:
@@ -116,11 +111,7 @@ def main() -> None:
     parser.add_argument("--tutorial", action="store_true",
                         help="also run the tutorial's configuration")
     args = parser.parse_args()
-    source = args.data_source
-    if source not in ("synthetic", "cards"):
-        source = str(Path(source).resolve())
-    common = [f"data-source='{source}'", f"num-banks={args.banks}",
-              f"min-banks={args.banks}", f"num-server-rounds={args.rounds}"]
+    common = data_overrides(args.data_source, args.banks, args.rounds)
     systems = (("tutorial",) if args.tutorial else ()) + ("federated", "centralized",
                                                           "best local")
     print(f"data: {args.data_source}, {args.banks} banks, {args.rounds} rounds, "

@@ -25,3 +25,18 @@ def simulate(work: Path, name: str, overrides: list[str]) -> dict | None:
         print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
         return None
     return json.loads((runs / "latest" / "metrics.json").read_text())
+
+
+def seed_range(text: str) -> list[int]:
+    """"1-3" -> [1, 2, 3]; "7" -> [7]."""
+    first, _, last = text.partition("-")
+    return list(range(int(first), int(last or first) + 1))
+
+
+def data_overrides(source: str, banks: int, rounds: int) -> list[str]:
+    """The --set overrides for a bench's data: a built-in source by name, a file by
+    its absolute path; ``banks`` banks, all of them needed; ``rounds`` rounds."""
+    if source not in ("synthetic", "cards"):
+        source = str(Path(source).resolve())
+    return [f"data-source='{source}'", f"num-banks={banks}", f"min-banks={banks}",
+            f"num-server-rounds={rounds}"]

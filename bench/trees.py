@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from runs import APP_DIR, simulate
+from runs import APP_DIR, data_overrides, seed_range, simulate
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -36,11 +36,6 @@ from common.data import TEST_FILE, bank_file, load_transactions, prepared_bank
 from server.cli import settings as run_settings
 
 MIN_CLASS_ROWS = 5  # a bank with fewer frauds (or legitimate rows) trains no tree model
-
-
-def seed_range(text: str) -> list[int]:
-    first, _, last = text.partition("-")
-    return list(range(int(first), int(last or first) + 1))
 
 
 def trees(x: np.ndarray, y: np.ndarray, seed: int) -> HistGradientBoostingClassifier:
@@ -89,16 +84,13 @@ def main() -> None:
     parser.add_argument("--banks", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    source = (args.data_source if args.data_source in ("synthetic", "cards")
-              else str(Path(args.data_source).resolve()))
     started = time.monotonic()
     print(f"data: {args.data_source}, {args.banks} banks, {args.rounds} rounds", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for seed in args.seeds:
             settings = [f"seed={seed}", f"data-dir='{work / f'data-{seed}'}'",
-                        f"data-source='{source}'", f"num-banks={args.banks}",
-                        f"min-banks={args.banks}", f"num-server-rounds={args.rounds}"]
+                        *data_overrides(args.data_source, args.banks, args.rounds)]
             metrics = simulate(work, f"mlp-{seed}", settings)
             if metrics is None:
                 print(f"seed {seed}: the simulation failed (its output above)", flush=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.supernode import REPLY_BELL, TASK_BELL, Doorbell
-from common.processes import die_with_parent
+from common.processes import die_with_parent, retry_object_pulls_promptly
 
 if TYPE_CHECKING:
     from common.config import Config
@@ -119,8 +119,6 @@ def run_task(runtime: str, token: str, approved: frozenset[str], bank: str) -> N
     its message's objects pulled again promptly when the task started before the
     SuperNode had them all (``common.processes.retry_object_pulls_promptly``)."""
     from flwr.supernode.runtime import run_clientapp as runtime_module
-
-    from common.processes import retry_object_pulls_promptly
 
     retry_object_pulls_promptly(runtime_module, "pull_and_inflate_object_from_tree")
     installed: list[Path] = []

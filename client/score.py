@@ -49,7 +49,7 @@ import torch
 
 from common.data import BankDataError, load_scaler, standardize
 from common.model import CARD_JSON_FILE, STATE_DICT_FILE, FraudProbability, load_model
-from common.schema import NUMERIC, Schema
+from common.schema import Schema
 
 REASONS = 3  # reason codes per flagged transaction
 IG_STEPS = 64  # Integrated Gradients path points (module docstring: accuracy)
@@ -218,10 +218,8 @@ def records_matrix(records: Any, schema: Schema, id_column: str,
     if not records:
         raise fail("no transactions (an empty batch)")
     columns = [column.name for column in schema.columns]
-    # A column read as it is, one feature per column: no log(1 + x), no gap indicator.
     direct = _numbers_matrix(records, columns, id_column) if all(
-        column.kind == NUMERIC and not column.log and not column.missing
-        for column in schema.columns) else None
+        column.as_is for column in schema.columns) else None
     if direct is not None:
         ids, x = direct
         return ids, check_finite(x, schema, fail)

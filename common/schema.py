@@ -79,6 +79,12 @@ class Column:
     log: bool = False
 
     @property
+    def as_is(self) -> bool:
+        """One feature holding the column's number unchanged: numeric, not log1p, no
+        gap indicator (what a reader may build without ``Schema.encode``)."""
+        return self.kind == NUMERIC and not self.log and not self.missing
+
+    @property
     def features(self) -> list[str]:
         if self.kind == NUMERIC:
             return [self.name] + ([f"{self.name} missing"] if self.missing else [])
