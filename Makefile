@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo ulb prepare deploy test compose-e2e bench-deploy bench-quality bench-privacy bench-robustness bench-score bench-serve clean
+SYNTH_VENV ?= .venv-synth
+
+.PHONY: install synth demo ulb prepare deploy test compose-e2e bench-deploy bench-quality bench-privacy bench-robustness bench-score bench-serve clean
 
 # torch first and pinned: 2.13.0 is the CPU wheel; anything looser pulls CUDA builds.
 $(STAMP): pyproject.toml
@@ -15,6 +17,17 @@ $(STAMP): pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+# `fedfraud-bank synthesize` in its own environment: SDV needs pandas < 3 (fedfraud's
+# own uses pandas 3). torch first and pinned here too (SDV's CTGAN depends on torch).
+$(SYNTH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(SYNTH_VENV)
+	$(SYNTH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SYNTH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(SYNTH_VENV)/bin/python -m pip install -q -e ".[synth]"
+	touch $@
+
+synth: $(SYNTH_VENV)/.installed
 
 prepare: install
 	$(BIN)/fedfraud prepare
@@ -65,7 +78,7 @@ bench-score: install
 	test -e runs/latest/model.ts || $(BIN)/fedfraud simulate
 	$(BIN)/python bench/score.py
 
-test: install
+test: install synth
 	$(BIN)/python -m pytest -q tests
 
 # Builds and runs docker-compose.yml for real (needs root: installs and starts Docker).

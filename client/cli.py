@@ -10,6 +10,9 @@
                             left out); with --log-skewed two yes/no answers per numeric
                             column (none below 0; skewed); no row, no number, no label
                             count
+    fedfraud-bank synthesize a synthetic copy of its file (SDV, per class; rare text
+                            values and ids left out), to try a federation before any
+                            real row moves
     fedfraud-bank score     score its own transactions with a run's exported model
     fedfraud-bank serve     the scoring service: POST /score, GET /health, GET /model
     fedfraud-bank executor  the task executor alone (``run`` starts it)
@@ -25,7 +28,7 @@ import argparse
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from client.policy import DEFAULT_POLICY, POLICY_FILE, Policy, PolicyError, fab_digest
 from common.schema import BankDataError
@@ -116,24 +119,34 @@ def executor(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarize(args: argparse.Namespace) -> int:
-    import json
-
+def bank_table(args: argparse.Namespace) -> tuple[Any, tuple[str, ...], tuple[str, ...]]:
+    """The bank's labelled file for ``summarize`` and ``synthesize``, checked as the
+    federation will read it: (table, its id columns, the columns no feature comes from:
+    ids, time, dropped)."""
     from common.config import column_names
     from common.data import check_numbers_read_as_text, read_pooled_csv
-    from common.schema import SUPPRESS_BELOW, check_special_columns
-    from common.schema import summarize as summary_of
+    from common.schema import check_special_columns
 
     where = f"{args.name}: {args.transactions}"
     frame = read_pooled_csv(args.transactions, args.label_column, args.name)
-    ids = column_names(args.id_columns)
+    ids = tuple(column_names(args.id_columns))
     # A column the federation drops may already be gone from the bank's file.
     dropped = tuple(c for c in column_names(args.drop_columns) if c in frame.columns)
-    check_special_columns(list(frame.columns), args.label_column, ids, args.time_column,
-                          dropped, where)
+    check_special_columns(list(frame.columns), args.label_column, list(ids),
+                          args.time_column, dropped, where)
     ignore = (*ids, *((args.time_column,) if args.time_column else ()), *dropped)
     check_numbers_read_as_text(frame, {args.label_column, *ignore}, args.max_categories,
                                where)
+    return frame, ids, ignore
+
+
+def summarize(args: argparse.Namespace) -> int:
+    import json
+
+    from common.schema import SUPPRESS_BELOW
+    from common.schema import summarize as summary_of
+
+    frame, _, ignore = bank_table(args)
     summary = summary_of(frame, args.label_column, ignore, args.name,
                          log_skewed=args.log_skewed)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
@@ -141,6 +154,24 @@ def summarize(args: argparse.Namespace) -> int:
     print(f"fedfraud-bank: {args.name}: summary of {len(summary['stats'])} columns and "
           f"{values} text values (values in fewer than {SUPPRESS_BELOW} rows left out) "
           f"-> {args.out}; read it, then send it to the operator")
+    return 0
+
+
+def synthesize(args: argparse.Namespace) -> int:
+    import time
+
+    from client.synthesize import synthetic_copy
+
+    started = time.monotonic()
+    frame, ids, ignore = bank_table(args)
+    # The time column is modelled like any number; dropped columns are left out.
+    dropped = tuple(c for c in ignore if c not in (*ids, args.time_column))
+    copy = synthetic_copy(frame, args.label_column, ids, dropped,
+                          args.rows or len(frame), f"{args.name}: {args.transactions}")
+    copy.to_csv(args.out, index=False)
+    print(f"fedfraud-bank: {args.name}: synthetic copy of {len(frame)} rows: {len(copy)} "
+          f"rows, {int(copy[args.label_column].sum())} fraud, {time.monotonic() - started:.0f} s "
+          f"-> {args.out}; read README (\"A synthetic copy\") before it leaves the bank")
     return 0
 
 
@@ -193,20 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
                               help="the folder of the SuperNode's and executor's doorbells")
     summary_cmd = commands.add_parser(
         "summarize", help="the bank's summary for agreeing the federation's schema")
-    summary_cmd.add_argument("--transactions", type=Path, required=True,
-                             help="the bank's labelled transactions (CSV)")
-    summary_cmd.add_argument("--name", required=True, help="the bank, as the operator "
-                             "knows it (named in the summary and in errors)")
-    summary_cmd.add_argument("--out", type=Path, required=True)
-    summary_cmd.add_argument("--label-column", default="Class")
-    for setting in ("id-columns", "time-column", "drop-columns"):
-        summary_cmd.add_argument(f"--{setting}", default="",
-                                 help="as agreed in the federation's run config")
-    summary_cmd.add_argument("--max-categories", type=int, default=50)
     summary_cmd.add_argument("--log-skewed", action="store_true",
                              help="only if the run config has log-skewed = true: also "
                                   "say per numeric column whether no value is below 0 "
                                   "and whether they are skewed (two yes/no answers)")
+    synth_cmd = commands.add_parser(
+        "synthesize", help="a synthetic copy of the bank's file (SDV; make synth)")
+    synth_cmd.add_argument("--rows", type=int, default=0,
+                           help="rows in the copy (default: as many as the file)")
+    for command in (summary_cmd, synth_cmd):
+        command.add_argument("--transactions", type=Path, required=True,
+                             help="the bank's labelled transactions (CSV)")
+        command.add_argument("--name", required=True, help="the bank, as the operator "
+                             "knows it (named in the output and in errors)")
+        command.add_argument("--out", type=Path, required=True)
+        command.add_argument("--label-column", default="Class")
+        for setting in ("id-columns", "time-column", "drop-columns"):
+            command.add_argument(f"--{setting}", default="",
+                                 help="as agreed in the federation's run config")
+        command.add_argument("--max-categories", type=int, default=50)
     score_cmd = commands.add_parser("score", help="score transactions (CSV/Parquet)")
     score_cmd.add_argument("--run", type=Path, default=Path("runs/latest"),
                            help="run folder with model.ts and model_card.json")
@@ -225,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"init": init, "policy": policy, "approve": approve, "run": run, "executor": executor,
-            "summarize": summarize, "score": score}
+            "summarize": summarize, "synthesize": synthesize, "score": score}
 
 
 def main(argv: list[str] | None = None) -> int:
