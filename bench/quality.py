@@ -39,8 +39,8 @@ COLUMNS = ("auc", "ap", "recall_at_1pct_fpr", "f1")
 # The tutorial (../shared/tutorial-baseline.md): FedAvg weighted by samples, one local
 # epoch (no floor of steps), batch 512, Adam 5e-4.
 TUTORIAL = ["bank-weighting='samples'", "local-epochs=1", "min-local-steps=0",
-            "batch-size=512", "learning-rate=0.0005", "baselines=false",
-            "personalize-epochs=0"]
+            "batch-size=512", "local-optimizer='adam'", "learning-rate=0.0005",
+            "baselines=false", "personalize-epochs=0"]
 MIN_VAL_FRAUDS = 20  # a bank's validation AP is compared only with this many frauds
 CENTRAL_MARGIN = 0.01
 

@@ -214,7 +214,7 @@ class Bank:
                   else config.seed + 1000 * server_round + self.id),
             proximal_mu=proximal_mu,
             privacy=privacy,
-            local_optimizer=config.local_optimizer,
+            local_optimizer=config.optimizer,
         )
         metrics.update({
             keys.NUM_EXAMPLES: rows, keys.VOTE: 1, keys.BANK_ID: self.id,

@@ -168,6 +168,12 @@ class Config:
             return self.dp_batch_size, self.dp_learning_rate
         return self.batch_size, self.learning_rate
 
+    @property
+    def optimizer(self) -> str:
+        """The banks' optimizer in a round: local-optimizer, but Adam under DP (its
+        dp-batch-size and dp-learning-rate were measured with Adam)."""
+        return "adam" if self.differential_privacy else self.local_optimizer
+
     def local_epochs_for(self, rows: int) -> int:
         """The epochs a bank with ``rows`` training rows trains per round: local-epochs,
         or more for a small bank, so that it takes at least min-local-steps optimizer

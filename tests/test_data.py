@@ -131,6 +131,13 @@ def test_local_optimizer_picks_the_banks_optimizer(monkeypatch: pytest.MonkeyPat
         app_config(local_optimizer="rmsprop")
 
 
+def test_under_dp_a_bank_trains_with_adam_whatever_local_optimizer_says() -> None:
+    # DP-SGD's batch size and learning rate were measured with Adam (pyproject.toml).
+    assert app_config(local_optimizer="sgd").optimizer == "sgd"
+    assert app_config(local_optimizer="sgd", dp_epsilon=3.0).optimizer == "adam"
+    assert app_config(local_optimizer="adam").optimizer == "adam"
+
+
 def test_hold_out_is_stratified() -> None:
     x = np.zeros((len(LABELS), 1), np.float32)
     _, y_keep, _, y_out = hold_out(x, LABELS, 0.2, seed=1)
