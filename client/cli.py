@@ -166,8 +166,9 @@ def synthesize(args: argparse.Namespace) -> int:
     frame, ids, ignore = bank_table(args)
     # The time column is modelled like any number; dropped columns are left out.
     dropped = tuple(c for c in ignore if c not in (*ids, args.time_column))
-    copy = synthetic_copy(frame, args.label_column, ids, dropped,
-                          args.rows or len(frame), f"{args.name}: {args.transactions}")
+    copy = synthetic_copy(frame, args.label_column, ids, args.time_column, dropped,
+                          len(frame) if args.rows is None else args.rows,
+                          f"{args.name}: {args.transactions}")
     copy.to_csv(args.out, index=False)
     print(f"fedfraud-bank: {args.name}: synthetic copy of {len(frame)} rows: {len(copy)} "
           f"rows, {int(copy[args.label_column].sum())} fraud, {time.monotonic() - started:.0f} s "
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "and whether they are skewed (two yes/no answers)")
     synth_cmd = commands.add_parser(
         "synthesize", help="a synthetic copy of the bank's file (SDV; make synth)")
-    synth_cmd.add_argument("--rows", type=int, default=0,
+    synth_cmd.add_argument("--rows", type=int, default=None,
                            help="rows in the copy (default: as many as the file)")
     for command in (summary_cmd, synth_cmd):
         command.add_argument("--transactions", type=Path, required=True,

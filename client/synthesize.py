@@ -31,12 +31,18 @@ NO_SDV = ("synthesize needs SDV, which needs pandas < 3: `make synth` installs b
           ".venv-synth; then run .venv-synth/bin/fedfraud-bank synthesize")
 
 
-def synthetic_copy(frame: Any, label_column: str, ids: tuple[str, ...],
+def synthetic_copy(frame: Any, label_column: str, ids: tuple[str, ...], time_column: str,
                    ignored: tuple[str, ...], rows: int, where: str) -> Any:
     """``rows`` synthetic transactions with ``frame``'s columns (but ``ignored``) in
     its order: ids numbered afresh, rare text values as ``RARE``, each class drawn
-    from its own copula in its share of ``frame``'s rows."""
+    from its own copula in its share of ``frame``'s rows. A time column of dates is
+    modelled as seconds and written back as ISO 8601 dates."""
     import pandas as pd
+
+    from common.data import time_order
+
+    if rows < 1:
+        raise BankDataError(f"{where}: --rows must be at least 1, not {rows}")
 
     try:
         from sdv.metadata import Metadata
@@ -46,6 +52,10 @@ def synthetic_copy(frame: Any, label_column: str, ids: tuple[str, ...],
 
     modelled = [c for c in frame.columns if c not in (*ids, *ignored)]
     data = frame[modelled].copy()
+    dates = bool(time_column) and not pd.api.types.is_numeric_dtype(data[time_column])
+    if time_column:
+        data[time_column] = time_order(data[time_column],
+                                       lambda why: BankDataError(f"{where}: {why}"))
     kinds = {}
     for column in modelled:
         numeric = column != label_column and pd.api.types.is_numeric_dtype(data[column])
@@ -74,4 +84,7 @@ def synthetic_copy(frame: Any, label_column: str, ids: tuple[str, ...],
     copy = copy.reset_index(drop=True)
     for column in ids:
         copy[column] = range(1, len(copy) + 1)
+    if dates:
+        copy[time_column] = pd.to_datetime(copy[time_column], unit="s", utc=True).map(
+            lambda stamp: stamp.isoformat())
     return copy[[c for c in frame.columns if c in copy.columns]]

@@ -98,6 +98,27 @@ def test_a_class_too_small_to_copy_is_one_line_naming_the_bank_file_and_column(
     assert not (tmp_path / "copy.csv").exists()
 
 
+@needs_synth
+def test_a_time_column_of_dates_comes_back_as_dates_the_bank_s_data_path_reads(
+        tmp_path: Path) -> None:
+    cards, _ = make_cards(3, rows=2000)
+    start = pd.Timestamp("2026-01-01", tz="UTC")
+    cards["TransactionDT"] = (start + pd.to_timedelta(cards["TransactionDT"], unit="s")
+                              ).map(lambda stamp: stamp.isoformat())
+    cards.to_csv(tmp_path / "bank3.csv", index=False)
+
+    done = synthesize(tmp_path / "bank3.csv", tmp_path / "copy.csv", "--rows", "500", *CARDS)
+
+    assert done.returncode == 0, done.stderr
+    copy = pd.read_csv(tmp_path / "copy.csv")
+    assert len(copy) == 500
+    stamps = pd.to_datetime(copy["TransactionDT"], utc=True, format="ISO8601")
+    assert stamps.min() >= start and stamps.max() <= start + pd.Timedelta(days=200)
+    assert bank_main(["summarize", "--transactions", str(tmp_path / "copy.csv"),
+                      "--name", "bank 3", "--out", str(tmp_path / "summary.json"),
+                      *CARDS]) == 0
+
+
 @pytest.mark.skipif(importlib.util.find_spec("sdv") is not None,
                     reason="SDV is installed here")
 def test_without_sdv_synthesize_says_in_one_line_how_to_get_it(
