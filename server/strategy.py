@@ -298,7 +298,10 @@ class BankGuard:
                                          "message": message, "why": why})
                     continue
             kept.append(reply)
-        return kept
+        # In bank order, not arrival order (which differs between deployments): a float
+        # sum depends on its order, so the same replies would give different last bits.
+        return sorted(kept, key=lambda reply: (0, bank_of(reply.content))
+                      if reply.has_content() else (1, reply.metadata.src_node_id))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

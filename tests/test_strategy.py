@@ -70,6 +70,20 @@ def test_non_finite_updates_are_refused_and_recorded(bad: float) -> None:
     assert [entry["bank"] for entry in strategy.ledger] == [0, 1, 2, 3, 7]
 
 
+def test_the_banks_models_are_combined_in_bank_order_whatever_order_they_arrive_in() -> None:
+    # Weights whose float32 sum depends on the order it is taken in.
+    weights = [np.array([9e5, 1.0], np.float32), np.array([0.013, 3.0], np.float32),
+               np.array([-9e5, 7.0], np.float32), np.array([0.011, 0.1], np.float32)]
+    orders = [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]]
+
+    results = [aggregate("fedavg", [reply(bank, weights[bank]) for bank in order])
+               for order in orders]
+
+    for _, combined, metrics in results[1:]:
+        assert combined.tobytes() == results[0][1].tobytes()
+        assert list(metrics[keys.BANK_IDS]) == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize(("weighting", "key", "claim"), [
     ("equal", keys.VOTE, 1e9), ("equal", keys.VOTE, -3), ("equal", keys.VOTE, 0),
     ("samples", keys.NUM_EXAMPLES, 10**9), ("samples", keys.NUM_EXAMPLES, -100),
