@@ -7,9 +7,9 @@
     fedfraud-bank run       its SuperNode and task executor (approved apps only)
     fedfraud-bank summarize what the bank sends to agree the federation's schema: per
                             column its kind, gaps and text-value counts (rare values
-                            left out); with --log-skewed two yes/no answers per numeric
-                            column (none below 0; skewed); no row, no number, no label
-                            count
+                            left out), two yes/no answers per numeric column (none
+                            below 0; skewed: --no-log-skewed leaves them out); no row,
+                            no number, no label count
     fedfraud-bank synthesize a synthetic copy of its file (SDV, per class; rare text
                             values and ids left out), to try a federation before any
                             real row moves
@@ -225,10 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
                               help="the folder of the SuperNode's and executor's doorbells")
     summary_cmd = commands.add_parser(
         "summarize", help="the bank's summary for agreeing the federation's schema")
-    summary_cmd.add_argument("--log-skewed", action="store_true",
-                             help="only if the run config has log-skewed = true: also "
-                                  "say per numeric column whether no value is below 0 "
-                                  "and whether they are skewed (two yes/no answers)")
+    summary_cmd.add_argument("--log-skewed", action=argparse.BooleanOptionalAction,
+                             default=True,
+                             help="say per numeric column whether no value is below 0 "
+                                  "and whether they are skewed (two yes/no answers; the "
+                                  "federation reads such columns as log(1 + x)); "
+                                  "--no-log-skewed: leave them out, and no column is")
     synth_cmd = commands.add_parser(
         "synthesize", help="a synthetic copy of the bank's file (SDV; make synth)")
     synth_cmd.add_argument("--rows", type=int, default=None,

@@ -2,21 +2,21 @@
 
 Banks never fit their own encoders: the federation agrees on one schema (written by
 ``prepare`` into every party's folder as ``schema.json``) so that feature i means the
-same thing at every bank. Numeric columns are taken as they are, missing values kept
-as NaN for the bank's scaler to fill; a numeric column with gaps (more than 1 % of the
+same thing at every bank. Numeric columns are taken as they are, missing values kept as
+NaN for the bank's scaler to fill; a numeric column with gaps (more than 1 % of the
 agreed rows) also gets a 0/1 "<column> missing" feature, since a gap is often a signal
-itself (no device fingerprint, no address check). With ``log-skewed`` (off by
-default, README), a numeric column that has no value below 0 at any bank and is
-right-skewed (sample skewness above ``SKEWED``) at some bank (amounts, ages, distances,
-days since the last transaction) is read as log(1 + x): a
-standard scaler leaves a lognormal amount a few huge values and a crowd near 0, which
-the MLP reads badly (cards, seed 1, centralized for 10 epochs: test AP 0.88 raw,
-0.94 with log1p, 0.97 for gradient-boosted trees; `bench/trees.py`). A text column with at most
-``max-categories`` values becomes one 0/1 feature per agreed category (a missing or
-unknown value sets none of them); one with more becomes one feature per each of its
-``max-categories`` most frequent values, plus "<other>" (any other value, including
-one no bank had when the schema was agreed) and "<missing>": a 1,200-value column is 52
-features, never an error.
+itself (no device fingerprint, no address check). With ``log-skewed`` (the default;
+README), a numeric column that has no value below 0 at any bank and is right-skewed
+(sample skewness above ``SKEWED``) at some bank (amounts, ages, distances, days since
+the last transaction) is read as log(1 + x) (a later value below 0, a refund, as
+-log1p(|x|)): a standard scaler leaves a lognormal amount a few huge values and a crowd
+near 0, which the MLP reads badly (cards, seed 1, centralized for 10 epochs: test AP
+0.88 raw, 0.94 with log1p, 0.97 for gradient-boosted trees; `bench/trees.py`). A text
+column with at most ``max-categories`` values becomes one 0/1 feature per agreed
+category (a missing or unknown value sets none of them); one with more becomes one
+feature per each of its ``max-categories`` most frequent values, plus "<other>" (any
+other value, including one no bank had when the schema was agreed) and "<missing>": a
+1,200-value column is 52 features, never an error.
 
 The schema is agreed once, for every bank, from counts. ``prepare`` takes them from the
 pooled table (the demo, where one party holds all rows). Without pooling, each bank
@@ -216,8 +216,8 @@ class Schema:
         float32 (inf, -inf, or 1e39, which overflows) is refused here, the one place
         every reader passes: otherwise training fails far from the cause and a score
         saturates without a word. An empty cell stays NaN: a missing value, which the
-        bank's scaler fills. A log1p column's value below 0 is refused too: the
-        federation agreed on it from banks that had none.
+        bank's scaler fills. A log1p column's value below 0 (which no bank had when
+        the schema was agreed: a later refund) is read as -log(1 + |value|).
         """
         import numpy as np  # here: a bank's long-lived supervisor imports this module
         import pandas as pd
@@ -247,14 +247,8 @@ class Schema:
                     row = int(infinite.argmax())
                     raise fail(f"column {column.name!r} holds a value that is not a finite "
                                f"float32 number (row {row + 1}: {str(values.iloc[row])!r})")
-                if column.log:
-                    negative = floats < 0  # NaN (a gap) compares False
-                    if negative.any():
-                        row = int(negative.argmax())
-                        raise fail(f"column {column.name!r} is read as log(1 + value) by "
-                                   "the federation's schema, which no bank had a value "
-                                   f"below 0 in (row {row + 1}: {str(values.iloc[row])!r})")
-                    floats = np.log1p(floats)
+                if column.log:  # log1p mirrored below 0: a later refund still scores
+                    floats = np.sign(floats) * np.log1p(np.abs(floats))
                 parts.append(floats[:, None])
                 if column.missing:
                     parts.append(gaps.astype(np.float32)[:, None])

@@ -338,7 +338,7 @@ def agree_schema(config: Config, folder: Path) -> Schema:
     run config's label, id, time and dropped columns, ``max-categories`` and
     ``log-skewed``."""
     from common.config import column_names
-    from common.schema import BankDataError, Schema
+    from common.schema import NUMERIC, BankDataError, Schema
 
     summaries = []
     for path in sorted(folder.glob("*.json")):
@@ -354,6 +354,12 @@ def agree_schema(config: Config, folder: Path) -> Schema:
         summaries.append(summary)
     if not summaries:
         raise BankDataError(f"{folder}: no summaries (*.json from fedfraud-bank summarize)")
+    silent = [str(s["owner"]) for s in summaries if any(
+        isinstance(st, dict) and st.get("kind") == NUMERIC and "skewed" not in st
+        for st in s["stats"].values())]
+    if config.log_skewed and silent:
+        print(f"fedfraud: {', '.join(silent)} sent no log-skewed answers (summarize "
+              "--no-log-skewed): every numeric column is read as it is", file=sys.stderr)
     return Schema.merge(summaries, config.label_column, column_names(config.id_columns),
                         config.time_column, column_names(config.drop_columns),
                         config.max_categories, config.log_skewed)

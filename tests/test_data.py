@@ -615,8 +615,24 @@ def test_the_summaries_exchange_by_command_gives_the_agreed_schema(
                           "--out", str(out)]) == 0
 
     summaries = [json.loads(p.read_text()) for p in sorted(inbox.glob("*.json"))]
-    assert Schema.load(out) == Schema.merge(summaries, "fraud", ("tx_id",), "ts",
-                                            ("note",), max_categories=50)
+    agreed = Schema.load(out)
+    assert agreed == Schema.merge(summaries, "fraud", ("tx_id",), "ts", ("note",),
+                                  max_categories=50, log_skewed=True)  # the defaults
+    assert [c.name for c in agreed.columns if c.log] == ["amount"]
+    # A bank that leaves out its log-skewed answers: every column as it is, and the
+    # operator is told which bank.
+    capsys.readouterr()
+    assert bank_main(["summarize", "--transactions", str(tmp_path / "bank0.csv"),
+                      "--name", "bank 5", "--out", str(inbox / "bank5.json"),
+                      "--no-log-skewed", "--label-column", "fraud", "--id-columns",
+                      "tx_id", "--time-column", "ts", "--drop-columns", "note"]) == 0
+    assert "skewed" not in json.loads((inbox / "bank5.json").read_text())["stats"]["amount"]
+    capsys.readouterr()
+    assert operator_main([*settings, "schema", "--summaries", str(inbox),
+                          "--out", str(out)]) == 0
+    assert not any(c.log for c in Schema.load(out).columns)
+    assert "bank 5 sent no log-skewed answers" in capsys.readouterr().err
+    (inbox / "bank5.json").unlink()
     # A bank whose columns differ: one line naming it, exit 1, no schema written.
     parties[0].drop(columns=["amount"]).to_csv(tmp_path / "odd.csv", index=False)
     bank_main(["summarize", "--transactions", str(tmp_path / "odd.csv"), "--name",
@@ -712,11 +728,9 @@ def test_a_non_negative_column_skewed_at_some_bank_is_read_as_log1p(tmp_path) ->
     encoded = schema.encode(frame, fail)
     assert np.allclose(encoded[:2, 0], [0.0, 1.0]) and np.isnan(encoded[2, 0])
     assert list(encoded[:, 1]) == [-3.0, 1.0, 2.0]  # as it is
-    with pytest.raises(BankDataError) as refused:
-        schema.encode(frame.assign(amount=[1.0, -0.5, 2.0]), fail)
-    assert str(refused.value).startswith("bank 0 (own.csv): column 'amount' is read as "
-                                         "log(1 + value)")
-    assert "(row 2: '-0.5')" in str(refused.value)
+    # A later value below 0 (a refund) is scored, mirrored: -log(1 + |value|).
+    refund = schema.encode(frame.assign(amount=[1.0, -(np.e - 1), 2.0]), fail)
+    assert np.allclose(refund[:, 0], [np.log(2), -1.0, np.log(3)])
     schema.save(tmp_path / SCHEMA_FILE)
     assert Schema.load(tmp_path / SCHEMA_FILE) == schema
 
