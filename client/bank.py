@@ -30,7 +30,7 @@ from common.model import (
 )
 from common.schema import BankDataError
 from common.privacy import epsilon_spent, privacy_for
-from common.task import score, train
+from common.task import fraud_log_odds, score, train
 from client.attack import POISONS, poison
 
 Arrays = dict[str, np.ndarray]  # as the model travels: {keys.WEIGHTS: one vector}
@@ -215,6 +215,8 @@ class Bank:
             proximal_mu=proximal_mu,
             privacy=privacy,
             local_optimizer=config.optimizer,
+            logit_offset=(fraud_log_odds(self.y_train.sum(), rows)
+                          if config.logit_adjusted else 0.0),
         )
         metrics.update({
             keys.NUM_EXAMPLES: rows, keys.VOTE: 1, keys.BANK_ID: self.id,

@@ -55,6 +55,7 @@ class Config:
     local_epochs: int
     min_local_steps: int
     personalize_epochs: int
+    logit_adjustment: bool
     batch_size: int
     learning_rate: float
     local_optimizer: str
@@ -160,6 +161,15 @@ class Config:
         """Banks fine-tune the final model (not with DP: fine-tuning without noise would
         make what the bank reports about it escape its epsilon)."""
         return self.personalize_epochs > 0 and not self.differential_privacy
+
+    @property
+    def logit_adjusted(self) -> bool:
+        """Banks train with their fraud log-odds added to the logits and the server
+        shifts the final model by the banks' pooled log-odds. Not with DP (the offset
+        comes from the bank's labels outside DP-SGD's noise) nor SecAgg+ (the server
+        sees no bank's counts to shift by)."""
+        return (self.logit_adjustment and not self.differential_privacy
+                and not self.secure_aggregation)
 
     @property
     def steps(self) -> tuple[int, float]:

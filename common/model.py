@@ -123,6 +123,15 @@ def packed(state: Mapping[str, np.ndarray | torch.Tensor]) -> np.ndarray:
     return np.concatenate([np.asarray(weights).ravel() for weights in state.values()])
 
 
+def shifted_output(weights: np.ndarray, shift: float) -> np.ndarray:
+    """``packed`` FraudNet weights whose logits are all ``shift`` higher: the vector
+    ends with the output layer's one bias (FraudNet's last module is its Linear(., 1);
+    a test checks it)."""
+    shifted = np.array(weights, copy=True)
+    shifted[-1] += shift
+    return shifted
+
+
 def unpacked(weights: np.ndarray, model: nn.Module) -> dict[str, torch.Tensor]:
     """``packed``'s vector as ``model``'s state_dict, in the model's own dtypes (an
     average may come back as float64); ValueError unless it holds exactly that model's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -33,9 +34,14 @@ def train(
     model: FraudNet, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int,
     learning_rate: float, pos_weight: float, seed: int, proximal_mu: float = 0.0,
     privacy: Privacy | None = None, local_optimizer: str = "adam",
+    logit_offset: float = 0.0,
 ) -> float:
     """Train in place with a fresh Adam (``local_optimizer`` "adam") or SGD with
     momentum ("sgd"); return the mean loss of the last epoch.
+
+    ``logit_offset`` is added to every logit in the loss (logit adjustment: a bank's
+    ``fraud_log_odds``, so that the model learns how transactions rank apart from how
+    common fraud is at that bank; README, "Banks with most of the fraud").
 
     ``proximal_mu`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the weights
     the model came with, i.e. the global model). ``privacy`` trains with DP-SGD.
@@ -66,7 +72,7 @@ def train(
                 if not len(y_batch):  # Poisson sampling can draw an empty batch
                     continue
                 optimizer.zero_grad()
-                loss = criterion(module(x_batch), y_batch)
+                loss = criterion(module(x_batch) + logit_offset, y_batch)
                 if proximal_mu:
                     loss = loss + proximal_mu / 2 * sum(
                         (p - p0).pow(2).sum() for p, p0 in zip(model.parameters(), start))
@@ -92,6 +98,12 @@ UNTRACED = (torch.optim.Adam, torch.optim.SGD)  # the optimizers ``step`` unwrap
 
 
 @cache
+def fraud_log_odds(frauds: float, rows: float) -> float:
+    """log(frauds / legitimate rows), each count plus 0.5: finite with no fraud, or
+    nothing but fraud."""
+    return math.log((frauds + 0.5) / (rows - frauds + 0.5))
+
+
 def untraced_torch_optim() -> None:
     """Mark ``Optimizer``'s and Adam's ``_disable_dynamo`` functions as their own
     untraced versions (once: the marks stay)."""

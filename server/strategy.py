@@ -29,12 +29,12 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.serde import (
@@ -48,7 +48,8 @@ from flwr.serverapp.strategy import (
 from common import keys
 from common.config import Config
 from common.metrics import SCORE_EDGES
-from common.model import MAX_WEIGHT, implausible, weights_of
+from common.model import MAX_WEIGHT, implausible, shifted_output, weights_of
+from common.task import fraud_log_odds
 from server.evaluation import aggregate_bank_metrics
 
 STRATEGY_CLASSES: dict[str, type[FedAvg]] = {
@@ -62,6 +63,9 @@ STRATEGY_CLASSES: dict[str, type[FedAvg]] = {
 COUNTED = (keys.BANK_ID, keys.NUM_EXAMPLES, keys.VOTE, *keys.SIZE_KEYS, *keys.COUNT_KEYS,
            keys.PERSONAL_KEPT)
 MOST = 2**40  # the largest count or histogram bin a reply may state (no overflow when summed)
+# The most the final model's logits are shifted by: fraud log-odds of 6 in a million,
+# below any fraud rate a card portfolio has, and well inside SCORE_EDGES' +-16.
+MAX_PRIOR_SHIFT = 12.0
 # What every bank's reply says (client/bank.py) and the results read: a train reply
 # its sizes, an evaluate reply (the final model's) its validation histograms; both
 # the FedAvg weight (``weighted_by_key``), which Flower requires of every reply.
@@ -226,9 +230,11 @@ class BankGuard:
     """Mixed in before one of Flower's strategies (see the module docstring)."""
 
     def __init__(self, num_rounds: int, registered: dict[int, int] | None = None,
-                 **kwargs: Any) -> None:
+                 logit_adjusted: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
+        self.logit_adjusted = logit_adjusted
+        self.prior_shift: float | None = None  # what the final model was shifted by
         self.node_banks: dict[int, int] = dict(registered or {})  # node id -> bank id
         self.final_bank_metrics: dict[int, MetricRecord] = {}
         self.sent: dict[str, tuple[int, ...]] | None = None  # the round's model shapes
@@ -308,7 +314,26 @@ class BankGuard:
         kept = self.refuse("train", server_round, replies)
         arrays, _ = super().aggregate_train(server_round,
                                             weight_only(kept, self.weighted_by_key))
+        if arrays is not None and self.logit_adjusted and server_round == self.num_rounds:
+            arrays = self.calibrated(arrays, kept)
         return arrays, self.bank_metrics(kept)
+
+    def calibrated(self, arrays: ArrayRecord, kept: list[Message]) -> ArrayRecord:
+        """The final model shifted by the banks' pooled fraud log-odds. Under logit
+        adjustment the banks trained its logit without their own fraud rates; shifted,
+        its probabilities are the federation's again. The counts are what the banks
+        state: a false count moves the probabilities (by at most ``MAX_PRIOR_SHIFT``),
+        never how transactions rank."""
+        counts = [reply.content[keys.METRICS] for reply in kept if reply.has_content()]
+        frauds = sum(float(metrics[keys.N_FRAUD]) for metrics in counts)
+        rows = sum(float(metrics[keys.N_TRAIN]) + float(metrics[keys.N_VAL])
+                   for metrics in counts)
+        self.prior_shift = min(max(fraud_log_odds(frauds, rows), -MAX_PRIOR_SHIFT),
+                               MAX_PRIOR_SHIFT)
+        log(INFO, "fedfraud: the final model's logits shifted by %.3f, the banks' pooled "
+            "fraud log-odds (logit adjustment)", self.prior_shift)
+        return ArrayRecord({keys.WEIGHTS: Array(shifted_output(
+            arrays[keys.WEIGHTS].numpy(), self.prior_shift))})
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
@@ -363,6 +388,7 @@ def make_strategy(config: Config) -> FedAvg:
     return guarded(
         num_rounds=config.num_server_rounds,
         registered=registered_banks(config.bank_nodes),
+        logit_adjusted=config.logit_adjusted,
         weighted_by_key=keys.VOTE if config.bank_weighting == "equal" else keys.NUM_EXAMPLES,
         min_train_nodes=config.min_banks,
         min_evaluate_nodes=config.min_banks,

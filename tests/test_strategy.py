@@ -17,9 +17,9 @@ from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, Record
 from client.attack import poison
 from common import keys
 from common.metrics import SCORE_EDGES, PooledCurve, membership_histograms
-from common.model import FraudNet, ModelSpec
+from common.model import FraudNet, ModelSpec, packed, shifted_output, unpacked
 from common.privacy import epsilon_spent, privacy_for
-from common.task import train
+from common.task import fraud_log_odds, score, train
 from server.strategy import fingerprint, make_strategy
 from tests.conftest import app_config
 
@@ -157,6 +157,70 @@ def fit(mu: float, privacy=None) -> tuple[float, FraudNet]:
 
 def test_fedprox_term_keeps_the_bank_near_the_global_model() -> None:
     assert fit(mu=10.0)[0] < 0.5 * fit(mu=0.0)[0]
+
+
+def test_with_its_fraud_log_odds_as_offset_a_bank_learns_ranking_not_its_fraud_rate(
+        ) -> None:
+    """Features without signal and 2 % fraud: trained plainly the model's logit settles
+    near the bank's log-odds (-3.9); with them as the offset, near 0 (nothing to rank)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3_000, 4)).astype(np.float32)
+    y = (rng.random(3_000) < 0.02).astype(np.int64)
+    offset = fraud_log_odds(y.sum(), len(y))
+    logits = {}
+    for name, shift in (("plain", 0.0), ("adjusted", offset)):
+        torch.manual_seed(0)
+        model = FraudNet(ModelSpec(4))
+        train(model, x, y, epochs=5, batch_size=128, learning_rate=0.2, pos_weight=1.0,
+              seed=0, local_optimizer="sgd", logit_offset=shift)
+        logits[name] = float(score(model, x).mean())
+
+    assert offset < -3.5 and abs(logits["plain"] - offset) < 1.0
+    assert abs(logits["adjusted"]) < 1.0
+
+
+def test_a_shifted_output_moves_every_logit_by_the_shift() -> None:
+    torch.manual_seed(0)
+    model = FraudNet(ModelSpec(5, activation="tanh"))
+    x = np.random.default_rng(1).normal(size=(8, 5)).astype(np.float32)
+    before = score(model, x)
+    shifted = FraudNet(ModelSpec(5, activation="tanh"))
+    shifted.load_state_dict(unpacked(shifted_output(packed(model.state_dict()), -2.5),
+                                     shifted))
+
+    np.testing.assert_allclose(score(shifted, x), before - 2.5, atol=1e-5)
+
+
+def test_under_logit_adjustment_the_final_model_is_shifted_by_the_pooled_log_odds() -> None:
+    """Each reply states 3 frauds in 120 rows: the last round's model (and only it) is
+    shifted by log(12.5 / 468.5); a bank stating absurd counts moves it at most 12."""
+    def replies(**stated: int) -> list[Message]:
+        made = [reply(bank, w) for bank, w in enumerate(HONEST)]
+        for message in made:
+            weights = message.content[keys.ARRAYS]["w"].numpy()
+            message.content[keys.ARRAYS] = ArrayRecord({keys.WEIGHTS: Array(weights)})
+            for key, value in stated.items():
+                message.content[keys.METRICS][key] = value
+        return made
+
+    def combined(server_round: int, **settings: Any) -> np.ndarray:
+        strategy = make_strategy(app_config(min_banks=1, **settings))
+        strategy.sent = {keys.WEIGHTS: (2,)}
+        arrays, _ = strategy.aggregate_train(server_round, replies())
+        return arrays[keys.WEIGHTS].numpy()
+
+    mean = np.mean(HONEST, axis=0)
+    final = combined(10, num_server_rounds=10)
+    np.testing.assert_allclose(final, mean + [0.0, np.log(12.5 / 468.5)], rtol=1e-6)
+    np.testing.assert_allclose(combined(9, num_server_rounds=10), mean, rtol=1e-6)
+    for off in ({"logit_adjustment": False}, {"dp_epsilon": 3.0}):
+        np.testing.assert_allclose(combined(10, num_server_rounds=10, **off), mean,
+                                   rtol=1e-6)
+    strategy = make_strategy(app_config(min_banks=1))
+    strategy.sent = {keys.WEIGHTS: (2,)}
+    absurd = replies(**{keys.N_FRAUD: 0, keys.N_TRAIN: 2**40})
+    strategy.aggregate_train(strategy.num_rounds, absurd)
+    assert strategy.prior_shift == -12.0
 
 
 def test_a_small_bank_trains_and_fine_tunes_at_least_min_local_steps_but_not_under_dp() -> None:
