@@ -269,7 +269,9 @@ def build_metrics(
         "baselines": baselines,
         "strategy": {"name": config.strategy, "attack": config.attack,
                      "attackers": sorted(config.attacker_ids),
-                     "refused_updates": strategy.refused},
+                     "refused_updates": strategy.refused,
+                     # logit adjustment: what the final model's logits were shifted by
+                     "logit_shift": strategy.prior_shift},
         "privacy": privacy_record(config, result, mode),
         "membership_audit": membership_audit(strategy.final_bank_metrics),
         "personalization": personalization(strategy.final_bank_metrics),

@@ -151,6 +151,29 @@ def test_a_bank_personalizes_the_final_model_and_keeps_the_better_one_for_scorin
     assert (kept / "model_card.json").read_bytes() == card
 
 
+def test_under_logit_adjustment_a_bank_trains_without_its_own_fraud_rate(
+        prepared, tmp_path: Path) -> None:
+    """With its fraud log-odds added in the loss, the bank's model no longer learns
+    how rare fraud is at the bank: its logits sit well above a plain model's."""
+    from dataclasses import replace
+
+    from client.bank import Bank
+    from common.task import score
+
+    bank = Bank(5, Path(prepared.data_dir) / bank_file(5), prepared, state_dir=tmp_path)
+    mean_logit = {}
+    for adjusted in (False, True):
+        config = replace(prepared, logit_adjustment=adjusted)
+        sent = {keys.WEIGHTS: global_arrays()[keys.WEIGHTS].numpy()}
+        trained, _ = bank.train(sent, config, server_round=1,
+                                evaluate_incoming=False)
+        model = FraudNet(bank.spec(config))
+        model.load_state_dict(unpacked(trained[keys.WEIGHTS], model))
+        mean_logit[adjusted] = float(np.median(score(model, bank.x_train)))
+
+    assert mean_logit[True] > mean_logit[False] + 1.0, mean_logit
+
+
 def test_a_crafted_final_model_with_nan_weights_is_not_kept(prepared,
                                                             tmp_path: Path) -> None:
     from client.bank import Bank

@@ -210,13 +210,13 @@ def test_under_logit_adjustment_the_final_model_is_shifted_by_the_pooled_log_odd
         return arrays[keys.WEIGHTS].numpy()
 
     mean = np.mean(HONEST, axis=0)
-    final = combined(10, num_server_rounds=10)
+    on = {"num_server_rounds": 10, "logit_adjustment": True}
+    final = combined(10, **on)
     np.testing.assert_allclose(final, mean + [0.0, np.log(12.5 / 468.5)], rtol=1e-6)
-    np.testing.assert_allclose(combined(9, num_server_rounds=10), mean, rtol=1e-6)
+    np.testing.assert_allclose(combined(9, **on), mean, rtol=1e-6)
     for off in ({"logit_adjustment": False}, {"dp_epsilon": 3.0}):
-        np.testing.assert_allclose(combined(10, num_server_rounds=10, **off), mean,
-                                   rtol=1e-6)
-    strategy = make_strategy(app_config(min_banks=1))
+        np.testing.assert_allclose(combined(10, **{**on, **off}), mean, rtol=1e-6)
+    strategy = make_strategy(app_config(min_banks=1, logit_adjustment=True))
     strategy.sent = {keys.WEIGHTS: (2,)}
     absurd = replies(**{keys.N_FRAUD: 0, keys.N_TRAIN: 2**40})
     strategy.aggregate_train(strategy.num_rounds, absurd)
