@@ -97,13 +97,13 @@ def train(
 UNTRACED = (torch.optim.Adam, torch.optim.SGD)  # the optimizers ``step`` unwraps
 
 
-@cache
 def fraud_log_odds(frauds: float, rows: float) -> float:
     """log(frauds / legitimate rows), each count plus 0.5: finite with no fraud, or
     nothing but fraud."""
     return math.log((frauds + 0.5) / (rows - frauds + 0.5))
 
 
+@cache
 def untraced_torch_optim() -> None:
     """Mark ``Optimizer``'s and Adam's ``_disable_dynamo`` functions as their own
     untraced versions (once: the marks stay)."""
