@@ -340,10 +340,13 @@ def agree_schema(config: Config, folder: Path) -> Schema:
     from common.config import column_names
     from common.schema import NUMERIC, BankDataError, Schema
 
-    summaries = []
+    summaries, silent = [], []
     for path in sorted(folder.glob("*.json")):
         try:
             summary = json.loads(path.read_text())
+            if any(isinstance(stats, dict) and stats.get("kind") == NUMERIC
+                   and "skewed" not in stats for stats in summary["stats"].values()):
+                silent.append(str(summary.get("owner", path.name)))
             # One bank's summary alone must merge: a malformed file is named here.
             Schema.merge([summary], config.label_column, (), "", (), config.max_categories)
         except BankDataError:
@@ -354,9 +357,6 @@ def agree_schema(config: Config, folder: Path) -> Schema:
         summaries.append(summary)
     if not summaries:
         raise BankDataError(f"{folder}: no summaries (*.json from fedfraud-bank summarize)")
-    silent = [str(s["owner"]) for s in summaries if any(
-        isinstance(st, dict) and st.get("kind") == NUMERIC and "skewed" not in st
-        for st in s["stats"].values())]
     if config.log_skewed and silent:
         print(f"fedfraud: {', '.join(silent)} sent no log-skewed answers (summarize "
               "--no-log-skewed): every numeric column is read as it is", file=sys.stderr)

@@ -646,6 +646,24 @@ def test_the_summaries_exchange_by_command_gives_the_agreed_schema(
     assert not (tmp_path / "other.json").exists()
 
 
+@pytest.mark.parametrize("content", [
+    "not json", "[1, 2]", '{"owner": "x", "rows": 1, "columns": [], "stats": []}',
+    '{"owner": "x", "rows": 1, "columns": ["a"]}',
+    '{"owner": "x", "rows": 1, "columns": ["a"], "stats": {"a": 3}}'])
+def test_a_file_that_is_not_a_banks_summary_is_one_line_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str) -> None:
+    from server.cli import main as operator_main
+
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "odd.json").write_text(content)
+
+    assert operator_main(["--app-dir", str(APP_DIR), "schema", "--summaries",
+                          str(tmp_path / "inbox"), "--out", str(tmp_path / "s.json")]) == 1
+    error = capsys.readouterr().err
+    assert "odd.json" in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_suppressing_rare_values_changes_only_those(tmp_path: Path) -> None:
     pooled, parties = prepared_parties(tmp_path)
 
