@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SYNTH_VENV ?= .venv-synth
 
-.PHONY: install synth demo ulb prepare deploy test compose-e2e bench-deploy bench-quality bench-privacy bench-robustness bench-score bench-serve clean
+.PHONY: install synth demo ulb prepare deploy test compose-e2e bench-deploy bench-quality bench-references bench-trees bench-privacy bench-robustness bench-score bench-serve clean
 
 # torch first and pinned: 2.13.0 is the CPU wheel; anything looser pulls CUDA builds.
 $(STAMP): pyproject.toml
@@ -59,6 +59,11 @@ bench-quality: install
 	$(BIN)/python bench/quality.py --seeds 1-3 --banks 100
 	test -e data/raw/creditcard.csv || $(BIN)/fedfraud fetch-ulb --out data/raw/creditcard.csv
 	$(BIN)/python bench/quality.py --seeds 7 --data-source data/raw/creditcard.csv --rounds 20
+
+# How far the centralized reference moves with its own starting point alone (100 banks,
+# the seeds where the federation missed "centralized - 0.01").
+bench-references: install
+	$(BIN)/python bench/references.py --seeds 3,9 --banks 100
 
 bench-trees: install
 	$(BIN)/python bench/trees.py --seeds 1-3 --data-source cards

@@ -28,9 +28,12 @@ def simulate(work: Path, name: str, overrides: list[str]) -> dict | None:
 
 
 def seed_range(text: str) -> list[int]:
-    """"1-3" -> [1, 2, 3]; "7" -> [7]."""
-    first, _, last = text.partition("-")
-    return list(range(int(first), int(last or first) + 1))
+    """"1-3" -> [1, 2, 3]; "7" -> [7]; "3,9" -> [3, 9]."""
+    seeds = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds
 
 
 def data_overrides(source: str, banks: int, rounds: int) -> list[str]:
