@@ -33,6 +33,8 @@ def test_ten_bank_two_round_simulation(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "fedfraud round 2/2" in done.stdout  # progress, one line per round
+    # Not the header of Flower's packaging warnings without its lines (server/launch.py).
+    assert "configuration warnings" not in done.stdout
     metrics = json.loads((tmp_path / "runs" / "latest" / "metrics.json").read_text(),
                          parse_constant=pytest.fail)  # strict JSON: no NaN
     assert metrics["mode"] == "simulation"
