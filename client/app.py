@@ -9,7 +9,8 @@ The node config says which bank this is; the bank sets it, never the server:
 The fitted scaler is kept in ``context.state`` between messages.
 
 A reply holds only model weights and counts: no row, no per-row score. With secure
-aggregation on, Flower's ``secaggplus_mod`` masks the weights before they leave.
+aggregation on, Flower's ``secaggplus_mod`` masks the weights before they leave, and
+the bank answers no message outside SecAgg+ (``refuse_outside_secagg``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from common.config import Config
 from common.data import bank_file
 from common.schema import BankDataError
 
-LEGACY_PARAMETERS = "fitins.parameters"
 
 if TYPE_CHECKING:
     from client.bank import Arrays, Bank
@@ -98,8 +98,9 @@ def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) ->
 @errors_stay_home
 def train_handler(msg: Message, context: Context) -> Message:
     config, policy = allowed_config(context)
-    if LEGACY_PARAMETERS in msg.content.array_records:  # SecAgg+ speaks Flower's legacy
-        return legacy_train(msg, context, config, policy)
+    if RECORD_KEY_CONFIGS in msg.content.config_records:  # inside ``secaggplus_mod``
+        return legacy_train(msg, context, config, policy)  # SecAgg+ speaks the legacy
+    refuse_outside_secagg(context, config, "train")
     server_round, evaluate_incoming, proximal_mu = round_settings(
         msg.content.get(keys.CONFIG), context, config)
     arrays = numpy_arrays(msg, context)
@@ -115,6 +116,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 @errors_stay_home
 def evaluate_handler(msg: Message, context: Context) -> Message:
     config, policy = allowed_config(context)
+    refuse_outside_secagg(context, config, "evaluate")  # a SecAgg+ run sends none
     # Evaluate messages carry only the final model (server/strategy.py): audit it too,
     # unless the bank's policy keeps the membership audit to itself; and keep a copy
     # (personalized if that is better) for the bank's own scoring.
@@ -130,6 +132,18 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     return reply(msg, {keys.METRICS: MetricRecord(metrics)})
 
 
+def refuse_outside_secagg(context: Context, config: Config, kind: str) -> None:
+    """In a run whose config says ``secure-aggregation`` (which the bank's policy may
+    require), a bank answers only SecAgg+ train messages: a plain train or an evaluate
+    message would have it send its weights or its validation histograms in the clear,
+    and an honest SecAgg+ run sends neither (server/secure.py)."""
+    if config.secure_aggregation:
+        log(ERROR, "%s: refused a %s message outside SecAgg+ in a secure-aggregation run",
+            bank_name(context), kind)
+        raise BankRefused(f"{bank_name(context)}: this run is secure-aggregated; a "
+                          f"{kind} message outside SecAgg+ is refused")
+
+
 def may_evaluate(context: Context, config: Config, policy: Policy | None) -> bool:
     """A deployed bank answers at most ``num-server-rounds`` + 1 evaluations per run
     (one per round and the final model's), counted in its own ledger: every answer
@@ -138,14 +152,14 @@ def may_evaluate(context: Context, config: Config, policy: Policy | None) -> boo
         return True
     from client.ledger import PrivacyLedger
 
-    ledger = PrivacyLedger.load(Path(str(context.node_config["state"])))
-    answered = ledger.evaluations(context.run_id)
-    if answered > config.num_server_rounds:
-        log(ERROR, "bank %s: refused evaluation %d of run %d (allowance %d)",
-            context.node_config["bank-id"], answered + 1, context.run_id,
-            config.num_server_rounds + 1)
-        return False
-    ledger.record(context.run_id, evaluations=answered + 1)
+    with PrivacyLedger.held(Path(str(context.node_config["state"]))) as ledger:
+        answered = ledger.evaluations(context.run_id)
+        if answered > config.num_server_rounds:
+            log(ERROR, "bank %s: refused evaluation %d of run %d (allowance %d)",
+                context.node_config["bank-id"], answered + 1, context.run_id,
+                config.num_server_rounds + 1)
+            return False
+        ledger.record(context.run_id, evaluations=answered + 1)
     return True
 
 
@@ -175,28 +189,29 @@ def train_within_budget(context: Context, config: Config, policy: Policy | None,
         return bank.train(arrays, config, server_round, evaluate_incoming, proximal_mu)
     from client.ledger import PrivacyLedger
 
-    ledger = PrivacyLedger.load(bank.state_dir)
-    before = ledger.rounds(context.run_id)
-    if before >= config.num_server_rounds:
-        log(ERROR, "bank %d: refused training round %d of run %d: its %d rounds are "
-            "trained", bank.id, before + 1, context.run_id, config.num_server_rounds)
-        raise BankRefused(f"bank {bank.id}: this run's rounds are trained")
-    if not config.differential_privacy:
-        trained = bank.train(arrays, config, server_round, evaluate_incoming, proximal_mu)
-        ledger.record(context.run_id, rounds=before + 1)
-        return trained
-    after = bank.epsilon_after(config, before + 1)
-    run_budget = min(config.dp_epsilon, policy.max_epsilon_per_run)
-    lifetime = ledger.spent_elsewhere(context.run_id) + after
-    if after > run_budget * (1 + 1e-6) or lifetime > policy.max_epsilon_total:
-        log(ERROR, "bank %d: privacy budget spent: epsilon %.3f after round %d of this "
-            "run (budget %.3f), %.3f over its lifetime (max %.3f)", bank.id, after,
-            before + 1, run_budget, lifetime, policy.max_epsilon_total)
-        raise BankRefused(f"bank {bank.id}: privacy budget spent")
-    trained = bank.train(arrays, config, server_round, evaluate_incoming, proximal_mu,
-                         rounds_before=before)
-    ledger.record(context.run_id, rounds=before + 1, epsilon=after, delta=config.dp_delta)
-    return trained
+    with PrivacyLedger.held(bank.state_dir) as ledger:
+        before = ledger.rounds(context.run_id)
+        if before >= config.num_server_rounds:
+            log(ERROR, "bank %d: refused training round %d of run %d: its %d rounds are "
+                "trained", bank.id, before + 1, context.run_id, config.num_server_rounds)
+            raise BankRefused(f"bank {bank.id}: this run's rounds are trained")
+        spent: dict[str, float] = {}
+        if config.differential_privacy:
+            after = bank.epsilon_after(config, before + 1)
+            run_budget = min(config.dp_epsilon, policy.max_epsilon_per_run)
+            lifetime = ledger.spent_elsewhere(context.run_id) + after
+            if after > run_budget * (1 + 1e-6) or lifetime > policy.max_epsilon_total:
+                log(ERROR, "bank %d: privacy budget spent: epsilon %.3f after round %d of "
+                    "this run (budget %.3f), %.3f over its lifetime (max %.3f)", bank.id,
+                    after, before + 1, run_budget, lifetime, policy.max_epsilon_total)
+                raise BankRefused(f"bank {bank.id}: privacy budget spent")
+            spent = {"epsilon": after, "delta": config.dp_delta}
+        # Recorded before it trains (a round that then fails still counts): another
+        # task of this bank, sent at the same time, waits for the lock and then reads
+        # this round as trained (client/ledger.py).
+        ledger.record(context.run_id, rounds=before + 1, **spent)
+    return bank.train(arrays, config, server_round, evaluate_incoming, proximal_mu,
+                      rounds_before=before)
 
 
 def refuse_long_rounds(bank_id: int, config: Config, policy: Policy | None,
@@ -207,7 +222,11 @@ def refuse_long_rounds(bank_id: int, config: Config, policy: Policy | None,
     why = None if policy is None else policy.steps_refusal(config, rows)
     if why:
         log(ERROR, "bank %d: refused the run: %s", bank_id, why)
-        raise BankRefused(f"bank {bank_id} refuses this run: {why}")
+        # Not the number of steps: with batch-size 1 it is the bank's rows times the
+        # epochs, a count a SecAgg+ run keeps from the server.
+        raise BankRefused(f"bank {bank_id} refuses this run: more training steps a "
+                          "round (local-epochs, personalize-epochs, batch-size) than its "
+                          "max-steps-per-round")
 
 
 def legacy_train(msg: Message, context: Context, config: Config,

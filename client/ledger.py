@@ -6,23 +6,43 @@ Epsilon is computed from the rounds of DP-SGD the bank itself trained in a run (
 own count, never the round number the server sends); runs compose by adding their
 epsilons (basic composition: an upper bound). Runs without DP are not in the ledger:
 whether the bank takes part in them at all is its policy's ``require-dp``.
+
+A bank's tasks run side by side (its executor starts one process per message), so a
+server may send many train messages of one round at once. Every check against the
+ledger and the record that follows it happen under one exclusive lock
+(``PrivacyLedger.held``), and a round is recorded before it trains: the second message
+reads the first one's round, not the count before it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 LEDGER_FILE = "privacy_ledger.json"
+LOCK_FILE = "privacy_ledger.lock"  # held while a task checks and records (flock)
 
 
 @dataclass
 class PrivacyLedger:
     path: Path
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    @contextmanager
+    def held(cls, state_dir: Path) -> Iterator[PrivacyLedger]:
+        """The ledger, with no other task of this bank reading or writing it until the
+        block ends (an exclusive ``flock``, released when the block ends or the
+        process dies)."""
+        with (state_dir / LOCK_FILE).open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield cls.load(state_dir)
 
     @classmethod
     def load(cls, state_dir: Path) -> PrivacyLedger:

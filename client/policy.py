@@ -36,6 +36,12 @@ approved-apps = ["installed"]
 # model quality may accept the risk; a bank whose rules demand DP sets it to true.
 require-dp = false
 
+# Refuse runs without secure aggregation (SecAgg+: the server sees only the sum of the
+# banks' weights). In a run with it the bank answers only SecAgg+ train messages: no
+# plain train or evaluate message, whatever the server sends. Off by default: SecAgg+
+# needs the server's own test set at the operator and has no per-bank results.
+require-secure-aggregation = false
+
 # The largest epsilon one run may spend on this bank's rows (at most max-delta).
 max-epsilon-per-run = 8.0
 
@@ -89,6 +95,7 @@ class PolicyError(ValueError):
 class Policy:
     approved_apps: tuple[str, ...]
     require_dp: bool
+    require_secure_aggregation: bool
     max_epsilon_per_run: float
     max_epsilon_total: float
     max_delta: float
@@ -159,6 +166,8 @@ class Policy:
                        f"[{self.min_val_fraction}, {self.max_val_fraction}]")
         if self.require_dp and not config.differential_privacy:
             why.append("the bank requires differential privacy (dp-epsilon > 0)")
+        if self.require_secure_aggregation and not config.secure_aggregation:
+            why.append("the bank requires secure aggregation (secure-aggregation = true)")
         if config.differential_privacy:
             if config.dp_epsilon > self.max_epsilon_per_run:
                 why.append(f"dp-epsilon {config.dp_epsilon} > max-epsilon-per-run "

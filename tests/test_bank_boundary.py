@@ -28,6 +28,7 @@ def test_the_default_policy_is_the_documented_file_and_allows_the_default_run() 
     policy = Policy.from_toml(DEFAULT_POLICY, "default")
     assert policy.approved_apps == (INSTALLED,)
     assert not policy.require_dp and not policy.membership_audit
+    assert not policy.require_secure_aggregation
     assert policy.refusals(app_config()) == []
     # every key (or pair of bounds) is documented by the comment right above it
     lines = DEFAULT_POLICY.splitlines()

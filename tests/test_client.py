@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -360,6 +362,7 @@ def deployed_context(config: Config, bank_dir: Path, shard: Path, bank: int = 5,
     ({"val-fraction": 0.99}, "", "val-fraction 0.99 outside [0.05, 0.3]"),
     ({"num-server-rounds": 500}, "", "num-server-rounds 500 > max-rounds 50"),
     ({"dp-epsilon": 1.0, "dp-delta": 0.01}, "", "dp-delta 0.01 > max-delta"),
+    ({}, "require-secure-aggregation = true", "requires secure aggregation"),
 ])
 def test_a_deployed_bank_refuses_a_run_its_policy_does_not_allow(
     prepared, tmp_path: Path, overrides: dict, policy: str, reason: str,
@@ -379,7 +382,7 @@ def test_a_deployed_bank_refuses_a_run_its_policy_does_not_allow(
 @pytest.mark.parametrize("overrides", [{"batch-size": 1, "local-epochs": 100},
                                        {"batch-size": 1, "personalize-epochs": 100}])
 def test_a_deployed_bank_refuses_rounds_longer_than_its_policy_allows(
-    prepared, tmp_path: Path, make, overrides: dict,
+    prepared, tmp_path: Path, make, overrides: dict, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A server's run config that would hold the bank's CPU for hours (batch-size 1,
     100 epochs: ~100 x the bank's rows in steps, a round or the final fine-tuning) is
@@ -390,11 +393,50 @@ def test_a_deployed_bank_refuses_rounds_longer_than_its_policy_allows(
     shard = Path(prepared.data_dir) / bank_file(5)
     context = deployed_context(config, tmp_path, shard)
     started = time.process_time()
-    with pytest.raises(BankRefused, match=r"^bank 5 refuses this run: the run asks for "
-                       r"\d+ training steps a round .* max-steps-per-round 20000$"):
+    with caplog.at_level("ERROR"), pytest.raises(BankRefused) as refused:
         app(make(), context)
     assert time.process_time() - started < 10  # refused, not trained
     assert not (tmp_path / "models").exists()
+    # The server learns the reason but not the number: with batch-size 1 it is the
+    # bank's rows times the epochs. The bank's log has it.
+    assert str(refused.value) == (
+        "bank 5 refuses this run: more training steps a round (local-epochs, "
+        "personalize-epochs, batch-size) than its max-steps-per-round")
+    assert re.search(r"the run asks for \d+ training steps a round .* max-steps-per-round "
+                     r"20000$", caplog.records[-1].getMessage())
+
+def legacy_train_message() -> Message:
+    """A train message in the legacy FitIns shape SecAgg+ uses, but without SecAgg+."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    weights = global_arrays()[keys.WEIGHTS].numpy()
+    fitins = FitIns(ndarrays_to_parameters([weights]), {keys.SERVER_ROUND: 1})
+    return message("train", compat.fitins_to_recorddict(fitins, keep_input=True))
+
+
+@pytest.mark.parametrize("kind, make", [("train", train_message),
+                                        ("train", legacy_train_message),
+                                        ("evaluate", evaluate_message)])
+@pytest.mark.parametrize("policy", ["", "require-secure-aggregation = true"])
+def test_in_a_secure_aggregation_run_a_bank_answers_nothing_outside_secagg(
+    prepared, tmp_path: Path, kind: str, make: Callable[[], Message], policy: str,
+) -> None:
+    """A malicious server runs a secure-aggregation run (the bank's policy may require
+    one) but sends plain train messages, a legacy one without SecAgg+'s stages, or an
+    evaluate message: each would bring the bank's weights or validation histograms
+    back in the clear. The bank refuses them before it reads a row."""
+    from client.app import BankRefused
+
+    config = Config.from_run_config({**prepared.as_run_config(),
+                                     "secure-aggregation": True,
+                                     "server-test-set": "always"})
+    context = deployed_context(config, tmp_path, tmp_path / "no-such-file.csv",
+                               policy=policy)
+    with pytest.raises(BankRefused, match=f"^bank 5: this run is secure-aggregated; a "
+                                          f"{kind} message outside SecAgg\\+ is refused$"):
+        app(make(), context)
+
 
 def test_a_deployed_bank_trains_when_its_policy_allows_the_run(prepared, tmp_path) -> None:
     shard = Path(prepared.data_dir) / bank_file(5)
@@ -509,6 +551,57 @@ def test_a_deployed_bank_counts_its_own_dp_rounds_and_stops_at_the_run_s_budget(
     assert spent[0] < spent[1] <= 3.0 + 1e-6 and spent[1] > 2.9
     ledger = PrivacyLedger.load(tmp_path)
     assert ledger.rounds(1) == 2 and ledger.runs["1"]["epsilon"] == pytest.approx(spent[1])
+
+
+def train_when_all_are_ready(run_config: dict, context_args: tuple, ready: Any,
+                             results: Any) -> None:
+    """One of a bank's task processes (its executor forks one per message): waits
+    until every other one is ready, then handles a DP train message of round 1."""
+    from client.app import BankRefused
+
+    config = Config.from_run_config(run_config)
+    context = Context(run_id=1, node_id=5, node_config=context_args[0], state=RecordDict(),
+                      run_config=config.as_run_config())
+    message_ = dp_train_message(1)
+    ready.wait()
+    try:
+        results.put(app(message_, context).content[keys.METRICS][keys.DP_EPSILON])
+    except BankRefused as refused:
+        results.put(str(refused))
+
+
+def test_a_server_sending_a_round_s_train_messages_at_once_gets_no_uncounted_rounds(
+    prepared, tmp_path: Path,
+) -> None:
+    """Four train messages of one round, handled at the same moment by four processes
+    (as the bank's executor runs them): averaging their replies would cut the DP noise
+    by half. The ledger counts every round that trains, so at most the run's two do,
+    and its epsilon is what two rounds spend."""
+    import multiprocessing
+
+    from client.ledger import PrivacyLedger
+
+    config = Config.from_run_config({**prepared.as_run_config(), "dp-epsilon": 3.0,
+                                     "num-server-rounds": 2})
+    node = deployed_context(config, tmp_path, Path(prepared.data_dir) / bank_file(5)
+                            ).node_config
+    spawn = multiprocessing.get_context("spawn")
+    ready, results = spawn.Barrier(4), spawn.Queue()
+    tasks = [spawn.Process(target=train_when_all_are_ready,
+                           args=(config.as_run_config(), (dict(node),), ready, results))
+             for _ in range(4)]
+    for task in tasks:
+        task.start()
+    replies = [results.get(timeout=300) for _ in tasks]
+    for task in tasks:
+        task.join(timeout=60)
+
+    trained = sorted(reply for reply in replies if isinstance(reply, float))
+    assert len(trained) == 2, replies
+    assert replies.count("bank 5: this run's rounds are trained") == 2, replies
+    ledger = PrivacyLedger.load(tmp_path)
+    assert ledger.rounds(1) == 2
+    assert ledger.runs["1"]["epsilon"] == pytest.approx(trained[1]) and trained[0] < trained[1]
 
 
 def test_a_deployed_bank_refuses_training_past_its_lifetime_budget(
