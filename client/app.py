@@ -27,7 +27,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Code, FitRes, Status, log, ndarrays_to_parameters
+from flwr.common import Code, FitRes, MessageType, Status, log, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common import keys
@@ -75,10 +75,19 @@ def errors_stay_home(handler: Handler) -> Handler:
     return guarded
 
 
+def inside_secagg(msg: Message) -> bool:
+    """Whether Flower's ``secaggplus_mod`` takes ``msg`` through its stages and masks
+    the reply: SecAgg+'s config record in a message of type exactly "train". The mod
+    passes any other type straight through, though a "train.<action>" message reaches
+    the train handler too (Flower 1.39; tests/test_client.py checks both)."""
+    return (RECORD_KEY_CONFIGS in msg.content.config_records
+            and msg.metadata.message_type == MessageType.TRAIN)
+
+
 def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """SecAgg+ messages go through Flower's ``secaggplus_mod`` (it masks the bank's
     weights before they leave); plain ones straight to the handler."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
+    if inside_secagg(msg):
         from flwr.client.mod import secaggplus_mod  # ~0.1 s of imports: only when used
 
         reply = secaggplus_mod(msg, context, call_next)
@@ -98,8 +107,8 @@ def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) ->
 @errors_stay_home
 def train_handler(msg: Message, context: Context) -> Message:
     config, policy = allowed_config(context)
-    if RECORD_KEY_CONFIGS in msg.content.config_records:  # inside ``secaggplus_mod``
-        return legacy_train(msg, context, config, policy)  # SecAgg+ speaks the legacy
+    if inside_secagg(msg):  # SecAgg+ speaks Flower's legacy FitIns/FitRes
+        return legacy_train(msg, context, config, policy)
     refuse_outside_secagg(context, config, "train")
     server_round, evaluate_incoming, proximal_mu = round_settings(
         msg.content.get(keys.CONFIG), context, config)

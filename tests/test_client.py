@@ -415,9 +415,25 @@ def legacy_train_message() -> Message:
     return message("train", compat.fitins_to_recorddict(fitins, keep_input=True))
 
 
-@pytest.mark.parametrize("kind, make", [("train", train_message),
-                                        ("train", legacy_train_message),
-                                        ("evaluate", evaluate_message)])
+def secagg_shaped_message(kind: str) -> Message:
+    """A legacy train message with SecAgg+'s config record at its masking stage, of
+    message type ``kind``: Flower's ``secaggplus_mod`` masks only type "train"."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    content = legacy_train_message().content
+    content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(
+        {"stage": "collect_masked_vectors"})
+    return message(kind, content)
+
+
+@pytest.mark.parametrize("kind, make", [
+    ("train", train_message), ("train", legacy_train_message),
+    ("evaluate", evaluate_message),
+    # Flower hands "train.default" to the train handler, but its SecAgg+ mod passes it
+    # through unmasked: a bank that took SecAgg+'s record at its word sent its weights.
+    pytest.param("train", lambda: secagg_shaped_message("train.default"),
+                 id="train-secagg-shaped-train.default"),
+])
 @pytest.mark.parametrize("policy", ["", "require-secure-aggregation = true"])
 def test_in_a_secure_aggregation_run_a_bank_answers_nothing_outside_secagg(
     prepared, tmp_path: Path, kind: str, make: Callable[[], Message], policy: str,
