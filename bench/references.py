@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from runs import APP_DIR, data_overrides, seed_range, simulate
+from runs import APP_DIR, runs_per_seed, seed_range
 from sklearn.metrics import roc_auc_score
 
 from common.config import Config
@@ -74,13 +74,9 @@ def main() -> None:
           f"{args.starts} centralized starting points", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for seed in args.seeds:
-            settings = [f"seed={seed}", f"data-dir='{work / f'data-{seed}'}'",
-                        *data_overrides(args.data_source, args.banks, args.rounds)]
-            metrics = simulate(work, f"run-{seed}", settings)
-            if metrics is None:
-                print(f"seed {seed}: the simulation failed (its output above)", flush=True)
-                continue
+        for settings, metrics in runs_per_seed(work, "run", args.seeds, args.data_source,
+                                               args.banks, args.rounds):
+            seed = metrics["config"]["seed"]
             federated = metrics["final"]["auc"]
             aucs = centralized_aucs(run_settings(APP_DIR, settings), args.starts)
             below = sum(auc < federated for auc in aucs)

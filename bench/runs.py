@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -25,6 +26,20 @@ def simulate(work: Path, name: str, overrides: list[str]) -> dict | None:
         print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
         return None
     return json.loads((runs / "latest" / "metrics.json").read_text())
+
+
+def runs_per_seed(work: Path, name: str, seeds: list[int], source: str, banks: int,
+                  rounds: int) -> Iterator[tuple[list[str], dict]]:
+    """Per seed, the product's simulation on that seed's data in ``work``: the settings
+    it ran with and its metrics.json. A seed whose run failed is said and skipped."""
+    for seed in seeds:
+        settings = [f"seed={seed}", f"data-dir='{work / f'data-{seed}'}'",
+                    *data_overrides(source, banks, rounds)]
+        metrics = simulate(work, f"{name}-{seed}", settings)
+        if metrics is None:
+            print(f"seed {seed}: the simulation failed (its output above)", flush=True)
+            continue
+        yield settings, metrics
 
 
 def seed_range(text: str) -> list[int]:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from runs import APP_DIR, data_overrides, seed_range, simulate
+from runs import APP_DIR, runs_per_seed, seed_range
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -88,13 +88,9 @@ def main() -> None:
     print(f"data: {args.data_source}, {args.banks} banks, {args.rounds} rounds", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for seed in args.seeds:
-            settings = [f"seed={seed}", f"data-dir='{work / f'data-{seed}'}'",
-                        *data_overrides(args.data_source, args.banks, args.rounds)]
-            metrics = simulate(work, f"mlp-{seed}", settings)
-            if metrics is None:
-                print(f"seed {seed}: the simulation failed (its output above)", flush=True)
-                continue
+        for settings, metrics in runs_per_seed(work, "mlp", args.seeds, args.data_source,
+                                               args.banks, args.rounds):
+            seed = metrics["config"]["seed"]
             baselines = metrics["baselines"]
             best = max((bank for bank in baselines["local_only"]
                         if bank["test"]["local_only"]["auc"] is not None),

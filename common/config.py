@@ -32,6 +32,7 @@ MAX_EPOCHS = 100  # likewise for local-epochs and personalize-epochs (defaults 3
 class Config:
     num_server_rounds: int
     min_banks: int
+    round_timeout_s: float
     bank_nodes: str
     strategy: str
     bank_weighting: str
@@ -112,6 +113,8 @@ class Config:
         self.attacker_ids  # noqa: B018 - validates the list
         if self.num_server_rounds < 1:
             raise ValueError("run config: num-server-rounds must be at least 1")
+        if not 0 < self.round_timeout_s < math.inf:
+            raise ValueError("run config: round-timeout-s must be a number above 0")
         for key, epochs, least in (("local-epochs", self.local_epochs, 1),
                                    ("personalize-epochs", self.personalize_epochs, 0)):
             if not least <= epochs <= MAX_EPOCHS:

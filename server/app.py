@@ -79,6 +79,7 @@ def main(grid: Grid, context: Context) -> None:
             grid=PromptGrid(grid),
             initial_arrays=ArrayRecord({keys.WEIGHTS: Array(packed(initial))}),
             num_rounds=config.num_server_rounds,
+            timeout=config.round_timeout_s,
             train_config=ConfigRecord({keys.EVALUATE_INCOMING: True}),
             evaluate_fn=evaluation,
         )

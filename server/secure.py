@@ -393,12 +393,14 @@ def run_secure(grid: Grid, context: Context, config: Config,
         fit_metrics_aggregation_fn=aggregate_fit_metrics,
     )
     legacy = LegacyContext(context=context,
-                           config=ServerConfig(num_rounds=config.num_server_rounds),
+                           config=ServerConfig(num_rounds=config.num_server_rounds,
+                                               round_timeout=config.round_timeout_s),
                            strategy=strategy)
     recording = RecordingGrid(grid, model_size=len(packed(initial)), guard=guard)
     workflow = DefaultWorkflow(fit_workflow=GuardedSecAggPlus(
         failed, num_shares=config.secagg_shares, reconstruction_threshold=config.secagg_threshold,
-        max_weight=1.0))  # every bank one vote (bank-weighting "equal")
+        max_weight=1.0,  # every bank one vote (bank-weighting "equal")
+        timeout=config.round_timeout_s))
     workflow(recording, legacy)  # type: ignore[arg-type]
 
     final = legacy.state.array_records[MAIN_PARAMS_RECORD]

@@ -322,8 +322,9 @@ class BankGuard:
         """The final model shifted by the banks' pooled fraud log-odds. Under logit
         adjustment the banks trained its logit without their own fraud rates; shifted,
         its probabilities are the federation's again. The counts are what the banks
-        state: a false count moves the probabilities (by at most ``MAX_PRIOR_SHIFT``),
-        never how transactions rank."""
+        state: a false count moves the probabilities (the shift stays within
+        ±``MAX_PRIOR_SHIFT``, up to twice that from the honest one), never how
+        transactions rank."""
         counts = [reply.content[keys.METRICS] for reply in kept if reply.has_content()]
         frauds = sum(float(metrics[keys.N_FRAUD]) for metrics in counts)
         rows = sum(float(metrics[keys.N_TRAIN]) + float(metrics[keys.N_VAL])

@@ -377,3 +377,42 @@ def test_a_deployment_without_a_server_test_set_survives_a_bank_dying(tmp_path: 
     assert trained[0] == list(range(10))
     assert victim not in trained[2] and len(trained[2]) == 9
     assert [bank["id"] for bank in metrics["banks"]] == list(range(10))
+
+
+def test_a_bank_that_never_answers_holds_a_round_only_round_timeout_s(tmp_path: Path) -> None:
+    """A bank that stays connected (its SuperNode still heartbeats, so Flower sees it
+    online) but answers nothing more: its executor and tasks stopped (SIGSTOP) once
+    round 1 is done, as a bank whose training hangs or that holds its replies back on
+    purpose. Each message then waits round-timeout-s for it, not Flower's hour, and the
+    run ends with the others."""
+    victim = 3
+    stopped: list[int] = []
+
+    def stop_executor_after_round_one(line: str, flwr_home: Path) -> None:
+        if "round 1/" not in line or stopped:
+            return
+        for pid in processes_with_env(f"FLWR_HOME={flwr_home}"):
+            try:
+                words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:  # it ended since it was listed
+                continue
+            if any(w.endswith(b"fedfraud-bank") for w in words[:2]) and \
+                    b"executor" in words and b"--bank-id" in words and \
+                    words[words.index(b"--bank-id") + 1] == str(victim).encode():
+                for member in (pid, *descendants(pid)):
+                    try:
+                        os.kill(member, signal.SIGSTOP)
+                    except ProcessLookupError:
+                        pass
+                stopped.append(pid)
+
+    code, output = run_deploy(tmp_path, None, 2, "--set", "min-banks=5",
+                              "--set", "round-timeout-s=20.0",
+                              on_line=stop_executor_after_round_one)
+
+    assert stopped, output
+    assert code == 0, output
+    metrics = json.loads((tmp_path / "runs" / "latest" / "metrics.json").read_text())
+    trained = [row["banks_trained"] for row in metrics["history"]]
+    assert trained == [list(range(10)), [bank for bank in range(10) if bank != victim]]
+    assert 19 < metrics["timing"]["round_s"][1] < 120  # waited for it, then went on
