@@ -338,27 +338,35 @@ def test_ten_banks_over_tls_with_secure_aggregation_and_dp_complete_two_rounds(
     assert (run_dir / "report.html").exists()
 
 
+def bank_processes(flwr_home: Path, bank: int, command: bytes) -> list[int]:
+    """The deployment's ``fedfraud-bank <command> --bank-id <bank>`` processes."""
+    found = []
+    for pid in processes_with_env(f"FLWR_HOME={flwr_home}"):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # it ended since it was listed
+            continue
+        if any(w.endswith(b"fedfraud-bank") for w in words[:2]) and command in words \
+                and b"--bank-id" in words \
+                and words[words.index(b"--bank-id") + 1] == str(bank).encode():
+            found.append(pid)
+    return found
+
+
 def test_a_deployment_without_a_server_test_set_survives_a_bank_dying(tmp_path: Path) -> None:
     victim = 3
     killed: list[int] = []
 
     def kill_bank_in_round_two(line: str, flwr_home: Path) -> None:
         if "round 1/" in line and not killed:  # round 2 has just started
-            for pid in processes_with_env(f"FLWR_HOME={flwr_home}"):
-                try:
-                    words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                except OSError:  # it ended since it was listed
-                    continue
-                if any(w.endswith(b"fedfraud-bank") for w in words[:2]) and \
-                        b"run" in words and b"--bank-id" in words and \
-                        words[words.index(b"--bank-id") + 1] == str(victim).encode():
-                    # The whole bank: its command, SuperNode, executor and tasks.
-                    for member in (pid, *descendants(pid)):
-                        try:
-                            os.killpg(os.getpgid(member), signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                    killed.append(pid)
+            for pid in bank_processes(flwr_home, victim, b"run"):
+                # The whole bank: its command, SuperNode, executor and tasks.
+                for member in (pid, *descendants(pid)):
+                    try:
+                        os.killpg(os.getpgid(member), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                killed.append(pid)
 
     # The operator holds no real row: its test set is not even on disk.
     data_dir = tmp_path / "data"
@@ -382,7 +390,7 @@ def test_a_deployment_without_a_server_test_set_survives_a_bank_dying(tmp_path: 
 def test_a_bank_that_never_answers_holds_a_round_only_round_timeout_s(tmp_path: Path) -> None:
     """A bank that stays connected (its SuperNode still heartbeats, so Flower sees it
     online) but answers nothing more: its executor and tasks stopped (SIGSTOP) once
-    round 1 is done, as a bank whose training hangs or that holds its replies back on
+    round 1 is done (round 3 at the latest misses it), as a bank whose training hangs or that holds its replies back on
     purpose. Each message then waits round-timeout-s for it, not Flower's hour, and the
     run ends with the others."""
     victim = 3
@@ -391,22 +399,15 @@ def test_a_bank_that_never_answers_holds_a_round_only_round_timeout_s(tmp_path: 
     def stop_executor_after_round_one(line: str, flwr_home: Path) -> None:
         if "round 1/" not in line or stopped:
             return
-        for pid in processes_with_env(f"FLWR_HOME={flwr_home}"):
-            try:
-                words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:  # it ended since it was listed
-                continue
-            if any(w.endswith(b"fedfraud-bank") for w in words[:2]) and \
-                    b"executor" in words and b"--bank-id" in words and \
-                    words[words.index(b"--bank-id") + 1] == str(victim).encode():
-                for member in (pid, *descendants(pid)):
-                    try:
-                        os.kill(member, signal.SIGSTOP)
-                    except ProcessLookupError:
-                        pass
-                stopped.append(pid)
+        for pid in bank_processes(flwr_home, victim, b"executor"):
+            for member in (pid, *descendants(pid)):
+                try:
+                    os.kill(member, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            stopped.append(pid)
 
-    code, output = run_deploy(tmp_path, None, 2, "--set", "min-banks=5",
+    code, output = run_deploy(tmp_path, None, 3, "--set", "min-banks=5",
                               "--set", "round-timeout-s=20.0",
                               on_line=stop_executor_after_round_one)
 
@@ -414,5 +415,7 @@ def test_a_bank_that_never_answers_holds_a_round_only_round_timeout_s(tmp_path: 
     assert code == 0, output
     metrics = json.loads((tmp_path / "runs" / "latest" / "metrics.json").read_text())
     trained = [row["banks_trained"] for row in metrics["history"]]
-    assert trained == [list(range(10)), [bank for bank in range(10) if bank != victim]]
-    assert 19 < metrics["timing"]["round_s"][1] < 120  # waited for it, then went on
+    # Round 2 may have been answered before the stop (a round takes ~1 s); round 3 not.
+    assert trained[0] == list(range(10))
+    assert trained[2] == [bank for bank in range(10) if bank != victim]
+    assert 19 < metrics["timing"]["round_s"][2] < 120  # waited for it, then went on
