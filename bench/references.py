@@ -44,10 +44,8 @@ def centralized_aucs(config: Config, starts: int) -> list[float]:
     data = Path(config.data_dir)
     x_test, y_test, _ = load_transactions(data / TEST_FILE, config.label_column, "test set")
     x_test = standardize(x_test, *fit_scaler(x_test))  # as the server scores it
-    splits = [prepared_bank(bank, data / bank_file(bank), config).split
-              for bank in range(config.num_banks)]
-    pooled = BankSplit(*(np.concatenate([getattr(s, name) for s in splits])
-                         for name in ("x_train", "y_train", "x_val", "y_val")))
+    pooled = BankSplit.pooled([prepared_bank(bank, data / bank_file(bank), config).split
+                               for bank in range(config.num_banks)])
     scaler = fit_scaler(pooled.x_train)
     spec = ModelSpec(in_features=x_test.shape[1], activation=config.model_activation)
     aucs = []
@@ -74,9 +72,9 @@ def main() -> None:
           f"{args.starts} centralized starting points", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for settings, metrics in runs_per_seed(work, "run", args.seeds, args.data_source,
-                                               args.banks, args.rounds):
-            seed = metrics["config"]["seed"]
+        for seed, settings, metrics in runs_per_seed(work, "run", args.seeds,
+                                                     args.data_source, args.banks,
+                                                     args.rounds):
             federated = metrics["final"]["auc"]
             aucs = centralized_aucs(run_settings(APP_DIR, settings), args.starts)
             below = sum(auc < federated for auc in aucs)

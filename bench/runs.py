@@ -29,9 +29,10 @@ def simulate(work: Path, name: str, overrides: list[str]) -> dict | None:
 
 
 def runs_per_seed(work: Path, name: str, seeds: list[int], source: str, banks: int,
-                  rounds: int) -> Iterator[tuple[list[str], dict]]:
-    """Per seed, the product's simulation on that seed's data in ``work``: the settings
-    it ran with and its metrics.json. A seed whose run failed is said and skipped."""
+                  rounds: int) -> Iterator[tuple[int, list[str], dict]]:
+    """Per seed, the product's simulation on that seed's data in ``work``: the seed, the
+    settings it ran with and its metrics.json. A seed whose run failed is said and
+    skipped."""
     for seed in seeds:
         settings = [f"seed={seed}", f"data-dir='{work / f'data-{seed}'}'",
                     *data_overrides(source, banks, rounds)]
@@ -39,7 +40,7 @@ def runs_per_seed(work: Path, name: str, seeds: list[int], source: str, banks: i
         if metrics is None:
             print(f"seed {seed}: the simulation failed (its output above)", flush=True)
             continue
-        yield settings, metrics
+        yield seed, settings, metrics
 
 
 def seed_range(text: str) -> list[int]:

@@ -32,7 +32,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from common.config import Config
-from common.data import TEST_FILE, bank_file, load_transactions, prepared_bank
+from common.data import TEST_FILE, BankSplit, bank_file, load_transactions, prepared_bank
 from server.cli import settings as run_settings
 
 MIN_CLASS_ROWS = 5  # a bank with fewer frauds (or legitimate rows) trains no tree model
@@ -53,10 +53,9 @@ def tree_models(config: Config) -> dict[str, str]:
     x_test, y_test, _ = load_transactions(data / TEST_FILE, config.label_column, "test set")
     splits = [prepared_bank(bank, data / bank_file(bank), config).split
               for bank in range(config.num_banks)]
-    x = np.concatenate([s.x_train for s in splits])
-    y = np.concatenate([s.y_train for s in splits])
-    out = {"trees, centralized": scored(y_test, trees(x, y, config.seed).decision_function(
-        x_test))}
+    pooled = BankSplit.pooled(splits)
+    out = {"trees, centralized": scored(y_test, trees(
+        pooled.x_train, pooled.y_train, config.seed).decision_function(x_test))}
     best, mix, rows = (-1.0, ""), np.zeros(len(y_test)), 0
     for bank, split in enumerate(splits):
         if min(split.y_train.sum(), (split.y_train == 0).sum()) < MIN_CLASS_ROWS:
@@ -88,9 +87,9 @@ def main() -> None:
     print(f"data: {args.data_source}, {args.banks} banks, {args.rounds} rounds", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for settings, metrics in runs_per_seed(work, "mlp", args.seeds, args.data_source,
-                                               args.banks, args.rounds):
-            seed = metrics["config"]["seed"]
+        for seed, settings, metrics in runs_per_seed(work, "mlp", args.seeds,
+                                                     args.data_source, args.banks,
+                                                     args.rounds):
             baselines = metrics["baselines"]
             best = max((bank for bank in baselines["local_only"]
                         if bank["test"]["local_only"]["auc"] is not None),

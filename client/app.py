@@ -35,7 +35,6 @@ from common.config import Config
 from common.data import bank_file
 from common.schema import BankDataError
 
-
 if TYPE_CHECKING:
     from client.bank import Arrays, Bank
     from client.policy import Policy

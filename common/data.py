@@ -61,6 +61,12 @@ class BankSplit:
     x_val: np.ndarray
     y_val: np.ndarray
 
+    @classmethod
+    def pooled(cls, splits: list[BankSplit]) -> BankSplit:
+        """Every bank's rows in one split (the centralized reference's; simulation only)."""
+        return cls(*(np.concatenate([getattr(split, name) for split in splits])
+                     for name in ("x_train", "y_train", "x_val", "y_val")))
+
 
 def bank_file(bank: int) -> str:
     return f"bank_{bank:02d}/transactions.csv"

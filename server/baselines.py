@@ -90,8 +90,7 @@ def compute_baselines(
             best = (result["auc"], bank, logits)
         if (bank + 1) % every == 0 or bank + 1 == len(banks):
             progress(f"local-only models of {bank + 1} of {len(banks)} banks trained")
-    pooled = BankSplit(*(np.concatenate([getattr(s, name) for s in splits])
-                         for name in ("x_train", "y_train", "x_val", "y_val")))
+    pooled = BankSplit.pooled(splits)
     scaler = fit_scaler(pooled.x_train)
     progress(f"training the centralized model on {len(pooled.y_train):,} pooled training "
              "rows")

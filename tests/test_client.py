@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -405,6 +405,7 @@ def test_a_deployed_bank_refuses_rounds_longer_than_its_policy_allows(
     assert re.search(r"the run asks for \d+ training steps a round .* max-steps-per-round "
                      r"20000$", caplog.records[-1].getMessage())
 
+
 def legacy_train_message() -> Message:
     """A train message in the legacy FitIns shape SecAgg+ uses, but without SecAgg+."""
     import flwr.compat.common.recorddict_compat as compat
@@ -569,19 +570,18 @@ def test_a_deployed_bank_counts_its_own_dp_rounds_and_stops_at_the_run_s_budget(
     assert ledger.rounds(1) == 2 and ledger.runs["1"]["epsilon"] == pytest.approx(spent[1])
 
 
-def train_when_all_are_ready(run_config: dict, context_args: tuple, ready: Any,
+def train_when_all_are_ready(run_config: dict, node_config: dict, ready: Any,
                              results: Any) -> None:
     """One of a bank's task processes (its executor forks one per message): waits
     until every other one is ready, then handles a DP train message of round 1."""
     from client.app import BankRefused
 
-    config = Config.from_run_config(run_config)
-    context = Context(run_id=1, node_id=5, node_config=context_args[0], state=RecordDict(),
-                      run_config=config.as_run_config())
-    message_ = dp_train_message(1)
+    context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(),
+                      run_config=run_config)
+    train = dp_train_message(1)
     ready.wait()
     try:
-        results.put(app(message_, context).content[keys.METRICS][keys.DP_EPSILON])
+        results.put(app(train, context).content[keys.METRICS][keys.DP_EPSILON])
     except BankRefused as refused:
         results.put(str(refused))
 
@@ -604,7 +604,7 @@ def test_a_server_sending_a_round_s_train_messages_at_once_gets_no_uncounted_rou
     spawn = multiprocessing.get_context("spawn")
     ready, results = spawn.Barrier(4), spawn.Queue()
     tasks = [spawn.Process(target=train_when_all_are_ready,
-                           args=(config.as_run_config(), (dict(node),), ready, results))
+                           args=(config.as_run_config(), dict(node), ready, results))
              for _ in range(4)]
     for task in tasks:
         task.start()

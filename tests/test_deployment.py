@@ -390,9 +390,9 @@ def test_a_deployment_without_a_server_test_set_survives_a_bank_dying(tmp_path: 
 def test_a_bank_that_never_answers_holds_a_round_only_round_timeout_s(tmp_path: Path) -> None:
     """A bank that stays connected (its SuperNode still heartbeats, so Flower sees it
     online) but answers nothing more: its executor and tasks stopped (SIGSTOP) once
-    round 1 is done (round 3 at the latest misses it), as a bank whose training hangs or that holds its replies back on
-    purpose. Each message then waits round-timeout-s for it, not Flower's hour, and the
-    run ends with the others."""
+    round 1 is done (round 3 at the latest misses it), as a bank whose training hangs
+    or that holds its replies back on purpose. Each message then waits round-timeout-s
+    for it, not Flower's hour, and the run ends with the others."""
     victim = 3
     stopped: list[int] = []
 
