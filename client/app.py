@@ -28,7 +28,9 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, MessageType, Status, log, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS, Key, Stage,
+)
 
 from common import keys
 from common.config import Config
@@ -83,11 +85,31 @@ def inside_secagg(msg: Message) -> bool:
             and msg.metadata.message_type == MessageType.TRAIN)
 
 
+def refuse_live_and_dropped(msg: Message, context: Context) -> None:
+    """SecAgg+'s last stage asks a bank for its share of the private mask seed of each
+    node the server calls active and of the pairwise key of each it calls dropped. Both
+    for one node hand the server both of that node's masks, so its weights in the
+    clear; an honest server never asks it, and Flower 1.39's ``secaggplus_mod`` does
+    not check it."""
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if configs.get(Key.STAGE) != Stage.UNMASK:
+        return
+    both = set(configs.get(Key.ACTIVE_NODE_ID_LIST, [])) & set(  # type: ignore[arg-type]
+        configs.get(Key.DEAD_NODE_ID_LIST, []))  # type: ignore[arg-type]
+    if both:
+        log(ERROR, "%s: refused SecAgg+'s unmask stage: nodes %s are listed both as active "
+            "and as dropped", bank_name(context), sorted(both))
+        raise BankRefused(f"{bank_name(context)}: SecAgg+'s unmask stage lists a node both "
+                          "as active and as dropped; refused")
+
+
 def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """SecAgg+ messages go through Flower's ``secaggplus_mod`` (it masks the bank's
     weights before they leave); plain ones straight to the handler."""
     if inside_secagg(msg):
         from flwr.client.mod import secaggplus_mod  # ~0.1 s of imports: only when used
+
+        refuse_live_and_dropped(msg, context)
 
         reply = secaggplus_mod(msg, context, call_next)
         # Attack settings: simulations only (a deployed bank's policy refuses them).

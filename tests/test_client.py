@@ -455,6 +455,47 @@ def test_in_a_secure_aggregation_run_a_bank_answers_nothing_outside_secagg(
         app(make(), context)
 
 
+@pytest.mark.parametrize("dead", [[5], []])
+def test_secagg_s_unmask_stage_never_hands_the_server_both_masks_of_a_node(
+    prepared, tmp_path: Path, dead: list[int],
+) -> None:
+    """A malicious server runs SecAgg+'s stages with the bank (its policy requires
+    secure aggregation), then asks at unmask for the shares of both its masks: listed
+    as active (the private mask's seed) and as dropped (its pairwise key). With a
+    threshold of 1 those shares are the masks: the bank's weights in the clear (a
+    review recovered all of them). The bank refuses; asked honestly, it answers."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    from client.app import BankRefused
+
+    config = Config.from_run_config({**prepared.as_run_config(), "secure-aggregation": True,
+                                     "server-test-set": "always"})
+    context = deployed_context(config, tmp_path, Path(prepared.data_dir) / bank_file(5),
+                               policy="require-secure-aggregation = true")
+
+    def stage(settings: dict, content: RecordDict | None = None) -> ConfigRecord:
+        content = content or RecordDict()
+        content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(settings)
+        return app(message("train", content), context).content.config_records[
+            RECORD_KEY_CONFIGS]
+
+    keys_ = stage({"stage": "setup", "sample_num": 1, "share_num": 1, "threshold": 1,
+                   "clipping_range": 8.0, "target_range": 2**22, "mod_range": 2**32,
+                   "max_weight": 1.0})
+    stage({"stage": "share_keys", "5": [keys_["pk1"], keys_["pk2"]]})
+    masked = stage({"stage": "collect_masked_vectors", "ctxts": [], "srcs": []},
+                   legacy_train_message().content)
+    assert masked["masked_params"]  # the bank trained and sent its masked vector
+
+    unmask = {"stage": "unmask", "active_nids": [5], "dead_nids": dead}
+    if dead:
+        with pytest.raises(BankRefused, match="^bank 5: SecAgg\\+'s unmask stage lists a "
+                                              "node both as active and as dropped"):
+            stage(unmask)
+    else:
+        assert list(stage(unmask)["nids"]) == [5]
+
+
 def test_a_deployed_bank_trains_when_its_policy_allows_the_run(prepared, tmp_path) -> None:
     shard = Path(prepared.data_dir) / bank_file(5)
     reply = app(train_message(), deployed_context(prepared, tmp_path, shard))
